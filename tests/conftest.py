@@ -1,0 +1,37 @@
+"""Shared fixtures: the real MNIST files and small artifacts built from them once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from eightgen.config import DatasetConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST IDX files (read-only): $EIGHTGEN_MNIST_DIR or ../shared/datasets/mnist."""
+    path = Path(os.environ.get("EIGHTGEN_MNIST_DIR", ROOT.parent / "shared" / "datasets" / "mnist"))
+    assert (path / "t10k-images-idx3-ubyte.gz").is_file(), f"real MNIST not found at {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_dataset_cfg(mnist_dir: Path) -> DatasetConfig:
+    """A small but real dataset config: 3,000 training images, 16 pool images per digit."""
+    return DatasetConfig(source="idx", mnist_dir=mnist_dir, pool_per_digit=16, max_train=3000, seed=0)
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(small_dataset_cfg: DatasetConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An assembled dataset artifact directory built from real MNIST."""
+    from eightgen.assembly import assemble, save_assembled
+    from eightgen.sources import load_mnist
+
+    out = tmp_path_factory.mktemp("dataset")
+    save_assembled(assemble(load_mnist(small_dataset_cfg), small_dataset_cfg), out)
+    return out
