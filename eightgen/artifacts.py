@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from pydantic import BaseModel, ConfigDict
 
@@ -35,36 +39,58 @@ def sha256_json(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_manifest(directory: Path, meta: dict, files: list[str]) -> Artifact:
-    """Write manifest.json (meta + sha256 of each file) into directory; return its Artifact."""
-    manifest = dict(meta, files={name: sha256_file(directory / name) for name in files})
-    target = directory / MANIFEST
+def write_manifest(directory: Path, meta: dict, files: list[str], name: str = MANIFEST) -> Artifact:
+    """Write a manifest (meta + sha256 of each file) into directory; return its Artifact."""
+    manifest = dict(meta, files={f: sha256_file(directory / f) for f in files})
+    target = directory / name
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     tmp.replace(target)
     return Artifact(path=directory, sha256=sha256_file(target))
 
 
-def read_manifest(directory: Path, verify: bool = True) -> dict:
-    """Read a directory's manifest.json, checking every listed file's sha256."""
-    target = directory / MANIFEST
+def read_manifest(directory: Path, verify: bool = True, name: str = MANIFEST) -> dict:
+    """Read a directory's manifest, checking every listed file's sha256."""
+    target = directory / name
     if not target.is_file():
-        raise EightgenError(f"{directory}: no {MANIFEST} (not an eightgen artifact, or unfinished)")
+        raise EightgenError(f"{directory}: no {name} (not an eightgen artifact, or unfinished)")
     try:
         manifest = json.loads(target.read_text())
     except json.JSONDecodeError as exc:
         raise EightgenError(f"{target}: corrupt JSON ({exc})") from None
     if verify:
-        for name, digest in manifest.get("files", {}).items():
-            path = directory / name
+        for file, digest in manifest.get("files", {}).items():
+            path = directory / file
             if not path.is_file():
-                raise EightgenError(f"{directory}: {name} is missing")
+                raise EightgenError(f"{directory}: {file} is missing")
             if sha256_file(path) != digest:
-                raise EightgenError(f"{path}: sha256 differs from {MANIFEST} (file changed or corrupt)")
+                raise EightgenError(f"{path}: sha256 differs from {name} (file changed or corrupt)")
     return manifest
 
 
-def artifact_of(directory: Path) -> Artifact:
+def artifact_of(directory: Path, name: str = MANIFEST) -> Artifact:
     """The Artifact of an existing, verified artifact directory."""
-    read_manifest(directory)
-    return Artifact(path=directory, sha256=sha256_file(directory / MANIFEST))
+    read_manifest(directory, name=name)
+    return Artifact(path=directory, sha256=sha256_file(directory / name))
+
+
+def verified(artifact: Artifact) -> Path:
+    """The artifact's directory, after checking its files still match what was handed over."""
+    current = artifact_of(artifact.path)
+    if current.sha256 != artifact.sha256:
+        raise EightgenError(f"{artifact.path}: content changed since it was produced (sha256 differs)")
+    return artifact.path
+
+
+@contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """A fresh sibling directory to write into, renamed to `final` only when the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

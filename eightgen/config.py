@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -131,6 +134,21 @@ class ExperimentConfig(_Frozen):
     runs_root: Path = Path("runs")
     cache_dir: Path = Path(".eightgen-cache")
     run_name: str | None = None
+
+    @property
+    def run_label(self) -> str:
+        """The run's name: run_name if given, else the preset name and a hash of the settings."""
+        if self.run_name:
+            return self.run_name
+        settings = self.model_dump(mode="json", include={"dataset", "train", "attack", "report"})
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        return f"{self.name}-{digest[:8]}"
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run's results and report are written (the name made filesystem-safe)."""
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.run_label).strip(".")
+        return self.runs_root / (safe or "run")
 
     @model_validator(mode="after")
     def _same_target(self) -> "ExperimentConfig":

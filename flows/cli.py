@@ -1,0 +1,173 @@
+"""The `eightgen` command: run the pipeline, re-render reports, serve deployments."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydantic import ValidationError
+
+from eightgen.config import PRESETS, ExperimentConfig
+from eightgen.errors import EightgenError
+
+OVERRIDES: dict[str, tuple[str, str]] = {
+    # option dest -> (config section, field)
+    "seeds": ("attack", "seeds"),
+    "digits": ("attack", "start_digits"),
+    "noise": ("attack", "include_noise"),
+    "steps": ("attack", "steps"),
+    "method": ("attack", "method"),
+    "loss": ("attack", "loss"),
+    "lr": ("attack", "lr"),
+    "eps": ("attack", "eps"),
+    "record_every": ("attack", "record_every"),
+    "early_stop": ("attack", "early_stop"),
+    "chunk_size": ("attack", "chunk_size"),
+    "device": ("attack", "device"),
+    "arch": ("train", "arch"),
+    "epochs": ("train", "epochs"),
+    "pretrained": ("train", "pretrained"),
+    "source": ("dataset", "source"),
+    "mnist_dir": ("dataset", "mnist_dir"),
+    "local_path": ("dataset", "local_path"),
+    "balance": ("dataset", "balance"),
+    "max_train": ("dataset", "max_train"),
+    "runs_root": ("", "runs_root"),
+    "cache_dir": ("", "cache_dir"),
+    "run_name": ("", "run_name"),
+}
+
+
+def _digits(text: str) -> tuple[int, ...]:
+    """Parse '0,1,2' (or 'all' / 'none') into a tuple of digits."""
+    if text == "all":
+        return (0, 1, 2, 3, 4, 5, 6, 7, 9)
+    if text == "none":
+        return ()
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"digits must be comma-separated integers, got {text!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    top = argparse.ArgumentParser(prog="eightgen", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="assemble -> train -> optimise -> results -> report, as a Prefect flow run")
+    run.add_argument("--preset", default="quick", help=f"named settings to start from: {', '.join(PRESETS)} (default quick)")
+    g = run.add_argument_group("data")
+    g.add_argument("--source", choices=["auto", "hub", "idx", "local"], help="MNIST source (auto: mnist dir, local path, else the Hub)")
+    g.add_argument("--mnist-dir", type=Path, help="folder of MNIST IDX files (default: $EIGHTGEN_MNIST_DIR)")
+    g.add_argument("--local-path", type=Path, help="Hugging Face dataset on disk: parquet file/folder or save_to_disk folder")
+    g.add_argument("--balance", choices=["none", "undersample", "oversample"], help="balance 8 vs not-8 in training")
+    g.add_argument("--max-train", type=int, help="cap the training split at this many images")
+    g = run.add_argument_group("classifier")
+    g.add_argument("--arch", help="small_cnn, resnet18 or resnet34")
+    g.add_argument("--epochs", type=int, help="training epochs")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None, help="ImageNet weights for resnets (needs network or a filled torch hub cache)")
+    g = run.add_argument_group("optimisation")
+    g.add_argument("--seeds", type=int, help="seeds per start digit (and noise starts)")
+    g.add_argument("--digits", type=_digits, help="start digits, e.g. 0,1,2 ('all' = every non-8, 'none')")
+    g.add_argument("--noise", action=argparse.BooleanOptionalAction, default=None, help="include random-noise starts")
+    g.add_argument("--steps", type=int, help="gradient steps per start")
+    g.add_argument("--method", help="seed, gd, pgd_linf, pgd_l2 or min_l2")
+    g.add_argument("--loss", help="l1_softmax, ce or margin (default: the method's own)")
+    g.add_argument("--lr", type=float, help="step size (default: the method's own; seed: 1)")
+    g.add_argument("--eps", type=float, help="perturbation budget for pgd methods (pixel units)")
+    g.add_argument("--record-every", type=int, help="keep an image snapshot every N steps")
+    g.add_argument("--early-stop", type=int, help="freeze a start once it has held the target for N steps")
+    g.add_argument("--chunk-size", type=int, help="starts per optimisation task")
+    g.add_argument("--device", help="auto, cpu, cuda or mps")
+    g = run.add_argument_group("where")
+    g.add_argument("--runs-root", type=Path, help="folder that holds run directories (default runs/)")
+    g.add_argument("--cache-dir", type=Path, help="content-addressed store of datasets, models, chunks")
+    g.add_argument("--run-name", help="run directory name (default: preset + settings hash)")
+    g.add_argument("--force", action="store_true", help="recompute the optimisation and report even if cached")
+
+    rep = sub.add_parser("report", help="re-render report.html from run directories (several: a comparison)")
+    rep.add_argument("run_dirs", nargs="+", type=Path)
+    rep.add_argument("-o", "--out", type=Path, help="output file (default: RUN_DIR/report.html, or compare.html)")
+    return top
+
+
+def build_config(args: argparse.Namespace) -> ExperimentConfig:
+    """Preset + command-line overrides + $EIGHTGEN_MNIST_DIR, validated as one ExperimentConfig."""
+    if args.preset not in PRESETS:
+        raise EightgenError(f"unknown preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
+    data: dict[str, Any] = PRESETS[args.preset].model_dump()
+    for dest, (section, field) in OVERRIDES.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            (data[section] if section else data)[field] = value
+    env_dir = os.environ.get("EIGHTGEN_MNIST_DIR")
+    if env_dir and data["dataset"]["mnist_dir"] is None and data["dataset"]["local_path"] is None:
+        data["dataset"]["mnist_dir"] = Path(env_dir)
+    return ExperimentConfig.model_validate(data)
+
+
+def _one_line(exc: ValidationError) -> str:
+    """A pydantic validation error as one line naming each bad field."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid settings: " + "; ".join(parts)
+
+
+def _prefect_env(cfg: ExperimentConfig) -> None:
+    """Offline-friendly Prefect defaults; must run before prefect is imported."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str((cfg.cache_dir / "prefect-results").resolve()))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Validate everything cheap first, then run the pipeline flow and wait for its records."""
+    cfg = build_config(args)
+    _prefect_env(cfg)
+    from flows.preflight import preflight
+
+    preflight(cfg)
+    from flows.pipeline import pipeline
+    from flows.records import wait_for_records
+
+    state = pipeline(cfg, force=args.force, return_state=True)
+    wait_for_records(state.state_details.flow_run_id)
+    if not state.is_completed():
+        exc = state.result(raise_on_failure=False)
+        raise EightgenError(str(exc) if isinstance(exc, BaseException) else f"pipeline ended {state.name}")
+    report = state.result()
+    print(f"report: {Path(report).resolve()}")
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """Re-render reports from run directories only."""
+    from reports.render import render_report
+
+    path = render_report(list(args.run_dirs), out=args.out)
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `eightgen` command."""
+    args = parser().parse_args(argv)
+    commands = {"run": run_command, "report": report_command}
+    try:
+        return commands[args.command](args)
+    except ValidationError as exc:
+        print(f"eightgen: error: {_one_line(exc)}", file=sys.stderr)
+    except EightgenError as exc:
+        print(f"eightgen: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("eightgen: interrupted", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Make sure the Prefect API has recorded every task run before the process exits."""
+
+from __future__ import annotations
+
+import time
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
+
+
+def flush_workers() -> None:
+    """Send buffered events (task-run states travel as events) and logs to the API now."""
+    for worker in (EventsWorker, APILogWorker):
+        try:
+            worker.drain_all(timeout=30)
+        except RuntimeError:
+            pass
+
+
+def flow_tree(client, root: UUID) -> list[UUID]:
+    """The ids of a flow run and of all its nested subflow runs."""
+    ids, frontier = [root], [root]
+    while frontier:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))
+        )
+        frontier = [c.id for c in children if c.id not in ids]
+        ids += frontier
+    return ids
+
+
+def wait_for_records(flow_run_id: UUID, timeout: float = 60.0, settle_polls: int = 4) -> int:
+    """Block until every task run of the flow-run tree is recorded in a final state; return the count."""
+    flush_workers()
+    deadline, last, stable = time.monotonic() + timeout, -1, 0
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_task_runs(
+                task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=flow_tree(client, flow_run_id)))
+            )
+            final = all(r.state is not None and r.state.is_final() for r in runs)
+            stable = stable + 1 if final and len(runs) == last else 0
+            if stable >= settle_polls:
+                return len(runs)
+            last = len(runs)
+            time.sleep(0.25)
+    return last

@@ -1,0 +1,32 @@
+"""Stage task: MNIST source -> assembled 8-vs-not-8 dataset artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from eightgen.artifacts import Artifact, artifact_of, staged_dir
+from eightgen.assembly import assemble, save_assembled
+from eightgen.config import DatasetConfig
+from eightgen.sources import load_mnist, source_fingerprint
+from tasks.caching import CachedStage, output_is_valid
+
+ASSEMBLE = CachedStage("datasets", ("eightgen.idx", "eightgen.sources", "eightgen.assembly"))
+
+
+@task(name="fingerprint-source")
+def fingerprint_source(cfg: DatasetConfig) -> dict:
+    """Identify the dataset source's content (file hashes, or the Hub name) for the cache key."""
+    return source_fingerprint(cfg)
+
+
+@task(name="assemble-dataset", **ASSEMBLE.options)
+def assemble_dataset(cfg: DatasetConfig, source: dict, cache_dir: Path, force: bool = False) -> Artifact:
+    """Load MNIST from its source and write the assembled dataset artifact (content-addressed)."""
+    out = ASSEMBLE.here()
+    if not force and output_is_valid(out):
+        return artifact_of(out)
+    with staged_dir(out) as tmp:
+        save_assembled(assemble(load_mnist(cfg), cfg), tmp)
+    return artifact_of(out)

@@ -1,0 +1,24 @@
+"""Stage task: assembled dataset -> trained 8-detector artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from eightgen.artifacts import Artifact, artifact_of, verified
+from eightgen.config import TrainConfig
+from eightgen.training import train
+from tasks.caching import CachedStage, output_is_valid
+
+TRAIN = CachedStage("models", ("eightgen.models", "eightgen.training"))
+
+
+@task(name="train-classifier", **TRAIN.options)
+def train_classifier(cfg: TrainConfig, dataset: Artifact, cache_dir: Path, force: bool = False) -> Artifact:
+    """Train the 8-detector on the assembled dataset; return its exported model."""
+    out = TRAIN.here()
+    if not force and output_is_valid(out):
+        return artifact_of(out)
+    train(cfg, verified(dataset), out, progress=get_run_logger().info)
+    return artifact_of(out)
