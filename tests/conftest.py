@@ -35,3 +35,13 @@ def dataset_dir(small_dataset_cfg: DatasetConfig, tmp_path_factory: pytest.TempP
     out = tmp_path_factory.mktemp("dataset")
     save_assembled(assemble(load_mnist(small_dataset_cfg), small_dataset_cfg), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One throwaway Prefect API server (temporary database) for every flow-run test of the session."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,126 @@
+"""The whole pipeline as real Prefect flow runs on real MNIST: outputs agree, finished stages are reused."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+from eightgen.config import AttackConfig, DatasetConfig, ExperimentConfig, TrainConfig
+from eightgen.models import load_classifier
+from eightgen.trajectory import load_trajectory
+from flows.pipeline import pipeline
+from flows.records import flow_tree, wait_for_records
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
+    """A pipeline config small enough for CI: 2,000 training images, 1 epoch, 3 start kinds x 3 seeds."""
+    root = tmp_path_factory.mktemp("pipeline")
+    return ExperimentConfig(
+        name="tiny",
+        dataset=DatasetConfig(source="idx", mnist_dir=mnist_dir, pool_per_digit=4, max_train=2000),
+        train=TrainConfig(epochs=1),
+        attack=AttackConfig(start_digits=(1, 3), seeds=3, steps=12, record_every=4, chunk_size=4),
+        runs_root=root / "runs",
+        cache_dir=root / "cache",
+    )
+
+
+def _task_states(flow_run_id) -> dict[str, list[str]]:
+    """Task-run name prefix -> state names, for every task run of a flow-run tree, read from the API."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=flow_tree(client, flow_run_id)))
+        )
+    states: dict[str, list[str]] = {}
+    for r in runs:
+        states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
+    return states
+
+
+def _run(cfg: ExperimentConfig):
+    """Run the pipeline, wait for the API to record it, and return (state, seconds, task states)."""
+    started = time.perf_counter()
+    state = pipeline(cfg, return_state=True)
+    seconds = time.perf_counter() - started
+    assert state.is_completed(), state
+    wait_for_records(state.state_details.flow_run_id)
+    return state, seconds, _task_states(state.state_details.flow_run_id)
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, tiny_cfg: ExperimentConfig):
+    """The first, uncached run of the tiny pipeline."""
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tiny_cfg.cache_dir / "prefect-results"}):
+        yield _run(tiny_cfg)
+
+
+def test_pipeline_writes_results_and_report_that_agree(first_run, tiny_cfg: ExperimentConfig) -> None:
+    state, _, states = first_run
+    run_dir = tiny_cfg.run_dir
+    report = Path(state.result())
+    assert report == run_dir / "report.html" and report.is_file()
+    results = pd.read_parquet(run_dir / "results.parquet")
+    assert len(results) == (2 + 1) * 3
+    assert set(results["start_kind"]) == {"noise", "digit"}
+    assert results.loc[results.start_kind == "digit", "start_digit"].dropna().astype(int).isin([1, 3]).all()
+    csv = pd.read_csv(run_dir / "results.csv")
+    assert list(csv["run_id"]) == list(results["run_id"])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["config"]["attack"]["steps"] == 12
+    html = report.read_text()
+    for run_id in results["run_id"].head(3):
+        assert run_id in html or results["run_id"].nunique() > 3
+    rate = f"{100 * results['success'].mean():.0f}%"
+    assert rate in html, f"overall success rate {rate} not shown in the report"
+    # every stage ran as a real task run and was recorded
+    for name in ("fingerprint-source", "assemble-dataset", "train-classifier", "optimize-chunk", "collect-results", "render-report"):
+        assert name in states, states
+    assert len(states["optimize-chunk"]) == 3
+
+
+def test_results_recompute_from_saved_model_and_trajectories(first_run, tiny_cfg: ExperimentConfig) -> None:
+    run_dir = tiny_cfg.run_dir
+    results = pd.read_parquet(run_dir / "results.parquet")
+    traj, run_ids = load_trajectory(run_dir / "trajectories.npz")
+    assert list(run_ids) == list(results["run_id"])
+    config = json.loads((run_dir / "config.json").read_text())
+    model, _ = load_classifier(Path(config["model"]["path"]), torch.device("cpu"))
+    with torch.no_grad():
+        p_final = torch.softmax(model(torch.from_numpy(traj.x_final)), dim=1)[:, 1].numpy()
+    np.testing.assert_allclose(p_final, results["p_target_final"].to_numpy(), rtol=1e-4, atol=1e-6)
+    assert ((p_final > 0.5) == results["success"].to_numpy()).all()
+    x0 = traj.snapshots[:, 0].astype(np.float32)
+    l2 = np.sqrt(((traj.x_final - x0) ** 2).reshape(len(x0), -1).sum(1))
+    np.testing.assert_allclose(l2, results["l2_final"].to_numpy(), rtol=1e-2, atol=1e-2)
+    flips = [int(np.argmax(p > 0.5)) if (p > 0.5).any() else None for p in traj.p_target]
+    assert flips == [None if pd.isna(f) else int(f) for f in results["flip_step"]]
+
+
+def test_second_identical_run_reuses_every_stage(first_run, tiny_cfg: ExperimentConfig) -> None:
+    _, first_seconds, _ = first_run
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tiny_cfg.cache_dir / "prefect-results"}):
+        _, seconds, states = _run(tiny_cfg)
+    cached = {name for name, s in states.items() if all(x == "Cached" for x in s)}
+    for name in ("assemble-dataset", "train-classifier", "optimize-chunk", "collect-results", "render-report"):
+        assert name in cached, states
+    assert seconds < first_seconds
+
+
+def test_changing_attack_config_reruns_only_attack_and_report(first_run, tiny_cfg: ExperimentConfig) -> None:
+    changed = tiny_cfg.model_copy(update={"attack": tiny_cfg.attack.model_copy(update={"steps": 8})})
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tiny_cfg.cache_dir / "prefect-results"}):
+        _, _, states = _run(changed)
+    assert states["assemble-dataset"] == ["Cached"] and states["train-classifier"] == ["Cached"]
+    assert all(s == "Completed" for s in states["optimize-chunk"]), states
+    assert states["render-report"] == ["Completed"]
+    assert changed.run_dir != tiny_cfg.run_dir and (tiny_cfg.run_dir / "report.html").is_file()
