@@ -9,6 +9,7 @@ import pytest
 
 from eightgen.config import DatasetConfig
 
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +41,6 @@ def dataset_dir(small_dataset_cfg: DatasetConfig, tmp_path_factory: pytest.TempP
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One throwaway Prefect API server (temporary database) for every flow-run test of the session."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
