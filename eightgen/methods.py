@@ -1,0 +1,153 @@
+"""Pixel-space update rules: a step along the loss gradient, then a projection back onto the allowed set.
+
+Every rule works per start on x [m, C, 28, 28] with the gradient g of that start's own loss; `radius` is the
+per-start budget [m] of the rules that have one. The loop in eightgen/optimize.py calls, for each step t:
+adapt (radius from whether x_t is classified target), step, project.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from eightgen.config import AttackConfig
+from eightgen.errors import EightgenError
+
+TINY = 1e-12
+
+
+def _norms(v: Tensor) -> Tensor:
+    """Per-start L2 norm over all pixels of all channels, shaped [m, 1, 1, 1] for broadcasting."""
+    return v.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+
+
+def _unit(v: Tensor) -> Tensor:
+    """v / ||v||_2 per start; a zero vector stays zero."""
+    return v / _norms(v).clamp_min(TINY)
+
+
+def _r(radius: Tensor) -> Tensor:
+    """A per-start radius [m] shaped for broadcasting over images."""
+    return radius.reshape(-1, 1, 1, 1)
+
+
+class Method:
+    """One update rule: `step` moves x along its gradient, `project` puts it back into the allowed set."""
+
+    name = "base"
+    keeps_best = False  # output the smallest flipping perturbation seen instead of the last iterate
+
+    def __init__(self, lr: float, steps: int, eps: float | None) -> None:
+        self.lr, self.steps, self.eps = lr, steps, eps
+
+    def radius(self, x0: Tensor) -> Tensor | None:
+        """The initial per-start budget [n], or None for rules without one."""
+        return None
+
+    def adapt(self, radius: Tensor, is_target: Tensor) -> Tensor:
+        """The budget for the next step given whether x_t is classified target."""
+        return radius
+
+    def step(self, x: Tensor, grad: Tensor, t: int) -> Tensor:
+        """x_{t+1/2} from x_t and the gradient of its loss."""
+        raise NotImplementedError
+
+    def project(self, x: Tensor, x0: Tensor, radius: Tensor | None) -> Tensor:
+        """x_{t+1}: x_{t+1/2} moved back into the allowed set."""
+        return x
+
+
+class Seed(Method):
+    """x <- x - lr * std^2 * g   (the notebook's raw step in normalised input space, written in pixels; no clamp)."""
+
+    name = "seed"
+
+    def __init__(self, lr: float, steps: int, eps: float | None, std: Tensor | float = 1.0) -> None:
+        super().__init__(lr, steps, eps)
+        self.scale = std**2 * lr
+
+    def step(self, x: Tensor, grad: Tensor, t: int) -> Tensor:
+        return x - self.scale * grad
+
+
+class GradientDescent(Method):
+    """x <- clip_[0,1](x - lr * g)."""
+
+    name = "gd"
+
+    def step(self, x: Tensor, grad: Tensor, t: int) -> Tensor:
+        return x - self.lr * grad
+
+    def project(self, x: Tensor, x0: Tensor, radius: Tensor | None) -> Tensor:
+        return x.clamp(0.0, 1.0)
+
+
+class PgdLinf(Method):
+    """x <- clip_[0,1](x0 + clip_[-eps,eps](x - lr * sign(g) - x0))."""
+
+    name = "pgd_linf"
+
+    def step(self, x: Tensor, grad: Tensor, t: int) -> Tensor:
+        return x - self.lr * grad.sign()
+
+    def project(self, x: Tensor, x0: Tensor, radius: Tensor | None) -> Tensor:
+        return (x0 + (x - x0).clamp(-self.eps, self.eps)).clamp(0.0, 1.0)
+
+
+class PgdL2(Method):
+    """x <- clip_[0,1](x0 + d * min(1, eps / ||d||)),  d = x - lr * g / ||g|| - x0."""
+
+    name = "pgd_l2"
+
+    def step(self, x: Tensor, grad: Tensor, t: int) -> Tensor:
+        return x - self.lr * _unit(grad)
+
+    def project(self, x: Tensor, x0: Tensor, radius: Tensor | None) -> Tensor:
+        d = x - x0
+        return (x0 + d * (self.eps / _norms(d).clamp_min(TINY)).clamp(max=1.0)).clamp(0.0, 1.0)
+
+
+class MinL2(Method):
+    """x <- clip_[0,1](x0 + eps_t * d / ||d||),  d = x - a_t g/||g|| - x0,  eps_t = eps_{t-1}(1 -+ gamma) if x_t flips / not.
+
+    Decoupled direction and norm (Rony et al. 2019): a_t decays from lr on a cosine; the loop keeps the smallest
+    flipping iterate as the output.
+    """
+
+    name = "min_l2"
+    keeps_best = True
+    gamma = 0.05
+    floor = 0.01  # the cosine schedule ends at floor * lr
+
+    def radius(self, x0: Tensor) -> Tensor:
+        # Nothing in [0,1] lies further from x0 than its farthest box corner.
+        worst = torch.maximum(x0, 1.0 - x0).flatten(1).norm(dim=1)
+        start = 1.0 if self.eps is None else self.eps
+        return torch.full_like(worst, start).minimum(worst)
+
+    def adapt(self, radius: Tensor, is_target: Tensor) -> Tensor:
+        return torch.where(is_target, radius * (1.0 - self.gamma), radius * (1.0 + self.gamma))
+
+    def step(self, x: Tensor, grad: Tensor, t: int) -> Tensor:
+        low = self.floor * self.lr
+        alpha = low + (self.lr - low) * (1.0 + math.cos(math.pi * t / self.steps)) / 2.0
+        return x - alpha * _unit(grad)
+
+    def project(self, x: Tensor, x0: Tensor, radius: Tensor | None) -> Tensor:
+        return (x0 + _r(radius) * _unit(x - x0)).clamp(0.0, 1.0)
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Seed, GradientDescent, PgdLinf, PgdL2, MinL2)}
+
+
+def make_method(cfg: AttackConfig, std: Tensor | float = 1.0) -> Method:
+    """The update rule of cfg.method with its step size, budget and (for seed) the model's input std."""
+    if cfg.method not in METHODS:
+        raise EightgenError(f"unknown method {cfg.method!r} (expected one of {', '.join(METHODS)})")
+    if cfg.method in ("pgd_linf", "pgd_l2") and cfg.eps is None:
+        raise EightgenError(f"method {cfg.method!r} needs eps (its budget)")
+    if cfg.method == "seed":
+        return Seed(cfg.step_size, cfg.steps, cfg.eps, std)
+    return METHODS[cfg.method](cfg.step_size, cfg.steps, cfg.eps)

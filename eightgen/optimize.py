@@ -1,0 +1,271 @@
+"""The pixel-optimisation loop: every start follows the gradient of its own loss; every step is recorded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from eightgen.config import AttackConfig
+from eightgen.errors import EightgenError
+from eightgen.losses import LOSS_NAMES, per_sample_loss
+from eightgen.methods import Method, make_method
+from eightgen.trajectory import Trajectory
+
+TARGET = 1  # class index of the target digit in the classifier's two logits
+
+Forward = Callable[[Tensor], Tensor]
+
+
+def snapshot_steps(steps: int, record_every: int) -> list[int]:
+    """0, record_every, 2*record_every, ... and always `steps`."""
+    return sorted(set(range(0, steps + 1, record_every)) | {steps})
+
+
+def _per_start(mask: Tensor) -> Tensor:
+    """A per-start [m] tensor shaped for broadcasting over images."""
+    return mask.reshape(-1, 1, 1, 1)
+
+
+@contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients for the duration; the model's own settings come back afterwards."""
+    training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+def _evaluate(forward: Forward, x: Tensor, loss_name: str, bf16: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits [m, 2], per-start loss [m] and its input gradient [m, C, 28, 28] at x."""
+    x = x.detach().requires_grad_(True)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = forward(x)
+    if logits.shape != (len(x), 2):
+        raise EightgenError(f"the model maps {len(x)} images to logits {list(logits.shape)}, expected [{len(x)}, 2]")
+    logits = logits.float()
+    loss = per_sample_loss(loss_name, logits, TARGET)
+    grad = None
+    if loss.requires_grad:
+        # Summed, never averaged: each start's gradient is that of its own loss, whatever the batch.
+        (grad,) = torch.autograd.grad(loss.sum(), x, allow_unused=True)
+    if grad is None:
+        grad = torch.zeros_like(x)
+    return logits.detach(), loss.detach(), grad
+
+
+class Recorder:
+    """Preallocated device buffers for everything recorded; copied to the CPU once, by finish()."""
+
+    def __init__(self, x0: Tensor, steps: int, record_every: int) -> None:
+        n, dev = len(x0), x0.device
+        self.x0, self.steps = x0, steps
+        self.snapshot_steps = snapshot_steps(steps, record_every)
+        self._slot = {s: j for j, s in enumerate(self.snapshot_steps)}
+        self.logits = torch.zeros(n, steps + 1, 2, device=dev)
+        self.loss = torch.zeros(n, steps + 1, device=dev)
+        self.snapshots = torch.zeros(n, len(self.snapshot_steps), *x0.shape[1:], device=dev)
+        self.flip_step = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.flip_x = torch.zeros_like(x0)
+        self.grad_norm = torch.zeros(n, device=dev)
+        self.stopped_step = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.nonfinite = torch.zeros(steps + 1, dtype=torch.long, device=dev)
+        self.last_step = -1
+
+    def add(self, t: int, rows: Tensor | None, x: Tensor, logits: Tensor, loss: Tensor, grad: Tensor) -> None:
+        """Record step t of the starts `rows` (None: all), whose images are x."""
+        sel = slice(None) if rows is None else rows
+        self.logits[sel, t] = logits
+        self.loss[sel, t] = loss
+        self.grad_norm[sel] = grad.flatten(1).norm(dim=1)
+        ok = torch.isfinite(logits).all(dim=1) & torch.isfinite(grad.flatten(1)).all(dim=1)
+        self.nonfinite[t] = (~ok).sum()
+        first = (logits.argmax(dim=1) == TARGET) & (self.flip_step[sel] < 0)
+        self.flip_step[sel] = torch.where(first, t, self.flip_step[sel])
+        self.flip_x[sel] = torch.where(_per_start(first), x, self.flip_x[sel])
+        self.last_step = t
+
+    def snapshot(self, t: int, x_all: Tensor) -> None:
+        """Keep x_t of every start (frozen starts hold their frozen image) if t is a snapshot step."""
+        if t in self._slot:
+            self.snapshots[:, self._slot[t]] = x_all
+
+    def freeze(self, t: int, rows: Tensor) -> None:
+        """Mark starts as stopped at step t: their later steps become copies of step t."""
+        self.stopped_step[rows] = t
+
+    def raise_if_nonfinite(self) -> None:
+        """EightgenError naming the first step whose model output or input gradient was NaN/inf."""
+        bad = self.nonfinite.nonzero()
+        if len(bad):
+            t = int(bad[0])
+            raise EightgenError(
+                f"step {t}: non-finite model output or input gradient for {int(self.nonfinite[t])} of "
+                f"{len(self.x0)} starts"
+            )
+
+    def fill_frozen(self, x_all: Tensor) -> None:
+        """Steps after a start was frozen (or after the loop ended early) repeat its frozen state."""
+        for s, j in self._slot.items():
+            if s > self.last_step:
+                self.snapshots[:, j] = x_all
+        stopped = self.stopped_step[:, None]
+        ts = torch.arange(self.steps + 1, device=stopped.device)[None]
+        source = torch.where((stopped >= 0) & (ts > stopped), stopped, ts)
+        self.logits = self.logits.gather(1, source[..., None].expand(-1, -1, 2))
+        self.loss = self.loss.gather(1, source)
+
+    def replace_final(self, rows: Tensor, x: Tensor, logits: Tensor, loss: Tensor, grad: Tensor) -> None:
+        """Overwrite the last step of `rows` with a different output image (min_l2's best flipping iterate)."""
+        self.logits[rows, self.steps] = logits
+        self.loss[rows, self.steps] = loss
+        self.grad_norm[rows] = grad.flatten(1).norm(dim=1)
+        self.snapshots[rows, -1] = x
+
+    def finish(self, x_final: Tensor) -> Trajectory:
+        """The recorded trajectory as numpy arrays (float16 images), moved to the CPU in one go."""
+        flipped = self.flip_step >= 0
+        l2_flip = (self.flip_x - self.x0).flatten(1).norm(dim=1)
+        cpu = lambda t: t.detach().cpu().numpy()  # noqa: E731
+        logits = self.logits.cpu()
+        return Trajectory(
+            snapshot_steps=torch.tensor(self.snapshot_steps, dtype=torch.int32).numpy(),
+            snapshots=cpu(self.snapshots.half()),
+            p_target=logits.softmax(dim=-1)[..., TARGET].numpy(),
+            loss=cpu(self.loss),
+            logits=logits.numpy(),
+            flip_step=cpu(self.flip_step.int()),
+            flip_snapshot=cpu(self.flip_x.half()),
+            l2_at_flip=cpu(torch.where(flipped, l2_flip, torch.full_like(l2_flip, float("nan")))),
+            x_final=cpu(x_final.float()),
+            grad_norm_final=cpu(self.grad_norm),
+            stopped_step=cpu(self.stopped_step.int()),
+        )
+
+
+def _check_inputs(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> None:
+    """EightgenError for a start batch or config the loop cannot run."""
+    if not isinstance(x0, Tensor) or x0.ndim != 4 or x0.shape[2:] != (28, 28) or x0.dtype != torch.float32:
+        got = f"{x0.dtype} {list(x0.shape)}" if isinstance(x0, Tensor) else type(x0).__name__
+        raise EightgenError(f"starts must be a float32 tensor [n, C, 28, 28], got {got}")
+    if len(x0) == 0:
+        raise EightgenError("no starts to optimise (empty batch)")
+    if cfg.loss_name not in LOSS_NAMES:
+        raise EightgenError(f"unknown loss {cfg.loss_name!r} (expected one of {', '.join(LOSS_NAMES)})")
+    devices = {p.device for p in model.parameters()}
+    if devices and devices != {x0.device}:
+        raise EightgenError(f"model is on {sorted(map(str, devices))} but the starts are on {x0.device}")
+
+
+def _forward(model: nn.Module, cfg: AttackConfig, device: torch.device) -> Forward:
+    """The model, compiled when asked on CUDA (inductor on CPU buys little for these sizes)."""
+    if cfg.compile and device.type == "cuda":
+        return torch.compile(model)
+    return model
+
+
+def _input_std(model: nn.Module, device: torch.device) -> Tensor | float:
+    """The model's input std (pixel units per normalised unit), 1 for models without one."""
+    std = getattr(model, "std", None)
+    return 1.0 if std is None else torch.as_tensor(std).detach().to(device=device, dtype=torch.float32)
+
+
+def optimize(
+    model: nn.Module, x0: Tensor, cfg: AttackConfig, progress: Callable[[int], None] | None = None
+) -> Trajectory:
+    """Push every start in x0 toward class 1 with cfg.method for cfg.steps steps; record steps 0..steps.
+
+    All of x0 is one batch on x0's device (callers chunk). `progress(t)` is called with the number of
+    steps done.
+    """
+    _check_inputs(model, x0, cfg)
+    method = make_method(cfg, _input_std(model, x0.device))
+    with _evaluating(model):
+        forward = _forward(model, cfg, x0.device)
+        bf16 = cfg.autocast_bf16 and x0.device.type == "cuda"
+        return _run(forward, method, x0.detach().clone(), cfg, bf16, progress)
+
+
+def _run(
+    forward: Forward,
+    method: Method,
+    x0: Tensor,
+    cfg: AttackConfig,
+    bf16: bool,
+    progress: Callable[[int], None] | None,
+) -> Trajectory:
+    """The fixed loop: evaluate, record, (early-stop,) step, project."""
+    n, steps, loss_name = len(x0), cfg.steps, cfg.loss_name
+    rec = Recorder(x0, steps, cfg.record_every)
+    x = x0.clone()
+    radius = method.radius(x0)
+    best_x = x0.clone() if method.keeps_best else None
+    best_l2 = torch.full((n,), float("inf"), device=x0.device)
+    streak = torch.zeros(n, dtype=torch.long, device=x0.device)
+    rows: Tensor | None = None  # the starts still moving; None = all (no gather/scatter)
+
+    for t in range(steps + 1):
+        sel = slice(None) if rows is None else rows
+        xa, x0a = x[sel], x0[sel]
+        logits, loss, grad = _evaluate(forward, xa, loss_name, bf16)
+        rec.add(t, rows, xa, logits, loss, grad)
+        rec.snapshot(t, x)
+        is_target = logits.argmax(dim=1) == TARGET
+        if best_x is not None:
+            better = is_target & ((xa - x0a).flatten(1).norm(dim=1) < best_l2[sel])
+            best_l2[sel] = torch.where(better, (xa - x0a).flatten(1).norm(dim=1), best_l2[sel])
+            best_x[sel] = torch.where(_per_start(better), xa, best_x[sel])
+        if t == steps:
+            break
+        if cfg.early_stop is not None:
+            streak[sel] = torch.where(is_target, streak[sel] + 1, 0)
+            stop = streak[sel] >= cfg.early_stop
+            if bool(stop.any()):
+                index = torch.arange(n, device=x.device) if rows is None else rows
+                rec.freeze(t, index[stop])
+                keep = ~stop
+                rows, xa, x0a, grad, is_target = index[keep], xa[keep], x0a[keep], grad[keep], is_target[keep]
+                sel = rows
+                if len(rows) == 0:
+                    break
+        ra = None
+        if radius is not None:
+            ra = method.adapt(radius[sel], is_target)
+            radius[sel] = ra
+        x[sel] = method.project(method.step(xa, grad, t), x0a, ra)
+        if progress is not None:
+            progress(t + 1)
+
+    rec.raise_if_nonfinite()
+    rec.fill_frozen(x)
+    if best_x is not None:
+        _select_best(forward, rec, x, best_x, best_l2, loss_name, bf16)
+    if progress is not None and rec.last_step < steps:
+        progress(steps)  # every start stopped early: the rest of the budget is done
+    return rec.finish(x)
+
+
+def _select_best(
+    forward: Forward, rec: Recorder, x: Tensor, best_x: Tensor, best_l2: Tensor, loss_name: str, bf16: bool
+) -> None:
+    """Make the smallest flipping iterate the output, where the model, asked again, still calls it target."""
+    differs = torch.isfinite(best_l2) & (best_x != x).flatten(1).any(dim=1)
+    rows = differs.nonzero().flatten()
+    if len(rows) == 0:
+        return
+    logits, loss, grad = _evaluate(forward, best_x[rows], loss_name, bf16)
+    # The recheck: an image that sits on the boundary may not flip in a batch of another size.
+    ok = logits.argmax(dim=1) == TARGET
+    rows, logits, loss, grad = rows[ok], logits[ok], loss[ok], grad[ok]
+    x[rows] = best_x[rows]
+    rec.replace_final(rows, x[rows], logits, loss, grad)
