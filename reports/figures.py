@@ -1,0 +1,413 @@
+"""Pure matplotlib figures of run results (data in, Figure out) and the image helpers behind the film strips."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from reports.stats import ALL, NOISE  # noqa: E402
+
+# Paul Tol's "muted" scheme (colour-blind safe) for the digits, grey for noise.
+_TOL_MUTED = ["#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "#44AA99", "#999933", "#AA4499"]
+GROUP_COLOURS = {NOISE: "#6E6E6E", **{str(d): c for d, c in zip((0, 1, 2, 3, 4, 5, 6, 7, 9), _TOL_MUTED)}, "8": "#000000"}
+# Okabe-Ito (colour-blind safe) for runs in comparisons.
+RUN_COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000", "#F0E442"]
+DIVERGING = "RdBu_r"
+REFERENCE = "#9A9A9A"
+
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 9.5,
+    "axes.labelsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#E4E4E4",
+    "grid.linewidth": 0.6,
+    "axes.axisbelow": True,
+    "legend.frameon": False,
+    "legend.fontsize": 8.5,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+}
+
+
+def styled(fn: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Build the figure under the report's matplotlib style."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> Figure:
+        with matplotlib.rc_context(STYLE):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def group_colour(label: str) -> str:
+    """The fixed colour of a start group ("noise" or a digit)."""
+    return GROUP_COLOURS.get(label, REFERENCE)
+
+
+def run_colour(i: int) -> str:
+    """The colour of the i-th run in a comparison."""
+    return RUN_COLOURS[i % len(RUN_COLOURS)]
+
+
+def group_title(label: str) -> str:
+    """A panel title for a start group."""
+    return "noise starts" if label == NOISE else f"start digit {label}"
+
+
+def _panels(n: int, *, ncols: int = 5, panel: tuple[float, float] = (2.2, 1.75), extra_height: float = 0.35):
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows + extra_height), layout="constrained")
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n])
+
+
+def _label_outer(axes: Sequence[Axes], ncols: int, xlabel: str, ylabel: str) -> None:
+    n = len(axes)
+    for i, ax in enumerate(axes):
+        if i % ncols == 0:
+            ax.set_ylabel(ylabel)
+        if i + ncols >= n:
+            ax.set_xlabel(xlabel)
+            ax.tick_params(labelbottom=True)
+
+
+def _empty(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#555555")
+
+
+@styled
+def confusion_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> Figure:
+    """The 2x2 validation confusion matrix, counts and row shares annotated."""
+    counts = np.asarray(confusion, dtype=float)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig = Figure(figsize=(3.6, 3.0), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.grid(False)
+    for (i, j), c in np.ndenumerate(counts):
+        ax.text(j, i, f"{int(c):,}\n{share[i, j]:.1%}", ha="center", va="center", color="white" if share[i, j] > 0.6 else "black")
+    ticks = [str(c).replace("_", " ") for c in class_names]
+    ax.set_xticks(range(len(ticks)), ticks)
+    ax.set_yticks(range(len(ticks)), ticks)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("validation confusion (row share)")
+    return fig
+
+
+@styled
+def digit_error_figure(error_by_digit: Mapping[str, float], target: int) -> Figure:
+    """Validation error per true digit as bars; the target digit highlighted."""
+    digits = sorted(error_by_digit, key=int)
+    err = np.array([error_by_digit[d] for d in digits], dtype=float) * 100
+    fig = Figure(figsize=(5.6, 3.0), layout="constrained")
+    ax = fig.subplots()
+    colours = ["#D55E00" if int(d) == target else "#0072B2" for d in digits]
+    bars = ax.bar(digits, err, color=colours)
+    ax.bar_label(bars, [f"{e:.2f}" for e in err], fontsize=7.5, padding=1)
+    ax.set_xlabel("true digit")
+    ax.set_ylabel("validation error (%)")
+    ax.set_title(f"validation error by digit (target {target} in orange)")
+    ax.set_ylim(0, max(err.max() * 1.2, 0.1) if err.size else 1)
+    return fig
+
+
+@styled
+def success_figure(table: pd.DataFrame) -> Figure:
+    """Success rate per start group with 95% bootstrap intervals; the overall rate as a dashed line."""
+    rows = table[table["group"] != ALL]
+    fig = Figure(figsize=(7.5, 3.1), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(rows))
+    rate = rows["success_rate"].to_numpy(float) * 100
+    err = np.vstack([rate - rows["success_lo"].to_numpy(float) * 100, rows["success_hi"].to_numpy(float) * 100 - rate])
+    ax.bar(x, rate, color=[group_colour(g) for g in rows["group"]], width=0.7)
+    ax.errorbar(x, rate, yerr=err, fmt="none", ecolor="black", elinewidth=1, capsize=3)
+    overall = table[table["group"] == ALL]
+    if len(overall):
+        ax.axhline(overall["success_rate"].iloc[0] * 100, color="black", ls="--", lw=1, label="all starts")
+        fig.legend(loc="outside upper right")
+    ax.set_xticks(x, [f"{g if g == NOISE else 'digit ' + g}\nn={n}" for g, n in zip(rows["group"], rows["n"])])
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("success rate (%)")
+    return fig
+
+
+@styled
+def p_bands_figure(bands: Mapping[str, np.ndarray], target: int) -> Figure:
+    """Small multiples: median p(target) per step with its 10-90% band across starts, one panel per start group."""
+    labels = list(bands)
+    fig, axes = _panels(len(labels))
+    for ax, g in zip(axes, labels):
+        lo, mid, hi = bands[g]
+        t = np.arange(mid.size)
+        colour = group_colour(g)
+        ax.fill_between(t, lo, hi, color=colour, alpha=0.25, lw=0)
+        ax.plot(t, mid, color=colour, lw=1.8)
+        ax.axhline(0.5, color=REFERENCE, ls="--", lw=0.8)
+        ax.set_title(group_title(g))
+    axes[0].set_ylim(-0.02, 1.02)
+    _label_outer(axes, min(5, len(labels)), "step", f"p({target})")
+    fig.legend(
+        handles=[Line2D([], [], color="black", lw=1.8), Patch(color="black", alpha=0.25), Line2D([], [], color=REFERENCE, ls="--")],
+        labels=["median", "10-90% of starts", "0.5"],
+        loc="outside upper right",
+        ncols=3,
+    )
+    return fig
+
+
+@styled
+def survival_figure(curves: Mapping[str, np.ndarray], overall: np.ndarray | None = None) -> Figure:
+    """Small multiples: Kaplan-Meier share of starts not yet flipped per step, all starts in grey for reference."""
+    labels = list(curves)
+    fig, axes = _panels(len(labels))
+    for ax, g in zip(axes, labels):
+        if overall is not None:
+            ax.step(np.arange(overall.size), overall, where="post", color=REFERENCE, lw=1)
+        curve = curves[g]
+        ax.step(np.arange(curve.size), curve, where="post", color=group_colour(g), lw=1.8)
+        ax.text(0.97, 0.93, f"end: {curve[-1]:.0%}", transform=ax.transAxes, ha="right", va="top", fontsize=7.5)
+        ax.set_title(group_title(g))
+    axes[0].set_ylim(-0.02, 1.05)
+    _label_outer(axes, min(5, len(labels)), "step", "not yet flipped")
+    if overall is not None:
+        fig.legend(
+            handles=[Line2D([], [], color="black", lw=1.8), Line2D([], [], color=REFERENCE, lw=1)],
+            labels=["this group", "all starts"],
+            loc="outside upper right",
+            ncols=2,
+        )
+    return fig
+
+
+def _boxes(ax: Axes, data: list[np.ndarray], positions: np.ndarray, colours: list[str], *, filled: bool, width: float) -> None:
+    keep = [i for i, d in enumerate(data) if d.size]
+    if not keep:
+        return
+    parts = ax.boxplot(
+        [data[i] for i in keep],
+        positions=positions[keep],
+        widths=width,
+        patch_artist=True,
+        showfliers=True,
+        flierprops={"marker": ".", "markersize": 2.5, "alpha": 0.5, "rasterized": True},
+        medianprops={"color": "black" if filled else "#222222", "lw": 1.3},
+        manage_ticks=False,
+    )
+    for i, box in zip(keep, parts["boxes"]):
+        box.set_facecolor(colours[i] if filled else "white")
+        box.set_edgecolor("black" if filled else colours[i])
+        box.set_alpha(0.85 if filled else 1.0)
+    for k, flier in enumerate(parts["fliers"]):
+        flier.set_markeredgecolor(colours[keep[k]])
+
+
+@styled
+def l2_box_figure(l2_flip: Mapping[str, np.ndarray], l2_final: Mapping[str, np.ndarray]) -> Figure:
+    """Box plots per start group of the L2 change at the flip (outlined) and at the end (filled)."""
+    labels = list(l2_final)
+    x = np.arange(len(labels), dtype=float)
+    colours = [group_colour(g) for g in labels]
+    fig = Figure(figsize=(9.5, 3.3), layout="constrained")
+    ax = fig.subplots()
+    _boxes(ax, [_finite(l2_flip.get(g, np.empty(0))) for g in labels], x - 0.19, colours, filled=False, width=0.32)
+    _boxes(ax, [_finite(l2_final[g]) for g in labels], x + 0.19, colours, filled=True, width=0.32)
+    ax.set_xticks(x, [g if g == NOISE else f"digit {g}" for g in labels])
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("L2 of x − x0 (pixel units)")
+    fig.legend(
+        handles=[Patch(facecolor="white", edgecolor="black"), Patch(facecolor="#888888", edgecolor="black")],
+        labels=["at the flip (flipped starts)", "at the end (all starts)"],
+        loc="outside upper right",
+        ncols=2,
+    )
+    return fig
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    return values[np.isfinite(values)]
+
+
+@styled
+def flip_scatter_figure(flip_step: np.ndarray, l2_at_flip: np.ndarray, labels: np.ndarray, order: Sequence[str], *, seed: int = 0) -> Figure:
+    """L2 change at the flip against the flip step, one colour per start group (steps jittered by up to 0.3)."""
+    flip_step = np.asarray(flip_step, dtype=float)
+    l2 = np.asarray(l2_at_flip, dtype=float)
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    jitter = rng.uniform(-0.3, 0.3, flip_step.size)
+    fig = Figure(figsize=(7.5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    ok = np.flatnonzero(np.isfinite(flip_step) & np.isfinite(l2))
+    if not ok.size:
+        _empty(ax, "no start flipped")
+    else:
+        # One call in shuffled order, so no group hides behind the one drawn after it.
+        ok = rng.permutation(ok)
+        dense = ok.size > 1500
+        ax.scatter(
+            flip_step[ok] + jitter[ok],
+            l2[ok],
+            s=6 if dense else 16,
+            alpha=0.4 if dense else 0.75,
+            c=[group_colour(g) for g in labels[ok]],
+            lw=0,
+            rasterized=True,
+        )
+        shown = [g for g in order if np.any(labels[ok] == g)]
+        fig.legend(
+            handles=[Line2D([], [], ls="", marker="o", color=group_colour(g)) for g in shown],
+            labels=shown,
+            title="start",
+            loc="outside right upper",
+        )
+    ax.set_xlabel("flip step")
+    ax.set_ylabel("L2 at flip (pixel units)")
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(left=-0.5)
+    return fig
+
+
+@styled
+def success_compare_figure(tables: Mapping[str, pd.DataFrame]) -> Figure:
+    """Grouped bars: success rate per start group, one bar (with 95% interval) per run."""
+    names = list(tables)
+    groups = _union_groups(t["group"] for t in tables.values())
+    width = 0.8 / max(len(names), 1)
+    fig = Figure(figsize=(10, 3.4), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(groups))
+    for i, name in enumerate(names):
+        rows = tables[name].set_index("group").reindex(groups)
+        rate = rows["success_rate"].to_numpy(float) * 100
+        lo = rows["success_lo"].to_numpy(float) * 100
+        hi = rows["success_hi"].to_numpy(float) * 100
+        pos = x - 0.4 + width * (i + 0.5)
+        ax.bar(pos, rate, width=width * 0.92, color=run_colour(i), label=name)
+        ax.errorbar(pos, rate, yerr=np.vstack([rate - lo, hi - rate]), fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+    ax.set_xticks(x, [g if g in (NOISE, ALL) else f"digit {g}" for g in groups])
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("success rate (%)")
+    fig.legend(loc="outside upper right", ncols=min(len(names), 4))
+    return fig
+
+
+def _union_groups(columns) -> list[str]:
+    seen: set[str] = set()
+    for col in columns:
+        seen.update(str(g) for g in col)
+    rest = sorted((g for g in seen if g not in (NOISE, ALL)), key=int)
+    return ([NOISE] if NOISE in seen else []) + rest + ([ALL] if ALL in seen else [])
+
+
+def _run_panels(per_run: Mapping[str, Mapping[str, np.ndarray]], draw: Callable[[Axes, np.ndarray, str], None]):
+    groups = _union_groups(v.keys() for v in per_run.values())
+    fig, axes = _panels(len(groups))
+    for ax, g in zip(axes, groups):
+        for i, name in enumerate(per_run):
+            if g in per_run[name]:
+                draw(ax, per_run[name][g], run_colour(i))
+        ax.set_title(group_title(g) if g != ALL else "all starts")
+    fig.legend(
+        handles=[Line2D([], [], color=run_colour(i), lw=1.8) for i in range(len(per_run))],
+        labels=list(per_run),
+        loc="outside upper right",
+        ncols=min(len(per_run), 4),
+    )
+    return fig, axes
+
+
+@styled
+def median_p_compare_figure(medians: Mapping[str, Mapping[str, np.ndarray]], target: int) -> Figure:
+    """Small multiples per start group: median p(target) against step, one line per run."""
+    fig, axes = _run_panels(medians, lambda ax, y, c: ax.plot(np.arange(y.size), y, color=c, lw=1.6))
+    for ax in axes:
+        ax.axhline(0.5, color=REFERENCE, ls="--", lw=0.8)
+    axes[0].set_ylim(-0.02, 1.02)
+    _label_outer(axes, min(5, len(axes)), "step", f"median p({target})")
+    return fig
+
+
+@styled
+def survival_compare_figure(curves: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
+    """Small multiples per start group: Kaplan-Meier share not yet flipped, one line per run."""
+    fig, axes = _run_panels(curves, lambda ax, y, c: ax.step(np.arange(y.size), y, where="post", color=c, lw=1.6))
+    axes[0].set_ylim(-0.02, 1.05)
+    _label_outer(axes, min(5, len(axes)), "step", "not yet flipped")
+    return fig
+
+
+@styled
+def l2_compare_figure(values: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
+    """Box plots of the final L2 change per start group, one box per run side by side."""
+    names = list(values)
+    groups = _union_groups(v.keys() for v in values.values())
+    width = 0.8 / max(len(names), 1)
+    fig = Figure(figsize=(10, 3.4), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(groups), dtype=float)
+    for i, name in enumerate(names):
+        data = [_finite(values[name].get(g, np.empty(0))) for g in groups]
+        _boxes(ax, data, x - 0.4 + width * (i + 0.5), [run_colour(i)] * len(groups), filled=True, width=width * 0.85)
+    ax.set_xticks(x, [g if g in (NOISE, ALL) else f"digit {g}" for g in groups])
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("final L2 of x − x0 (pixel units)")
+    fig.legend(
+        handles=[Patch(facecolor=run_colour(i), edgecolor="black") for i in range(len(names))],
+        labels=names,
+        loc="outside upper right",
+        ncols=min(len(names), 4),
+    )
+    return fig
+
+
+def display_image(x: np.ndarray) -> np.ndarray:
+    """A [C, 28, 28] (or [28, 28]) pixel-space image as float32 [28, 28]: channel mean, clipped to [0, 1]."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 3:
+        x = x.mean(axis=0)
+    return np.clip(x, 0.0, 1.0)
+
+
+def grey_uint8(x: np.ndarray) -> np.ndarray:
+    """A pixel-space image as uint8 grey levels (cmap gray, vmin 0, vmax 1; values outside are clipped)."""
+    return np.round(display_image(x) * 255).astype(np.uint8)
+
+
+def diverging_rgb(delta: np.ndarray, vmax: float) -> np.ndarray:
+    """A perturbation (channel mean) as uint8 RGB [28, 28, 3] on a symmetric diverging scale [-vmax, vmax]."""
+    d = np.asarray(delta, dtype=np.float32)
+    if d.ndim == 3:
+        d = d.mean(axis=0)
+    scaled = 0.5 + 0.5 * d / vmax if vmax > 0 else np.full_like(d, 0.5)
+    rgba = colormaps[DIVERGING](np.clip(scaled, 0.0, 1.0), bytes=True)
+    return np.ascontiguousarray(rgba[..., :3])
+
+
+def diverging_stops(n: int = 9) -> list[str]:
+    """Hex colours along the diverging map, for a colour key."""
+    cmap = colormaps[DIVERGING]
+    return [matplotlib.colors.to_hex(cmap(v)) for v in np.linspace(0, 1, n)]

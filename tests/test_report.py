@@ -1,0 +1,277 @@
+"""The HTML report: rendered from a synthetic run directory, its numbers recomputed independently from results.parquet."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from eightgen.errors import EightgenError
+from fixtures_report import make_run_dir
+from reports import stats
+from reports.render import digit_table, load_run, read_snapshots, render_report, summary_markdown
+
+RUN_SECTIONS = {"headline", "answer", "dataset", "dataset-counts", "classifier", "outcomes", "outcome-table", "plots",
+                "fig-success", "fig-p-target", "fig-survival", "fig-l2", "fig-flip-scatter", "fig-confusion",
+                "fig-digit-error", "strips", "animation", "galleries", "gallery-most", "gallery-least", "config"}
+
+
+class Page(HTMLParser):
+    """The parts of a report the tests look at: ids, images, resource references, and outcome-table cells."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+        self.imgs: list[dict] = []
+        self.refs: list[str] = []
+        self.cells: dict[tuple[str, str], dict] = {}
+        self.strips: list[str] = []
+        self._group: str | None = None
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.add(a["id"])
+        for key in ("src", "href"):
+            if key in a:
+                self.refs.append(a[key])
+        if tag == "img":
+            self.imgs.append(a)
+        if tag == "tr":
+            self._group = a.get("data-group")
+        if tag == "td" and self._group is not None and "data-col" in a:
+            self.cells[(self._group, a["data-col"])] = a
+        if tag == "div" and "data-run-id" in a:
+            self.strips.append(a["data-run-id"])
+
+
+def value(cell: dict, key: str = "data-value") -> float:
+    return float(cell[key])
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def run_dir(runs_root: Path) -> Path:
+    return make_run_dir(runs_root, "base", seeds=6)
+
+
+@pytest.fixture(scope="module")
+def page(run_dir: Path) -> Page:
+    out = render_report([run_dir])
+    assert out == run_dir / "report.html"
+    return Page(out.read_text(encoding="utf-8"))
+
+
+def expected_rows(results: pd.DataFrame) -> dict[str, dict]:
+    """Per group (and "all") the table's numbers, recomputed with plain pandas."""
+    results = results.copy()
+    results["g"] = np.where(results["start_kind"] == "noise", "noise", results["start_digit"].astype("string"))
+    out = {}
+    for name, sub in [*results.groupby("g"), ("all", results)]:
+        flip = sub["flip_step"].dropna().astype(float)
+        l2f = sub["l2_at_flip"].dropna().astype(float)
+        out[name] = {
+            "n": len(sub),
+            "success_rate": sub["success"].mean(),
+            "flip_median": flip.median() if len(flip) else np.nan,
+            "censored_share": sub["flip_step"].isna().mean(),
+            "l2_flip_median": (l2f.median(), l2f.quantile(0.25), l2f.quantile(0.75)) if len(l2f) else (np.nan,) * 3,
+            "l2_final_median": (sub["l2_final"].median(), sub["l2_final"].quantile(0.25), sub["l2_final"].quantile(0.75)),
+            "linf_final_median": sub["linf_final"].median(),
+            "p_start_median": sub["p_target_start"].astype(float).median(),
+            "grad_zero_share": (sub["grad_norm_final"] == 0).mean(),
+            "saturated_share": (sub["p_target_start"] < 1e-6).mean(),
+            "outside_share": (sub["frac_outside_01"] > 0).mean(),
+        }
+    return out
+
+
+def test_sections_present(page: Page) -> None:
+    assert RUN_SECTIONS <= page.ids
+
+
+def test_table_equals_recomputed_numbers(page: Page, run_dir: Path) -> None:
+    results = pd.read_parquet(run_dir / "results.parquet")
+    expected = expected_rows(results)
+    groups = {g for g, _ in page.cells}
+    assert groups == set(expected)
+    for g, want in expected.items():
+        for col, v in want.items():
+            cell = page.cells[(g, col)]
+            if isinstance(v, tuple):
+                got = (value(cell), value(cell, "data-q25"), value(cell, "data-q75"))
+                assert np.allclose(got, v, rtol=1e-6, equal_nan=True), (g, col)
+            else:
+                assert np.isclose(value(cell), v, rtol=1e-6, equal_nan=True), (g, col, value(cell), v)
+        ci = page.cells[(g, "success_ci")]
+        lo, hi, n = float(ci["data-lo"]), float(ci["data-hi"]), want["n"]
+        assert lo <= want["success_rate"] <= hi
+        assert np.isclose(lo * n, round(lo * n)) and np.isclose(hi * n, round(hi * n))
+    assert page.cells[("all", "n")]["data-value"] == repr(float(len(results)))
+
+
+def test_digit_table_is_json_safe_and_matches(run_dir: Path) -> None:
+    rows = digit_table(run_dir)
+    json.dumps(rows, allow_nan=False)
+    expected = expected_rows(pd.read_parquet(run_dir / "results.parquet"))
+    assert [r["group"] for r in rows] == ["noise", "0", "1", "2", "3", "4", "5", "6", "7", "9", "all"]
+    for r in rows:
+        assert r["n"] == expected[r["group"]]["n"]
+        assert np.isclose(r["success_rate"], expected[r["group"]]["success_rate"])
+
+
+def test_summary_markdown_has_key_numbers(run_dir: Path) -> None:
+    results = pd.read_parquet(run_dir / "results.parquet")
+    md = summary_markdown(run_dir)
+    assert f"{int(results['success'].sum()):,} / {len(results):,}" in md
+    assert f"{100 * results['success'].mean():.1f}%" in md
+    assert "seed" in md and "small\\_cnn" in md
+
+
+def test_images_embedded_with_alt_text(page: Page) -> None:
+    assert len(page.imgs) > 50
+    for img in page.imgs:
+        assert img["src"].startswith("data:image/png;base64,")
+        assert img.get("alt"), img["src"][:40]
+
+
+def test_no_network_references(page: Page, run_dir: Path) -> None:
+    html = (run_dir / "report.html").read_text()
+    assert not [r for r in page.refs if re.match(r"\s*(https?:)?//", r)]
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*https?://""", html, re.I)
+    assert "url(http" not in html and "@import" not in html
+
+
+def test_strips_cover_every_group(page: Page, run_dir: Path) -> None:
+    run = load_run(run_dir)
+    per_group = pd.Series([s.split("-")[0] for s in page.strips]).value_counts()
+    assert set(per_group.index) == {"noise", *(f"d{d}" for d in (0, 1, 2, 3, 4, 5, 6, 7, 9))}
+    assert (per_group == run.report.strips_per_digit).all()
+
+
+def test_script_in_run_name_is_escaped(runs_root: Path) -> None:
+    evil = "<script>alert(1)</script>"
+    run_dir = make_run_dir(runs_root, "evil", run_name=evil, seeds=2, digits=(3,))
+    html = render_report([run_dir]).read_text()
+    assert evil not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert html.count("<script") == 2
+    assert "<script>" not in summary_markdown(run_dir)
+
+
+def test_comparison_of_two_runs(runs_root: Path, run_dir: Path) -> None:
+    other = make_run_dir(runs_root, "gd-run", seeds=4, method="gd", rng_seed=1)
+    out = render_report([run_dir, other])
+    assert out == runs_root / "compare.html"
+    html = out.read_text()
+    p = Page(html)
+    assert {"compare-table", "fig-compare-success", "fig-compare-p", "fig-compare-survival", "fig-compare-l2"} <= p.ids
+    assert "base" in html and "gd-run" in html
+    rates = [pd.read_parquet(d / "results.parquet")["success"].mean() for d in (run_dir, other)]
+    for name, rate in zip(("base", "gd-run"), rates):
+        assert np.isclose(value(p.cells[(name, "success_rate")]), rate)
+    custom = render_report([run_dir, other], runs_root / "elsewhere" / "cmp.html")
+    assert custom.is_file()
+
+
+def test_dead_unit_collapse_is_flagged(runs_root: Path, page: Page) -> None:
+    collapsed = make_run_dir(runs_root, "collapsed", seeds=4, dead_unit_share=1.0, rng_seed=2)
+    assert "warn-dead-units" in Page(render_report([collapsed]).read_text()).ids
+    assert "warn-dead-units" not in page.ids
+
+
+def test_results_order_does_not_matter(runs_root: Path) -> None:
+    run_dir = make_run_dir(runs_root, "shuffled", seeds=3, digits=(1, 2))
+    results = pd.read_parquet(run_dir / "results.parquet")
+    results.sample(frac=1.0, random_state=0).to_parquet(run_dir / "results.parquet", index=False)
+    run = load_run(run_dir)
+    with np.load(run_dir / "trajectories.npz") as npz:
+        ids = list(npz["run_id"])
+        p = npz["p_target"]
+    for _, row in run.results.iterrows():
+        assert np.array_equal(run.p_target[row["traj_row"]], p[ids.index(row["run_id"])])
+        assert np.isclose(run.p_target[row["traj_row"], 0], row["p_target_start"])
+
+
+def test_streamed_snapshots_equal_loaded(run_dir: Path) -> None:
+    with np.load(run_dir / "trajectories.npz") as npz:
+        snaps = npz["snapshots"]
+    rows = [0, 7, 8, len(snaps) - 1]
+    picked, norms = read_snapshots(run_dir / "trajectories.npz", rows, 0, chunk_rows=8)
+    for r in rows:
+        assert np.array_equal(picked[r], snaps[r].astype(np.float32))
+    assert np.allclose(norms, np.linalg.norm(snaps[:, 0].astype(np.float32).reshape(len(snaps), -1), axis=1), rtol=1e-5)
+
+
+def test_bad_run_dirs_name_the_problem(runs_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(EightgenError, match="not found"):
+        render_report([tmp_path / "nope"])
+    broken = make_run_dir(tmp_path, "broken", seeds=2, digits=(1,))
+    (broken / "trajectories.npz").unlink()
+    with pytest.raises(EightgenError, match="trajectories.npz"):
+        load_run(broken)
+    pd.read_parquet(broken / "results.parquet").drop(columns=["l2_final"]).to_parquet(broken / "results.parquet")
+    with pytest.raises(EightgenError, match="l2_final"):
+        render_report([broken])
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(EightgenError, match="config.json"):
+        load_run(broken)
+
+
+def test_kaplan_meier_matches_direct_product() -> None:
+    rng = np.random.default_rng(0)
+    horizon, n = 30, 200
+    when = rng.integers(0, horizon + 1, n)
+    observed = rng.uniform(size=n) < 0.7
+    curve = stats.kaplan_meier(when, observed, horizon)
+    surv, expected = 1.0, []
+    for t in range(horizon + 1):
+        at_risk = np.sum(when >= t)
+        events = np.sum((when == t) & observed)
+        surv *= 1 - events / at_risk if at_risk else 1
+        expected.append(surv)
+    assert np.allclose(curve, expected)
+    # Censored only at the budget's end: the curve is the plain share not yet flipped.
+    flips = rng.integers(0, horizon + 1, n)
+    flipped = rng.uniform(size=n) < 0.6
+    curve = stats.kaplan_meier(np.where(flipped, flips, horizon), flipped, horizon)
+    plain = [1 - np.mean(flipped & (flips <= t)) for t in range(horizon + 1)]
+    assert np.allclose(curve, plain)
+
+
+def test_bootstrap_interval() -> None:
+    assert stats.bootstrap_rate_ci(np.ones(20, bool)) == (1.0, 1.0)
+    assert stats.bootstrap_rate_ci(np.zeros(20, bool)) == (0.0, 0.0)
+    rng = np.random.default_rng(1)
+    small = rng.uniform(size=40) < 0.3
+    large = rng.uniform(size=4000) < 0.3
+    lo_s, hi_s = stats.bootstrap_rate_ci(small, seed=5)
+    lo_l, hi_l = stats.bootstrap_rate_ci(large, seed=5)
+    assert lo_s <= small.mean() <= hi_s and lo_l <= large.mean() <= hi_l
+    assert hi_l - lo_l < hi_s - lo_s
+    se = np.sqrt(large.mean() * (1 - large.mean()) / large.size)
+    assert np.isclose(hi_l - lo_l, 2 * 1.96 * se, rtol=0.1)
+    assert stats.bootstrap_rate_ci(small, seed=5) == (lo_s, hi_s)
+
+
+def test_renders_500_starts_quickly(tmp_path: Path) -> None:
+    run_dir = make_run_dir(tmp_path, "wide", seeds=50)
+    start = time.perf_counter()
+    out = render_report([run_dir])
+    seconds = time.perf_counter() - start
+    assert seconds < 60
+    assert out.stat().st_size < 5_000_000
+    p = Page(out.read_text())
+    assert value(p.cells[("all", "n")]) == 500
+    assert len(p.strips) == 10 * load_run(run_dir).report.strips_per_digit
