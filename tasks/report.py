@@ -19,7 +19,7 @@ REPORT = CachedStage(None, (), manifest=REPORT_MANIFEST)
 @task(name="render-report", **REPORT.options)
 def render_run_report(cfg: ReportConfig, run: Artifact, run_dir: Path, force: bool = False) -> Artifact:
     """Render report.html from the run directory alone (never retrains or re-optimises)."""
-    path = render_report([verified(run)], config=cfg)
+    path = render_report([verified(run)], report=cfg)
     write_manifest(run_dir, {"report": path.name}, [path.name], name=REPORT_MANIFEST)
     return artifact_of(run_dir, name=REPORT_MANIFEST)
 
