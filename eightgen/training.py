@@ -1,0 +1,239 @@
+"""Training the 8-detector with fastai and writing its model artifact directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import fastai.callback.progress  # noqa: F401  (adds Learner.no_bar)
+import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle and fine_tune)
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastai.data.core import DataLoaders, TfmdDL
+from fastai.data.transforms import IntToFloatTensor
+from fastai.learner import Learner, Recorder
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import error_rate
+from fastai.torch_core import TensorCategory, TensorImage, params, set_seed, trainable_params
+from fastcore.foundation import L
+from torch import Tensor
+
+import eightgen
+from eightgen.artifacts import MANIFEST, Artifact, sha256_file, write_manifest
+from eightgen.assembly import binary_labels, load_assembled
+from eightgen.config import TrainConfig
+from eightgen.devices import pick_device
+from eightgen.errors import EightgenError
+from eightgen.models import (
+    MODEL_FILE,
+    SPEC_FILE,
+    ModelSpec,
+    PixelClassifier,
+    classifier_for,
+    save_classifier,
+    spec_for,
+    to_model_input,
+)
+
+LEARNER_FILE = "learner.pkl"
+METRICS_FILE = "metrics.json"
+PREDICT_BATCH = 1024
+
+
+class PixelDataset(torch.utils.data.Dataset):
+    """uint8 images with binary labels, served as (TensorImage uint8 [C,28,28], TensorCategory) items."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, channels: int) -> None:
+        self.x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)).unsqueeze(1)
+        self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[TensorImage, TensorCategory]:
+        return TensorImage(self.x[i].expand(self.channels, -1, -1)), TensorCategory(self.y[i])
+
+    def new_empty(self) -> "PixelDataset":
+        """An empty dataset of the same kind (what Learner.export keeps)."""
+        return PixelDataset(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.int64), self.channels)
+
+
+def make_dataloaders(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_valid: np.ndarray,
+    y_valid: np.ndarray,
+    channels: int,
+    batch_size: int,
+    device: torch.device,
+) -> DataLoaders:
+    """fastai DataLoaders of pixel tensors in [0,1] (uint8 scaled on the device) and binary labels."""
+
+    def loader(x: np.ndarray, y: np.ndarray, train: bool) -> TfmdDL:
+        return TfmdDL(
+            PixelDataset(x, y, channels),
+            bs=batch_size,
+            shuffle=train,
+            drop_last=train and len(y) > batch_size,
+            num_workers=0,
+            after_batch=[IntToFloatTensor()],
+            device=device,
+        )
+
+    return DataLoaders(loader(x_train, y_train, True), loader(x_valid, y_valid, False), device=device)
+
+
+def split_resnet(model: PixelClassifier) -> list:
+    """fastai parameter groups of a wrapped resnet: stem and early layers, late layers, head."""
+    body, head = model.net[0], model.net[1:]
+    return L(body[:6], body[6:], head).map(params)
+
+
+class EpochReport(Callback):
+    """Collects each epoch's losses and error rate and passes a one-line summary to `report`."""
+
+    order = Recorder.order + 1
+
+    def __init__(self, history: list[dict], total: int, report: Callable[[str], None] | None) -> None:
+        self.history, self.total, self.report = history, total, report
+        self.started = time.perf_counter()
+
+    def before_epoch(self) -> None:
+        self.started = time.perf_counter()
+
+    def after_epoch(self) -> None:
+        names = [n for n in self.recorder.metric_names[1:] if n != "time"]
+        row = {"epoch": len(self.history) + 1}
+        row.update({n: float(v) for n, v in zip(names, self.learn.final_record)})
+        row["seconds"] = round(time.perf_counter() - self.started, 3)
+        self.history.append(row)
+        if self.report is not None:
+            self.report(
+                f"epoch {row['epoch']}/{self.total}: train_loss {row['train_loss']:.4f} "
+                f"valid_loss {row['valid_loss']:.4f} error_rate {row['error_rate']:.4f} ({row['seconds']:.1f}s)"
+            )
+
+
+def make_learner(cfg: TrainConfig, spec: ModelSpec, dls: DataLoaders) -> Learner:
+    """A fastai Learner around a fresh PixelClassifier; resnets get vision_learner's splits and freezing."""
+    model = classifier_for(spec, pretrained=cfg.pretrained)
+    resnet = spec.arch.startswith("resnet")
+    learn = Learner(
+        dls,
+        model,
+        loss_func=CrossEntropyLossFlat(),
+        metrics=error_rate,
+        splitter=split_resnet if resnet else trainable_params,
+    )
+    if resnet and cfg.pretrained:
+        learn.freeze()
+    return learn
+
+
+@torch.no_grad()
+def predict_classes(model: torch.nn.Module, x: Tensor, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+    """argmax class of each pixel-space image, computed in eval mode on the model's device."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
+
+
+def evaluation(pred: np.ndarray, y_binary: np.ndarray, digits: np.ndarray) -> dict:
+    """Validation error, confusion [[tn, fp], [fn, tp]] and error per true digit."""
+    confusion = [[int(np.sum((y_binary == t) & (pred == p))) for p in (0, 1)] for t in (0, 1)]
+    wrong = pred != y_binary
+    by_digit = {str(d): float(wrong[digits == d].mean()) for d in range(10) if np.any(digits == d)}
+    return {"valid_error": float(wrong.mean()), "confusion": confusion, "valid_error_by_digit": by_digit}
+
+
+def _check_labels(y_train: np.ndarray, y_valid: np.ndarray, target: int, dataset_dir: Path) -> None:
+    positives = int(y_train.sum())
+    if positives == 0:
+        raise EightgenError(f"{dataset_dir}: the training split holds no {target}s: nothing to learn the target from")
+    if positives == len(y_train):
+        raise EightgenError(f"{dataset_dir}: the training split holds only {target}s: nothing to tell them from")
+    if len(y_valid) == 0:
+        raise EightgenError(f"{dataset_dir}: the validation split is empty")
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Move a finished directory to its final name, replacing what was there."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+        new.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(final)
+
+
+def train(
+    cfg: TrainConfig,
+    dataset_dir: Path,
+    out_dir: Path,
+    progress: Callable[[str], None] | None = None,
+) -> Artifact:
+    """Train the detector on an assembled dataset; write learner.pkl, model.pt, spec.json, metrics.json, manifest."""
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    data = load_assembled(dataset_dir)
+    target = int(data.target)
+    y_train = np.asarray(binary_labels(data.y_train, target), dtype=np.int64)
+    y_valid = np.asarray(binary_labels(data.y_valid, target), dtype=np.int64)
+    _check_labels(y_train, y_valid, target, dataset_dir)
+    device = pick_device(cfg.device)
+    spec = spec_for(cfg, target)
+
+    set_seed(cfg.seed, reproducible=True)
+    dls = make_dataloaders(data.x_train, y_train, data.x_valid, y_valid, cfg.channels, cfg.batch_size, device)
+    learn = make_learner(cfg, spec, dls)
+    history: list[dict] = []
+    total = cfg.epochs + (1 if cfg.fine_tune else 0)
+    started = time.perf_counter()
+    with learn.no_bar(), learn.no_logging(), learn.added_cbs(EpochReport(history, total, progress)):
+        if cfg.fine_tune:
+            learn.fine_tune(cfg.epochs, base_lr=cfg.lr)
+        else:
+            learn.fit_one_cycle(cfg.epochs, cfg.lr)
+    train_seconds = time.perf_counter() - started
+
+    model: PixelClassifier = learn.model
+    pred = predict_classes(model, to_model_input(np.asarray(data.x_valid, dtype=np.uint8), cfg.channels))
+    metrics = evaluation(pred, y_valid, np.asarray(data.y_valid))
+    metrics.update(
+        n_train=int(len(y_train)),
+        n_valid=int(len(y_valid)),
+        epochs=len(history),
+        train_seconds=round(train_seconds, 3),
+        history=history,
+    )
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        save_classifier(model, spec, tmp)
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        learn.export(tmp.resolve() / LEARNER_FILE)
+        meta = {
+            "kind": "model",
+            "version": eightgen.__version__,
+            "train_config": cfg.model_dump(mode="json"),
+            "spec": spec.model_dump(mode="json"),
+            "dataset": {"path": str(dataset_dir), "sha256": sha256_file(dataset_dir / MANIFEST)},
+            "valid_error": metrics["valid_error"],
+            "device": str(device),
+        }
+        written = write_manifest(tmp, meta, [LEARNER_FILE, MODEL_FILE, SPEC_FILE, METRICS_FILE])
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Artifact(path=out_dir, sha256=written.sha256)
+
