@@ -208,6 +208,11 @@ def fmt_step(x) -> str:
     return f"{x:.0f}" if x == int(x) else f"{x:.1f}"
 
 
+def fmt_scale(x) -> str:
+    """A colour-scale bound with two significant digits."""
+    return "—" if _nan(x) else f"{float(x):.2g}"
+
+
 def fmt_int(x) -> str:
     """An integer with thousands separators."""
     return "—" if _nan(x) else f"{int(x):,}"
@@ -233,7 +238,7 @@ def _json_safe(x):
 @cache
 def _env() -> Environment:
     env = Environment(loader=PackageLoader("reports", "templates"), autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=fmt_num, pct=fmt_pct, prob=fmt_prob, step=fmt_step, int=fmt_int, raw=fmt_raw)
+    env.filters.update(num=fmt_num, pct=fmt_pct, prob=fmt_prob, step=fmt_step, int=fmt_int, raw=fmt_raw, scale=fmt_scale)
     return env
 
 
@@ -263,7 +268,7 @@ def figure_img(fig: Figure, alt: str, caption: str = "", id: str = "") -> Img:
     image = Image.open(io.BytesIO(buf.getvalue()))
     # A 256-colour palette keeps plots sharp at about a third of the bytes.
     small = io.BytesIO()
-    image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(small, format="PNG", optimize=True)
+    image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(small, format="PNG")
     png = small.getvalue() if small.tell() < buf.tell() else buf.getvalue()
     return Img(_data_uri(png), round(image.width / SCALE), round(image.height / SCALE), alt, caption, id)
 
@@ -339,7 +344,7 @@ def _frames(run: Run, snaps: np.ndarray, traj_row: int, indices: Sequence[int], 
 def _heat(delta: np.ndarray, who: str, what: str) -> tuple[Img, float]:
     d = delta.mean(axis=0) if delta.ndim == 3 else delta
     vmax = float(np.abs(d).max())
-    img = array_img(figures.diverging_rgb(d, vmax), f"{who}: {what} as a heat map, symmetric scale ±{vmax:.2f}")
+    img = array_img(figures.diverging_rgb(d, vmax), f"{who}: {what} as a heat map, symmetric scale ±{vmax:.2g}")
     return img, vmax
 
 
@@ -397,7 +402,7 @@ def _animations(run: Run, rows: list[int], snaps: dict[int, np.ndarray], plabel:
         vmax = float(np.abs(deltas).max())
         frames = _frames(run, s, traj, indices, plabel, who)
         heats = [
-            array_img(figures.diverging_rgb(deltas[k_], vmax), f"{who}: change x_t - x0 at step {run.snapshot_steps[k_]}, scale ±{vmax:.2f}")
+            array_img(figures.diverging_rgb(deltas[k_], vmax), f"{who}: change x_t - x0 at step {run.snapshot_steps[k_]}, scale ±{vmax:.2g}")
             for k_ in indices
         ]
         out.append(
@@ -566,8 +571,8 @@ def warnings_of(run: Run) -> list[dict]:
             {
                 "level": "warning",
                 "id": "warn-saturated",
-                "text": f"{fmt_pct(a['saturated_failure_share'])} of the failures started with {plabel} below "
-                f"{stats.SATURATED_P:g}: a loss on the softmax probability has a gradient proportional to p(1 - p), so these "
+                "text": f"{fmt_pct(a['saturated_failure_share'])} of the failures started with {plabel} within "
+                f"{stats.SATURATED_P:g} of 0 or 1: a loss on the softmax probability has a gradient proportional to p(1 - p), so these "
                 "starts barely move. Relate success to the starting probability before reading it as robustness.",
             }
         )

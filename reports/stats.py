@@ -10,7 +10,7 @@ import pandas as pd
 
 NOISE = "noise"
 ALL = "all"
-# Below this p(target) the softmax gradient p(1-p) is too small for a unit-size step to move the pixels.
+# Within this of 0 or 1, p(target) leaves the softmax almost no gradient (as eightgen.metrics.SATURATED).
 SATURATED_P = 1e-6
 LEVEL = 0.95
 N_BOOT = 4000
@@ -111,17 +111,20 @@ def _share(mask: np.ndarray, among: np.ndarray | None = None) -> float:
 
 
 def indicators(results: pd.DataFrame) -> pd.DataFrame:
-    """Per-start failure indicators: grad_zero_final, saturated_start, outside_01 (NaN-free bools)."""
+    """Per-start failure indicators: grad_zero_final, saturated_start, outside_01 (from the results where recorded)."""
     n = len(results)
-    grad = as_float(results["grad_norm_final"]) if "grad_norm_final" in results else np.full(n, np.nan)
+    p_start = as_float(results["p_target_start"])
+    if "grad_zero_final" in results:
+        grad_zero = as_bool(results["grad_zero_final"])
+    else:
+        grad_zero = (as_float(results["grad_norm_final"]) if "grad_norm_final" in results else np.full(n, np.nan)) == 0.0
+    if "saturated_start" in results:
+        saturated = as_bool(results["saturated_start"])
+    else:
+        saturated = (p_start < SATURATED_P) | (p_start > 1 - SATURATED_P)
     outside = as_float(results["frac_outside_01"]) if "frac_outside_01" in results else np.full(n, np.nan)
     return pd.DataFrame(
-        {
-            "grad_zero_final": grad == 0.0,
-            "saturated_start": as_float(results["p_target_start"]) < SATURATED_P,
-            "outside_01": outside > 0.0,
-        },
-        index=results.index,
+        {"grad_zero_final": grad_zero, "saturated_start": saturated, "outside_01": outside > 0.0}, index=results.index
     )
 
 

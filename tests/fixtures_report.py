@@ -126,7 +126,7 @@ def make_run_dir(
     leaves = pos[:, :-1] & ~pos[:, 1:] & after_flip[:, 1:]
     n_reflips = leaves.sum(axis=1)
     diff = (x_final - x0).reshape(n, -1)
-    diff_flip = (flip_x - x0).reshape(n, -1)
+    l2_at_flip = np.where(flipped, np.linalg.norm((flip_x - x0).reshape(n, -1), axis=1), np.nan).astype(np.float32)
 
     def int_or_na(values: np.ndarray) -> pd.arrays.IntegerArray:
         return pd.array([None if v < 0 else int(v) for v in values], dtype="Int64")
@@ -136,8 +136,9 @@ def make_run_dir(
         method=method,
         target=target,
         steps=steps,
-        p_target_start=p[:, 0],
-        p_target_final=p[:, steps],
+        steps_run=steps,
+        p_target_start=p[:, 0].astype(np.float64),
+        p_target_final=p[:, steps].astype(np.float64),
         success=success,
         flip_step=int_or_na(flip_step),
         stays_flipped=flipped & (n_reflips == 0),
@@ -146,11 +147,16 @@ def make_run_dir(
         step_p90=int_or_na(_first_true(p >= 0.9)),
         censored=~flipped,
         early_stopped=np.zeros(n, bool),
+        stopped_step=pd.array([None] * n, dtype="Int64"),
         l2_final=np.linalg.norm(diff, axis=1),
-        l2_at_flip=pd.array(np.where(flipped, np.linalg.norm(diff_flip, axis=1), np.nan), dtype="Float64"),
+        l2_at_flip=l2_at_flip.astype(np.float64),
         linf_final=np.abs(diff).max(axis=1),
-        grad_norm_final=grad,
+        loss_start=loss[:, 0].astype(np.float64),
+        loss_final=loss[:, steps].astype(np.float64),
+        grad_norm_final=grad.astype(np.float64),
         frac_outside_01=((x_final < 0) | (x_final > 1)).reshape(n, -1).mean(axis=1),
+        grad_zero_final=grad == 0,
+        saturated_start=(p[:, 0] < 1e-6) | (p[:, 0] > 1 - 1e-6),
     )
     results.to_parquet(run_dir / "results.parquet", index=False)
     results.to_csv(run_dir / "results.csv", index=False)
@@ -164,6 +170,7 @@ def make_run_dir(
         logits=logits,
         flip_step=flip_step,
         flip_snapshot=flip_x.astype(np.float16),
+        l2_at_flip=l2_at_flip,
         x_final=x_final,
         grad_norm_final=grad,
         stopped_step=np.full(n, -1, np.int32),
