@@ -35,7 +35,8 @@ def flip_statistics(logits: np.ndarray) -> dict[str, np.ndarray]:
     """From logits [n, T, 2]: flip step, success, whether the flip held, and how often argmax left the target."""
     on = logits.argmax(axis=-1) == TARGET
     flip = first_true(on)
-    held = np.array([f >= 0 and bool(row[f:].all()) for f, row in zip(flip, on)], dtype=bool)
+    before_flip = np.arange(on.shape[1])[None, :] < flip[:, None]
+    held = (flip >= 0) & (on | before_flip).all(axis=1)
     left = (on[:, :-1] & ~on[:, 1:]).sum(axis=1)
     return {"flip_step": flip, "success": on[:, -1], "stays_flipped": held, "n_reflips": left}
 

@@ -186,7 +186,9 @@ def optimize(
     """Push every start in x0 toward class 1 with cfg.method for cfg.steps steps; record steps 0..steps.
 
     All of x0 is one batch on x0's device (callers chunk). `progress(t)` is called with the number of
-    steps done.
+    steps done. With cfg.early_stop = k a start classified target for k recorded steps in a row is frozen
+    (no more model calls; later steps repeat its state). For min_l2 the last step is the method's output:
+    the smallest flipping iterate, if the model still calls it target, else the last iterate.
     """
     _check_inputs(model, x0, cfg)
     method = make_method(cfg, _input_std(model, x0.device))
@@ -222,8 +224,9 @@ def _run(
         rec.snapshot(t, x)
         is_target = logits.argmax(dim=1) == TARGET
         if best_x is not None:
-            better = is_target & ((xa - x0a).flatten(1).norm(dim=1) < best_l2[sel])
-            best_l2[sel] = torch.where(better, (xa - x0a).flatten(1).norm(dim=1), best_l2[sel])
+            l2 = (xa - x0a).flatten(1).norm(dim=1)
+            better = is_target & (l2 < best_l2[sel])
+            best_l2[sel] = torch.where(better, l2, best_l2[sel])
             best_x[sel] = torch.where(_per_start(better), xa, best_x[sel])
         if t == steps:
             break
