@@ -73,6 +73,8 @@ def group_title(label: str) -> str:
 def _panels(n: int, *, ncols: int = 5, panel: tuple[float, float] = (2.2, 1.75), extra_height: float = 0.35):
     ncols = max(1, min(ncols, n))
     nrows = -(-n // ncols)
+    if n < 3:  # few panels: larger ones, so the shared legend still fits above them
+        panel = (3.6, 2.4)
     fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows + extra_height), layout="constrained")
     axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
     for ax in axes[n:]:
@@ -135,7 +137,7 @@ def digit_error_figure(error_by_digit: Mapping[str, float], target: int) -> Figu
 def success_figure(table: pd.DataFrame) -> Figure:
     """Success rate per start group with 95% bootstrap intervals; the overall rate as a dashed line."""
     rows = table[table["group"] != ALL]
-    fig = Figure(figsize=(7.5, 3.1), layout="constrained")
+    fig = Figure(figsize=(min(8.5, 3.0 + 0.55 * len(rows)), 3.1), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(rows))
     rate = rows["success_rate"].to_numpy(float) * 100
@@ -171,7 +173,7 @@ def p_bands_figure(bands: Mapping[str, np.ndarray], target: int) -> Figure:
         handles=[Line2D([], [], color="black", lw=1.8), Patch(color="black", alpha=0.25), Line2D([], [], color=REFERENCE, ls="--")],
         labels=["median", "10-90% of starts", "0.5"],
         loc="outside upper right",
-        ncols=3,
+        ncols=3 if len(labels) >= 3 else 1,
     )
     return fig
 
@@ -228,7 +230,7 @@ def l2_box_figure(l2_flip: Mapping[str, np.ndarray], l2_final: Mapping[str, np.n
     labels = list(l2_final)
     x = np.arange(len(labels), dtype=float)
     colours = [group_colour(g) for g in labels]
-    fig = Figure(figsize=(9.5, 3.3), layout="constrained")
+    fig = Figure(figsize=(min(9.5, 4.5 + 0.6 * len(labels)), 3.3), layout="constrained")
     ax = fig.subplots()
     _boxes(ax, [_finite(l2_flip.get(g, np.empty(0))) for g in labels], x - 0.19, colours, filled=False, width=0.32)
     _boxes(ax, [_finite(l2_final[g]) for g in labels], x + 0.19, colours, filled=True, width=0.32)

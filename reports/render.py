@@ -853,7 +853,7 @@ def summary_markdown(run_dir: Path) -> str:
         f"## {_md(run.name)}",
         "",
         f"- **method** {_md(h['method'])} (loss {_md(h['loss'])}, lr {_md(h['lr'] if h['lr'] is not None else 'default')}, "
-        f"eps {_md(h['eps'] if h['eps'] is not None else '—')}), {h['steps']} steps, {h['n']:,} starts on {_md(h['device'])}",
+        f"eps {_md(h['eps'] if h['eps'] is not None else '—')}), {h['steps']} steps, {h['n']:,} start{'s' if h['n'] != 1 else ''} on {_md(h['device'])}",
         f"- **model** {_md(h['arch'])}, validation error {fmt_pct(h['valid_error'], 2)}",
         f"- **success** {a['successes']:,} / {a['n']:,} = {fmt_pct(a['success_rate'])} "
         f"(95% CI {fmt_pct(a['success_lo'])}–{fmt_pct(a['success_hi'])})",
