@@ -7,14 +7,21 @@ from pathlib import Path
 from prefect import flow
 
 from eightgen.config import PRESETS, ExperimentConfig
-from flows.stages import assemble_flow, attack_flow, report_flow, train_flow
+from flows.runners import TaskRunnerKind, attack_flow_on
+from flows.stages import assemble_flow, report_flow, train_flow
 
 
 @flow(name="eightgen-pipeline")
-def pipeline(cfg: ExperimentConfig = PRESETS["quick"], force: bool = False) -> Path:
+def pipeline(
+    cfg: ExperimentConfig = PRESETS["quick"],
+    force: bool = False,
+    task_runner: TaskRunnerKind = "threads",
+    dask_address: str | None = None,
+) -> Path:
     """MNIST -> 8-detector -> pixel optimisation -> results -> HTML report."""
     dataset = assemble_flow(cfg.dataset, cfg.cache_dir)
     model = train_flow(cfg.train, dataset, cfg.cache_dir)
     experiment = {"run_name": cfg.run_label, "config": cfg.model_dump(mode="json")}
-    run = attack_flow(cfg.attack, model, dataset, cfg.run_dir, cfg.cache_dir, experiment, force)
+    attack = attack_flow_on(task_runner, dask_address, cfg.cache_dir)
+    run = attack(cfg.attack, model, dataset, cfg.run_dir, cfg.cache_dir, experiment, force)
     return report_flow(cfg.report, run, force=force)

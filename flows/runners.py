@@ -1,0 +1,61 @@
+"""Where the attack chunks run: threads in this process, or Dask workers (checked before any flow starts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from eightgen.config import ExperimentConfig
+from eightgen.errors import EightgenError
+
+if TYPE_CHECKING:
+    from prefect import Flow
+
+TaskRunnerKind = Literal["threads", "dask"]
+TASK_RUNNERS: tuple[str, ...] = ("threads", "dask")
+
+
+def probe_dask(address: str, timeout: float = 5.0) -> int:
+    """Connect to a Dask scheduler within `timeout` seconds; return its worker count, else EightgenError."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=f"{timeout}s", set_as_default=False) as client:
+            workers = len(client.scheduler_info().get("workers", {}))
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EightgenError(f"no Dask scheduler reachable at {address!r} ({reason})") from None
+    if workers == 0:
+        raise EightgenError(f"the Dask scheduler at {address!r} has no workers")
+    return workers
+
+
+def attack_flow_on(kind: TaskRunnerKind = "threads", dask_address: str | None = None, cache_dir: Path | None = None) -> Flow:
+    """The attack stage flow with its chunks on threads (in process) or on Dask workers."""
+    from flows.stages import attack_flow
+
+    if kind == "threads":
+        if dask_address:
+            raise EightgenError("a Dask address needs the dask task runner")
+        return attack_flow
+    if kind != "dask":
+        raise EightgenError(f"unknown task runner {kind!r}: choose one of {', '.join(TASK_RUNNERS)}")
+    if dask_address and cache_dir is not None and not Path(cache_dir).is_absolute():
+        raise EightgenError(f"with a Dask cluster the cache dir must be an absolute path every worker reads, got {cache_dir}")
+    if dask_address:
+        probe_dask(dask_address)
+    from flows.dask_runner import dask_runner
+
+    return attack_flow.with_options(task_runner=dask_runner(dask_address))
+
+
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config with runs_root, cache_dir and local data paths absolute (for Dask workers and deployments)."""
+    data = cfg.dataset
+    dataset = data.model_copy(
+        update={
+            "mnist_dir": data.mnist_dir.resolve() if data.mnist_dir else None,
+            "local_path": data.local_path.resolve() if data.local_path else None,
+        }
+    )
+    return cfg.model_copy(update={"runs_root": cfg.runs_root.resolve(), "cache_dir": cfg.cache_dir.resolve(), "dataset": dataset})
