@@ -12,6 +12,8 @@ from pydantic import ValidationError
 
 from eightgen.config import PRESETS, ExperimentConfig
 from eightgen.errors import EightgenError
+from flows.runners import absolute_paths, probe_dask
+from flows.serve import add_serve_options, serve_command
 
 OVERRIDES: dict[str, tuple[str, str]] = {
     # option dest -> (config section, field)
@@ -53,24 +55,20 @@ def _digits(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"digits must be comma-separated integers, got {text!r}") from None
 
 
-def parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
-    top = argparse.ArgumentParser(prog="eightgen", description=__doc__)
-    sub = top.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="assemble -> train -> optimise -> results -> report, as a Prefect flow run")
-    run.add_argument("--preset", default="quick", help=f"named settings to start from: {', '.join(PRESETS)} (default quick)")
-    g = run.add_argument_group("data")
+def experiment_options(p: argparse.ArgumentParser) -> None:
+    """The options that make an ExperimentConfig (shared by `run` and `serve`), and where chunks run."""
+    p.add_argument("--preset", default="quick", help=f"named settings to start from: {', '.join(PRESETS)} (default quick)")
+    g = p.add_argument_group("data")
     g.add_argument("--source", choices=["auto", "hub", "idx", "local"], help="MNIST source (auto: mnist dir, local path, else the Hub)")
     g.add_argument("--mnist-dir", type=Path, help="folder of MNIST IDX files (default: $EIGHTGEN_MNIST_DIR)")
     g.add_argument("--local-path", type=Path, help="Hugging Face dataset on disk: parquet file/folder or save_to_disk folder")
     g.add_argument("--balance", choices=["none", "undersample", "oversample"], help="balance 8 vs not-8 in training")
     g.add_argument("--max-train", type=int, help="cap the training split at this many images")
-    g = run.add_argument_group("classifier")
+    g = p.add_argument_group("classifier")
     g.add_argument("--arch", help="small_cnn, resnet18 or resnet34")
     g.add_argument("--epochs", type=int, help="training epochs")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None, help="ImageNet weights for resnets (needs network or a filled torch hub cache)")
-    g = run.add_argument_group("optimisation")
+    g = p.add_argument_group("optimisation")
     g.add_argument("--seeds", type=int, help="seeds per start digit (and noise starts)")
     g.add_argument("--digits", type=_digits, help="start digits, e.g. 0,1,2 ('all' = every non-8, 'none')")
     g.add_argument("--noise", action=argparse.BooleanOptionalAction, default=None, help="include random-noise starts")
@@ -83,11 +81,26 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--early-stop", type=int, help="freeze a start once it has held the target for N steps")
     g.add_argument("--chunk-size", type=int, help="starts per optimisation task")
     g.add_argument("--device", help="auto, cpu, cuda or mps")
-    g = run.add_argument_group("where")
+    g = p.add_argument_group("where")
     g.add_argument("--runs-root", type=Path, help="folder that holds run directories (default runs/)")
     g.add_argument("--cache-dir", type=Path, help="content-addressed store of datasets, models, chunks")
     g.add_argument("--run-name", help="run directory name (default: preset + settings hash)")
     g.add_argument("--force", action="store_true", help="recompute the optimisation and report even if cached")
+    g.add_argument("--task-runner", choices=["threads", "dask"], help="run the optimisation chunks on threads in this process (default) or on Dask workers")
+    g.add_argument("--dask-address", help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (default with --task-runner dask: a local cluster, one 1-thread worker per core)")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    top = argparse.ArgumentParser(prog="eightgen", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="assemble -> train -> optimise -> results -> report, as a Prefect flow run")
+    experiment_options(run)
+
+    srv = sub.add_parser("serve", help="serve the pipeline (nightly and on demand) and each stage as Prefect deployments")
+    experiment_options(srv)
+    add_serve_options(srv)
 
     rep = sub.add_parser("report", help="re-render report.html from run directories (several: a comparison)")
     rep.add_argument("run_dirs", nargs="+", type=Path)
@@ -128,14 +141,19 @@ def _prefect_env(cfg: ExperimentConfig) -> None:
 def run_command(args: argparse.Namespace) -> int:
     """Validate everything cheap first, then run the pipeline flow and wait for its records."""
     cfg = build_config(args)
+    kind = args.task_runner or ("dask" if args.dask_address else "threads")
+    if kind == "dask":
+        cfg = absolute_paths(cfg)  # workers may run elsewhere: every path they get must be absolute
     _prefect_env(cfg)
+    if args.dask_address:
+        probe_dask(args.dask_address)
     from flows.preflight import preflight
 
     preflight(cfg)
     from flows.pipeline import pipeline
     from flows.records import wait_for_records
 
-    state = pipeline(cfg, force=args.force, return_state=True)
+    state = pipeline(cfg, force=args.force, task_runner=kind, dask_address=args.dask_address, return_state=True)
     wait_for_records(state.state_details.flow_run_id)
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
@@ -157,7 +175,7 @@ def report_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `eightgen` command."""
     args = parser().parse_args(argv)
-    commands = {"run": run_command, "report": report_command}
+    commands = {"run": run_command, "report": report_command, "serve": serve_command}
     try:
         return commands[args.command](args)
     except ValidationError as exc:

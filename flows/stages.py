@@ -9,6 +9,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from eightgen.artifacts import Artifact
 from eightgen.config import AttackConfig, DatasetConfig, ReportConfig, TrainConfig
+from flows.httpd import report_link
 from tasks.assemble import assemble_dataset, fingerprint_source
 from tasks.attack import collect_results, n_chunks, optimize_chunk
 from tasks.report import publish_summary, render_run_report
@@ -51,5 +52,5 @@ def attack_flow(
 def report_flow(cfg: ReportConfig, run: Artifact, report_url: str | None = None, force: bool = False) -> Path:
     """Run directory -> report.html, with the key numbers published as Prefect artifacts."""
     rendered = render_run_report(cfg, run, run.path, force)
-    publish_summary(run, report_url)
+    publish_summary(run, report_url or report_link(run.path))
     return rendered.path / "report.html"

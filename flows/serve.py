@@ -1,0 +1,111 @@
+"""`eightgen serve`: register the pipeline (nightly and manual) and each stage as deployments, and run them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from eightgen.config import ExperimentConfig
+from eightgen.errors import EightgenError
+
+DEFAULT_CRON = "0 3 * * *"
+DEFAULT_TIMEZONE = "UTC"
+DEFAULT_REPORTS_PORT = 4201
+TAGS = ["eightgen"]
+
+
+def add_serve_options(p: argparse.ArgumentParser) -> None:
+    """The options `eightgen serve` has on top of the run options (which set the deployments' defaults)."""
+    g = p.add_argument_group("serving")
+    g.add_argument("--cron", default=DEFAULT_CRON, help=f"schedule of the nightly pipeline deployment (default {DEFAULT_CRON!r})")
+    g.add_argument("--timezone", default=DEFAULT_TIMEZONE, help=f"IANA time zone of --cron (default {DEFAULT_TIMEZONE})")
+    g.add_argument("--reports-port", type=int, default=DEFAULT_REPORTS_PORT, help=f"port of the report server on 127.0.0.1 (default {DEFAULT_REPORTS_PORT}; 0 = any free port)")
+    g.add_argument("--limit", type=int, default=None, help="at most this many flow runs at once (default: no limit)")
+
+
+def cron_schedule(cron: str, timezone: str):  # noqa: ANN201 - prefect.schedules.Schedule
+    """A validated Prefect cron schedule, or EightgenError naming what is wrong with it."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.schedules import Cron
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as exc:
+        raise EightgenError("; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())) from None
+    return Cron(cron, timezone=timezone)
+
+
+def check_api(timeout: float = 5.0) -> str:
+    """The URL of a reachable, long-lived Prefect API, or EightgenError saying how to get one."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise EightgenError(
+            "serving needs a Prefect server: start one with `prefect server start` "
+            "and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    try:
+        answer = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise EightgenError(f"no Prefect API reachable at {url} ({type(exc).__name__}); is `prefect server start` running?") from None
+    if answer.status_code != 200:
+        raise EightgenError(f"the Prefect API at {url} answered HTTP {answer.status_code} to a health check")
+    return url
+
+
+def deployments(
+    cfg: ExperimentConfig,
+    schedule: Any,
+    task_runner: str = "threads",
+    dask_address: str | None = None,
+    force: bool = False,
+) -> list:
+    """Runner deployments: the pipeline on `schedule` and unscheduled, and one per stage flow."""
+    from flows.pipeline import pipeline
+    from flows.runners import attack_flow_on
+    from flows.stages import assemble_flow, report_flow, train_flow
+
+    pipe = {"cfg": cfg.model_dump(mode="json"), "force": force, "task_runner": task_runner, "dask_address": dask_address}
+    cache = str(cfg.cache_dir)
+    attack = attack_flow_on(task_runner, dask_address, cfg.cache_dir)  # type: ignore[arg-type]
+    return [
+        pipeline.to_deployment("nightly", schedules=[schedule], parameters=pipe, tags=TAGS),
+        pipeline.to_deployment("manual", parameters=pipe, tags=TAGS),
+        assemble_flow.to_deployment("manual", parameters={"cfg": cfg.dataset.model_dump(mode="json"), "cache_dir": cache}, tags=TAGS),
+        train_flow.to_deployment("manual", parameters={"cfg": cfg.train.model_dump(mode="json"), "cache_dir": cache}, tags=TAGS),
+        attack.to_deployment("manual", parameters={"cfg": cfg.attack.model_dump(mode="json"), "cache_dir": cache}, tags=TAGS),
+        report_flow.to_deployment("manual", parameters={"cfg": cfg.report.model_dump(mode="json")}, tags=TAGS),
+    ]
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Check everything first (settings, schedule, data, Dask, API, port), then register and serve."""
+    from flows.cli import _prefect_env, build_config
+    from flows.runners import absolute_paths, probe_dask
+
+    cfg = absolute_paths(build_config(args))
+    _prefect_env(cfg)
+    schedule = cron_schedule(args.cron, args.timezone)
+    kind = args.task_runner or ("dask" if args.dask_address else "threads")
+    if args.dask_address:
+        probe_dask(args.dask_address)
+    url = check_api()
+    from flows.httpd import ReportServer
+
+    reports = ReportServer(cfg.runs_root, args.reports_port)  # binds the port now: a busy one fails before any work
+    try:
+        from flows.preflight import preflight
+
+        preflight(cfg)
+        served = deployments(cfg, schedule, kind, args.dask_address, force=args.force)
+        reports.start()
+        print(f"eightgen: API {url}; reports of {reports.root} at {reports.url}", flush=True)
+        from prefect import serve
+
+        serve(*served, limit=args.limit)  # until Ctrl-C or SIGTERM; schedules are paused on the way out
+    finally:
+        reports.stop()
+    return 0
