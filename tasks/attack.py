@@ -24,6 +24,7 @@ from eightgen.optimize import optimize
 from eightgen.starts import make_starts
 from eightgen.trajectory import concat, load_trajectory, save_trajectory
 from tasks.caching import CachedStage, output_is_valid
+from tasks.faults import fail_once
 
 ENGINE = ("eightgen.starts", "eightgen.losses", "eightgen.methods", "eightgen.optimize", "eightgen.trajectory")
 OPTIMIZE = CachedStage("attacks", ("eightgen.models", *ENGINE))
@@ -45,6 +46,7 @@ def optimize_chunk(
     cfg: AttackConfig, model: Artifact, dataset: Artifact, chunk: int, cache_dir: Path, force: bool = False
 ) -> Artifact:
     """Push one chunk of starts toward the target; write its trajectories (content-addressed)."""
+    fail_once()
     out = OPTIMIZE.here()
     if not force and output_is_valid(out):
         return artifact_of(out)
