@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import copyreg
+import importlib
 import os
+import pickle
+import sys
 
 from distributed.diagnostics.plugin import WorkerPlugin
+from prefect import Task
 from prefect_dask import DaskTaskRunner
 from prefect_dask.client import PrefectDaskClient
+
+
+def _import_task(module: str, name: str) -> Task:
+    """The task object `name` of an importable module."""
+    return getattr(importlib.import_module(module), name)
+
+
+def _reduce_task(task: Task) -> tuple:
+    """Pickle a module-level task by reference, so workers run the installed code with its source.
+
+    By value (cloudpickle's default for a Task) the function arrives without a source file, and the
+    stage cache keys, which hash the task's source, cannot be computed on the worker.
+    """
+    module, name = task.fn.__module__, task.fn.__name__
+    if module != "__main__" and getattr(sys.modules.get(module), name, None) is task:
+        return _import_task, (module, name)
+    return task.__reduce_ex__(pickle.DEFAULT_PROTOCOL)
+
+
+copyreg.pickle(Task, _reduce_task)
 
 
 class TorchThreads(WorkerPlugin):
