@@ -1,0 +1,117 @@
+"""Attack chunks fanned out over a real Dask cluster give the thread runner's results."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from prefect import flow, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+from eightgen.config import ExperimentConfig
+from eightgen.errors import EightgenError
+from flows.cli import main
+from flows.dask_runner import dask_runner
+from flows.pipeline import pipeline
+from flows.records import flow_tree, wait_for_records
+from flows.runners import attack_flow_on
+from tasks.attack import n_chunks
+from tiny import shared_cache, tiny_config
+
+FLOATS = ["p_target_start", "p_target_final", "l2_final", "linf_final", "grad_norm_final", "frac_outside_01"]
+EXACT = ["run_id", "start_kind", "start_digit", "source_index", "seed", "success", "flip_step", "stays_flipped", "censored"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real LocalCluster: 2 worker processes with 1 thread each, on 127.0.0.1."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def cfg(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
+    """A tiny pipeline with 4 attack chunks, its attack settings used by no other test."""
+    options = ["--digits", "1,3,5", "--steps", "8", "--record-every", "4"]
+    return tiny_config(mnist_dir, shared_cache(tmp_path_factory), tmp_path_factory.mktemp("dask"), *options)
+
+
+def _chunk_states(flow_run_id) -> list[str]:
+    """States of the optimize-chunk task runs of a pipeline run, read from the API."""
+    wait_for_records(flow_run_id)
+    with get_client(sync_client=True) as client:
+        tree = flow_tree(client, flow_run_id)
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=tree)))
+    return [r.state.name for r in runs if r.name.startswith("optimize-chunk")]
+
+
+def test_dask_chunks_match_thread_chunks(prefect_harness, cluster, cfg: ExperimentConfig) -> None:
+    on_dask = cfg.model_copy(update={"run_name": "on-dask"})
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: cfg.cache_dir / "prefect-results"}):
+        threads = pipeline(cfg, return_state=True)
+        assert threads.is_completed(), threads
+        # force: the chunks are cached by now; recompute them on the cluster's workers
+        dask = pipeline(on_dask, force=True, task_runner="dask", dask_address=cluster.scheduler_address, return_state=True)
+        assert dask.is_completed(), dask
+    chunks = n_chunks(cfg.attack)
+    assert _chunk_states(dask.state_details.flow_run_id) == ["Completed"] * chunks
+    a = pd.read_parquet(cfg.run_dir / "results.parquet")
+    b = pd.read_parquet(on_dask.run_dir / "results.parquet")
+    assert len(a) == len(b) == 4 * 2
+    pd.testing.assert_frame_equal(a[EXACT], b[EXACT])
+    for col in FLOATS:
+        np.testing.assert_allclose(b[col].to_numpy(float), a[col].to_numpy(float), rtol=1e-4, atol=1e-5, err_msg=col)
+    # the chunks ran on the workers, whose torch uses exactly their one thread
+    from distributed import Client
+
+    with Client(cluster.scheduler_address, set_as_default=False) as client:
+        durations = client.run_on_scheduler(
+            lambda dask_scheduler: {p: dict(tp.all_durations) for p, tp in dask_scheduler.task_prefixes.items()}
+        )
+        in_tasks = client.gather([client.submit(_torch_threads, i, pure=False) for i in range(4)])
+    assert durations["optimize_chunk"]["compute"] > 0, durations
+    assert in_tasks == [1, 1, 1, 1]
+
+
+def _torch_threads(_: int) -> int:
+    """torch's intra-op thread count where this runs."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_local_cluster_runner_gives_torch_the_worker_threads(prefect_harness) -> None:
+    # Dask starts workers with OMP_NUM_THREADS=1; the runner's plugin must raise torch to the worker's 2 threads
+    @task
+    def where() -> tuple[int, int]:
+        import torch
+
+        return os.getpid(), torch.get_num_threads()
+
+    @flow(task_runner=dask_runner(workers=1, threads=2))
+    def probe() -> list[tuple[int, int]]:
+        return [f.result() for f in [where.submit() for _ in range(3)]]
+
+    answers = probe()
+    assert {threads for _, threads in answers} == {2}
+    assert len({pid for pid, _ in answers}) == 1 and os.getpid() not in {pid for pid, _ in answers}
+
+
+def test_unreachable_dask_address_fails_before_any_flow(capsys: pytest.CaptureFixture[str], mnist_dir: Path, tmp_path: Path) -> None:
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    argv = ["run", "--mnist-dir", str(mnist_dir), "--dask-address", address, "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"eightgen: error: no Dask scheduler reachable at '{address}'"), err
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(EightgenError, match="absolute path"):
+        attack_flow_on("dask", address, Path("relative/cache"))
