@@ -25,9 +25,9 @@ from eightgen.training import LEARNER_FILE, METRICS_FILE, train
 
 CPU = torch.device("cpu")
 FILES = {LEARNER_FILE, "model.pt", "spec.json", METRICS_FILE}
-# Batches of 64 give one epoch on the 3,000-image fixture enough optimiser steps to learn the task.
-QUICK = TrainConfig(arch="small_cnn", epochs=1, batch_size=64, seed=0, device="cpu")
-TINY = (192, 64)  # training and validation images of the cut-down dataset for the slower checks
+# Batches of 32 give one epoch on the 3,000-image fixture enough optimiser steps to learn the task.
+QUICK = TrainConfig(arch="small_cnn", epochs=1, batch_size=32, seed=0, device="cpu")
+TINY = (128, 64)  # training and validation images of the cut-down dataset for the slower checks
 
 
 @dataclasses.dataclass
@@ -87,7 +87,7 @@ def test_trained_model_clearly_beats_always_saying_not_8(trained: Trained, datas
     baseline = float(np.mean(data.y_valid == data.target))  # error of a model that never says "8"
     metrics = json.loads((trained.artifact.path / METRICS_FILE).read_text())
     assert 0.05 < baseline < 0.15
-    assert metrics["valid_error"] < baseline / 2
+    assert metrics["valid_error"] < baseline / 3
 
 
 def test_metrics_are_consistent_with_the_validation_split(trained: Trained, dataset_dir: Path) -> None:
