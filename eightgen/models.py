@@ -256,6 +256,9 @@ def load_classifier(model_dir: Path, device: torch.device) -> tuple[PixelClassif
     if problem:
         raise EightgenError(problem)
     model.load_state_dict(state)
-    if not (torch.allclose(model.mean.flatten(), torch.tensor(spec.mean)) and torch.allclose(model.std.flatten(), torch.tensor(spec.std))):
+    same_stats = torch.allclose(model.mean.flatten(), torch.tensor(spec.mean)) and torch.allclose(
+        model.std.flatten(), torch.tensor(spec.std)
+    )
+    if not same_stats:
         raise EightgenError(f"{path}: its mean/std buffers differ from spec.json's ({spec.mean}, {spec.std})")
     return model.to(device).eval().requires_grad_(False), spec

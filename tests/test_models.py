@@ -221,7 +221,17 @@ def test_load_classifier_rejects_weights_of_another_network(tmp_path: Path, arch
     spec = json.loads((tmp_path / SPEC_FILE).read_text())
     spec.update(arch=arch, channels=channels, mean=[0.0] * channels, std=[1.0] * channels)
     (tmp_path / SPEC_FILE).write_text(json.dumps(spec))
-    with pytest.raises(EightgenError, match=f"{MODEL_FILE}.*do not fit spec.json \\(arch={arch}, channels={channels}\\)"):
+    expected = f"{MODEL_FILE}.*do not fit spec.json \\(arch={arch}, channels={channels}\\)"
+    with pytest.raises(EightgenError, match=expected):
+        load_classifier(tmp_path, CPU)
+
+
+def test_load_classifier_rejects_normalisation_that_differs_from_the_spec(tmp_path: Path) -> None:
+    _saved(tmp_path, "small_cnn", 3)
+    spec = json.loads((tmp_path / SPEC_FILE).read_text())
+    spec.update(normalize="imagenet", mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    (tmp_path / SPEC_FILE).write_text(json.dumps(spec))
+    with pytest.raises(EightgenError, match=f"{MODEL_FILE}.*mean/std buffers differ"):
         load_classifier(tmp_path, CPU)
 
 
