@@ -18,6 +18,7 @@ from typing import Callable
 
 import httpx
 import pytest
+import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
@@ -30,6 +31,7 @@ from prefect.client.schemas.filters import (
     TaskRunFilterFlowRunId,
 )
 from prefect.deployments import run_deployment
+from prefect.flows import load_flow_from_entrypoint
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from eightgen.artifacts import write_manifest
@@ -246,6 +248,22 @@ def test_cli_runs_print_no_traceback_and_keep_every_record(server: str, mnist_di
     assert counts == expected, rows
     assert {state for _, state in rows} <= {"Completed", "Cached"}, rows
     assert {state for name, state in rows if name.startswith(("train-classifier", "optimize-chunk"))} == {"Cached"}, rows
+
+
+def test_prefect_yaml_deploys_the_same_flows_to_a_work_pool() -> None:
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    found = set()
+    for dep in spec["deployments"]:
+        path, name = dep["entrypoint"].split(":")
+        flow = load_flow_from_entrypoint(f"{ROOT / path}:{name}")
+        found.add(f"{flow.name}/{dep['name']}")
+        if dep.get("parameters"):
+            flow.validate_parameters(dep["parameters"])
+        for s in dep.get("schedules") or []:
+            cron_schedule(s["cron"], s["timezone"])
+        assert dep["work_pool"]["name"] == "eightgen"
+        assert Path(dep["work_pool"]["job_variables"]["env"]["PREFECT_LOCAL_STORAGE_PATH"].replace("{{ $PWD }}", "/x")).is_absolute()
+    assert found == DEPLOYMENTS
 
 
 def test_cron_schedule_names_what_is_wrong() -> None:
