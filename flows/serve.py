@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING
 
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
+from flows.httpd import ReportServer
+from flows.runners import TaskRunnerKind, absolute_paths, attack_flow_on, probe_dask
+
+if TYPE_CHECKING:  # prefect is imported only after the CLI has set its environment
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.schedules import Schedule
 
 DEFAULT_CRON = "0 3 * * *"
 DEFAULT_TIMEZONE = "UTC"
@@ -23,7 +29,7 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--limit", type=int, default=None, help="at most this many flow runs at once (default: no limit)")
 
 
-def cron_schedule(cron: str, timezone: str):  # noqa: ANN201 - prefect.schedules.Schedule
+def cron_schedule(cron: str, timezone: str) -> Schedule:
     """A validated Prefect cron schedule, or EightgenError naming what is wrong with it."""
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.schedules import Cron
@@ -39,16 +45,17 @@ def cron_schedule(cron: str, timezone: str):  # noqa: ANN201 - prefect.schedules
 def check_api(timeout: float = 5.0) -> str:
     """The URL of a reachable, long-lived Prefect API, or EightgenError saying how to get one."""
     import httpx
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
 
-    url = PREFECT_API_URL.value()
+    url, key = PREFECT_API_URL.value(), PREFECT_API_KEY.value()
     if not url:
         raise EightgenError(
             "serving needs a Prefect server: start one with `prefect server start` "
             "and set PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
     try:
-        answer = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        answer = httpx.get(f"{url.rstrip('/')}/health", headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
         raise EightgenError(f"no Prefect API reachable at {url} ({type(exc).__name__}); is `prefect server start` running?") from None
     if answer.status_code != 200:
@@ -58,19 +65,18 @@ def check_api(timeout: float = 5.0) -> str:
 
 def deployments(
     cfg: ExperimentConfig,
-    schedule: Any,
-    task_runner: str = "threads",
+    schedule: Schedule,
+    task_runner: TaskRunnerKind = "threads",
     dask_address: str | None = None,
     force: bool = False,
-) -> list:
+) -> list[RunnerDeployment]:
     """Runner deployments: the pipeline on `schedule` and unscheduled, and one per stage flow."""
     from flows.pipeline import pipeline
-    from flows.runners import attack_flow_on
     from flows.stages import assemble_flow, report_flow, train_flow
 
     pipe = {"cfg": cfg.model_dump(mode="json"), "force": force, "task_runner": task_runner, "dask_address": dask_address}
     cache = str(cfg.cache_dir)
-    attack = attack_flow_on(task_runner, dask_address, cfg.cache_dir)  # type: ignore[arg-type]
+    attack = attack_flow_on(task_runner, dask_address, cfg.cache_dir)
     return [
         pipeline.to_deployment("nightly", schedules=[schedule], parameters=pipe, tags=TAGS),
         pipeline.to_deployment("manual", parameters=pipe, tags=TAGS),
@@ -84,7 +90,6 @@ def deployments(
 def serve_command(args: argparse.Namespace) -> int:
     """Check everything first (settings, schedule, data, Dask, API, port), then register and serve."""
     from flows.cli import _prefect_env, build_config
-    from flows.runners import absolute_paths, probe_dask
 
     cfg = absolute_paths(build_config(args))
     _prefect_env(cfg)
@@ -93,8 +98,6 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.dask_address:
         probe_dask(args.dask_address)
     url = check_api()
-    from flows.httpd import ReportServer
-
     reports = ReportServer(cfg.runs_root, args.reports_port)  # binds the port now: a busy one fails before any work
     try:
         from flows.preflight import preflight

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from prefect import flow, task
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterFlowRunId
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from eightgen.config import ExperimentConfig
@@ -62,6 +62,11 @@ def test_dask_chunks_match_thread_chunks(prefect_harness, cluster, cfg: Experime
         assert dask.is_completed(), dask
     chunks = n_chunks(cfg.attack)
     assert _chunk_states(dask.state_details.flow_run_id) == ["Completed"] * chunks
+    # each chunk reported its progress from its worker, ending at 100 %
+    with get_client(sync_client=True) as client:
+        tree = flow_tree(client, dask.state_details.flow_run_id)
+        progress = [a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=tree))) if a.type == "progress"]
+    assert len(progress) == chunks and all(float(a.data) == 100.0 for a in progress), progress
     a = pd.read_parquet(cfg.run_dir / "results.parquet")
     b = pd.read_parquet(on_dask.run_dir / "results.parquet")
     assert len(a) == len(b) == 4 * 2
