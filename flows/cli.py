@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from eightgen.config import PRESETS, ExperimentConfig
 from eightgen.errors import EightgenError
 from flows.runners import absolute_paths, probe_dask
-from flows.serve import add_serve_options, serve_command
+from flows.serve import add_serve_options, check_api, serve_command
 
 OVERRIDES: dict[str, tuple[str, str]] = {
     # option dest -> (config section, field)
@@ -147,6 +147,7 @@ def run_command(args: argparse.Namespace) -> int:
     _prefect_env(cfg)
     if args.dask_address:
         probe_dask(args.dask_address)
+    check_api(required=False)
     from flows.preflight import preflight
 
     preflight(cfg)

@@ -42,12 +42,14 @@ def cron_schedule(cron: str, timezone: str) -> Schedule:
     return Cron(cron, timezone=timezone)
 
 
-def check_api(timeout: float = 5.0) -> str:
-    """The URL of a reachable, long-lived Prefect API, or EightgenError saying how to get one."""
+def check_api(required: bool = True, timeout: float = 5.0) -> str | None:
+    """The URL of the configured Prefect API once it answers; None if none is set and none is `required`."""
     import httpx
     from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
 
     url, key = PREFECT_API_URL.value(), PREFECT_API_KEY.value()
+    if not url and not required:
+        return None  # the embedded (ephemeral) API
     if not url:
         raise EightgenError(
             "serving needs a Prefect server: start one with `prefect server start` "

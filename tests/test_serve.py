@@ -274,7 +274,7 @@ def test_cron_schedule_names_what_is_wrong() -> None:
         cron_schedule("0 3 * * *", "Mars/Olympus")
 
 
-def test_bad_serve_input_fails_in_one_line_and_registers_nothing(served: dict, server: str, mnist_dir: Path) -> None:
+def test_bad_input_fails_in_one_line_and_registers_nothing(served: dict, server: str, mnist_dir: Path) -> None:
     tmp = served["tmp"]
     before = deployment_stamps()
     base = [str(BIN / "eightgen"), "serve", *TINY, "--mnist-dir", str(mnist_dir), "--runs-root", str(tmp / "runs2")]
@@ -284,6 +284,11 @@ def test_bad_serve_input_fails_in_one_line_and_registers_nothing(served: dict, s
         "bad cron": (base + ["--cron", "61 * * * *"], client_env(server, tmp), "Invalid cron string"),
         "no server": (base, client_env(server, tmp) | {"PREFECT_API_URL": nowhere}, f"no Prefect API reachable at {nowhere}"),
         "busy port": (base[:-1] + [str(served["port"])], client_env(server, tmp), f"cannot serve reports on 127.0.0.1:{served['port']}"),
+        "run, no server": (
+            [str(BIN / "eightgen"), "run", *TINY, "--mnist-dir", str(mnist_dir), "--runs-root", str(tmp / "runs2")],
+            client_env(server, tmp) | {"PREFECT_API_URL": nowhere},
+            f"no Prefect API reachable at {nowhere}",
+        ),
     }
     procs = {k: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k, (cmd, env, _) in cases.items()}
     for name, proc in procs.items():
