@@ -8,6 +8,7 @@ import os
 import pickle
 import sys
 
+from distributed import Worker
 from distributed.diagnostics.plugin import WorkerPlugin
 from prefect import Task
 from prefect_dask import DaskTaskRunner
@@ -40,7 +41,7 @@ class TorchThreads(WorkerPlugin):
     idempotent = True
     name = "eightgen-torch-threads"
 
-    def setup(self, worker) -> None:  # noqa: ANN001 - distributed.Worker
+    def setup(self, worker: Worker) -> None:
         """Pin torch's intra-op thread pool to the worker's thread count."""
         import torch
 

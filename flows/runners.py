@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from prefect import Flow
 
 TaskRunnerKind = Literal["threads", "dask"]
-TASK_RUNNERS: tuple[str, ...] = ("threads", "dask")
+TASK_RUNNERS: tuple[str, ...] = get_args(TaskRunnerKind)
 
 
 def probe_dask(address: str, timeout: float = 5.0) -> int:
