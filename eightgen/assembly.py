@@ -16,6 +16,7 @@ from eightgen.sources import MnistData
 
 DATASET_FILE = "dataset.npz"
 PARTS = ("train", "valid", "pool")
+REFEREE = "ref"  # the optional referee split: images no detector trains or validates on
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,16 +39,25 @@ class Assembled:
     target: int
     balance: str
     seed: int
+    x_ref: np.ndarray | None = None
+    y_ref: np.ndarray | None = None
+    i_ref: np.ndarray | None = None
+    s_ref: np.ndarray | None = None
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The splits held: train, valid, pool, and ref when there is a referee split."""
+        return PARTS + ((REFEREE,) if self.x_ref is not None else ())
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays stored in dataset.npz, by name."""
-        return {f"{k}_{part}": getattr(self, f"{k}_{part}") for part in PARTS for k in "xyis"}
+        return {f"{k}_{part}": getattr(self, f"{k}_{part}") for part in self.parts for k in "xyis"}
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per digit in each split."""
         return {
             part: {str(d): int(n) for d, n in enumerate(np.bincount(getattr(self, f"y_{part}"), minlength=10))}
-            for part in PARTS
+            for part in self.parts
         }
 
 
@@ -60,7 +70,7 @@ def assemble(data: MnistData, cfg: DatasetConfig) -> Assembled:
     """Hold out a per-digit attack-start pool, split the rest into stratified train / valid, cap and balance train."""
     if not np.any(data.labels == cfg.target):
         raise EightgenError(f"no images of digit {cfg.target} in {data.description}")
-    pool, train, valid = [], [], []
+    pool, train, valid, referee = [], [], [], []
     for d in DIGITS:
         # One generator per digit and stage: the pool for a digit stays the same prefix when pool_per_digit grows.
         members = np.flatnonzero(data.labels == d)
@@ -72,10 +82,16 @@ def assemble(data: MnistData, cfg: DatasetConfig) -> Assembled:
         pool.append(members[: cfg.pool_per_digit])
         rest = members[cfg.pool_per_digit :]
         n_valid = int(round(len(rest) * cfg.valid_fraction))
+        # The referee split comes after valid, so validation is the same with or without one.
+        n_ref = int(round(len(rest) * cfg.referee_fraction))
         valid.append(rest[:n_valid])
-        train.append(rest[n_valid:])
+        referee.append(rest[n_valid : n_valid + n_ref])
+        train.append(rest[n_valid + n_ref :])
     if not sum(len(v) for v in valid):
         raise EightgenError(f"the validation split is empty (valid_fraction={cfg.valid_fraction} of too few images)")
+    if cfg.referee_fraction > 0 and not all(len(r) for r in referee):
+        empty = [d for d, r in zip(DIGITS, referee) if not len(r)]
+        raise EightgenError(f"the referee split holds no images of digit(s) {empty} (raise referee_fraction)")
     if cfg.max_train is not None:
         train = _cap(train, cfg.max_train)
     train_idx = np.concatenate(train)
@@ -92,6 +108,8 @@ def assemble(data: MnistData, cfg: DatasetConfig) -> Assembled:
         "valid": _rng(cfg, 3).permutation(np.concatenate(valid)),
         "pool": np.concatenate(pool),
     }
+    if cfg.referee_fraction > 0:
+        parts[REFEREE] = np.concatenate(referee)
     fields = {}
     for part, idx in parts.items():
         fields |= {
@@ -147,7 +165,7 @@ def save_assembled(a: Assembled, directory: Path) -> Artifact:
         "balance": a.balance,
         "seed": a.seed,
         "counts": a.counts(),
-        "sizes": {part: len(getattr(a, f"y_{part}")) for part in PARTS},
+        "sizes": {part: len(getattr(a, f"y_{part}")) for part in a.parts},
     }
     return write_manifest(directory, meta, [DATASET_FILE])
 
@@ -165,6 +183,12 @@ def load_assembled(directory: Path) -> Assembled:
             missing = [n for n in names if n not in npz.files]
             if missing:
                 raise EightgenError(f"{path}: missing arrays {missing}")
+            referee = [f"{k}_{REFEREE}" for k in "xyis"]
+            if any(n in npz.files for n in referee):
+                missing = [n for n in referee if n not in npz.files]
+                if missing:
+                    raise EightgenError(f"{path}: missing arrays {missing}")
+                names += referee
             arrays = {n: npz[n] for n in names}
         return Assembled(
             **arrays,

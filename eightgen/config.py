@@ -38,6 +38,16 @@ class DatasetConfig(_Frozen):
     balance: Literal["none", "undersample", "oversample"] = "none"
     max_train: int | None = Field(None, gt=0)
     seed: int = Field(0, ge=0)
+    # Share of each digit's non-pool images held out for the referees (never trained on by the detector).
+    referee_fraction: float = Field(0.0, ge=0.0, lt=0.9)
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> "DatasetConfig":
+        if self.valid_fraction + self.referee_fraction >= 0.95:
+            raise ValueError(
+                f"valid_fraction + referee_fraction = {self.valid_fraction + self.referee_fraction:g} leaves no training images"
+            )
+        return self
 
 
 class TrainConfig(_Frozen):
@@ -53,12 +63,34 @@ class TrainConfig(_Frozen):
     batch_size: int = Field(128, gt=0)
     seed: int = Field(0, ge=0)
     device: Device = "auto"
+    # PGD adversarial training: every training batch is replaced by its adversarial version (pixel units).
+    adversarial: Literal["none", "l2", "linf"] = "none"
+    adv_eps: float | None = Field(None, gt=0)
+    adv_steps: int = Field(7, gt=0)
+    adv_step_size: float | None = Field(None, gt=0)  # default 2.5 * adv_eps / adv_steps
+    # Radius of the 20-step PGD robust-accuracy evaluation (the training norm, L2 for standard training);
+    # default: adv_eps for adversarial training, no evaluation for standard training.
+    robust_eval_eps: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _imagenet_needs_rgb(self) -> "TrainConfig":
         if self.normalize == "imagenet" and self.channels != 3:
             raise ValueError("normalize='imagenet' needs channels=3")
         return self
+
+    @model_validator(mode="after")
+    def _adversarial_needs_eps(self) -> "TrainConfig":
+        if self.adversarial != "none" and self.adv_eps is None:
+            raise ValueError(f"adversarial={self.adversarial!r} needs adv_eps (the PGD radius)")
+        return self
+
+    @property
+    def robust_eval(self) -> tuple[str, float] | None:
+        """(norm, eps) of the robust-accuracy evaluation in metrics.json, or None for none."""
+        eps = self.robust_eval_eps if self.robust_eval_eps is not None else self.adv_eps
+        if eps is None:
+            return None
+        return ("l2" if self.adversarial == "none" else self.adversarial), eps
 
 
 class AttackConfig(_Frozen):
@@ -178,3 +210,108 @@ PRESETS: dict[str, ExperimentConfig] = {
         attack=AttackConfig(seeds=64, steps=100, method="seed"),
     ),
 }
+
+
+class RefereeConfig(_Frozen):
+    """The independent judges of an optimised image, trained on the dataset's referee split only."""
+
+    epochs: int = Field(8, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(128, gt=0)
+    robust_eps: float = Field(3.0, gt=0)  # L2 PGD radius of the robust 10-class referee's training
+    robust_steps: int = Field(7, gt=0)
+    knn_k: int = Field(5, gt=0)
+    eval_images: int = Field(500, ge=0)  # validation images of each referee's robust-accuracy check (0: none)
+    seed: int = Field(0, ge=0)
+    device: Device = "auto"
+
+
+class AlignedConfig(_Frozen):
+    """The aligned experiment: a standard and a robust detector pushed toward the target from identical starts,
+    seeds and L2 budgets, every result judged by the referees."""
+
+    name: str = "aligned"
+    dataset: DatasetConfig = DatasetConfig(pool_per_digit=16, valid_fraction=0.1, referee_fraction=0.3)
+    standard: TrainConfig = TrainConfig(epochs=10)
+    robust: TrainConfig = TrainConfig(epochs=10, adversarial="l2", adv_eps=2.0)
+    referees: RefereeConfig = RefereeConfig()
+    # eps and (unless lr is given) the step size are set per budget: lr = step_factor * budget / steps.
+    attack: AttackConfig = AttackConfig(method="pgd_l2", eps=1.0, steps=100, seeds=12, noise="uniform", record_every=10)
+    budgets: tuple[float, ...] = (1.0, 2.0, 4.0, 6.0, 8.0)
+    matched_budget: float = Field(6.0, gt=0)  # the budget at which the targets are checked
+    step_factor: float = Field(2.5, gt=0)
+    grid_seeds: int = Field(2, ge=1)  # starts per digit in the report's image grid
+    report: ReportConfig = ReportConfig(title="eightgen: does it become an 8?")
+    runs_root: Path = Path("runs")
+    cache_dir: Path = Path(".eightgen-cache")
+    run_name: str | None = None
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(b <= 0 for b in v) or len(set(v)) != len(v):
+            raise ValueError(f"budgets must be distinct positive numbers, got {list(v)}")
+        return tuple(sorted(v))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AlignedConfig":
+        if self.attack.method not in ("pgd_l2", "pgd_linf"):
+            raise ValueError(f"attack.method must be pgd_l2 or pgd_linf (a budgeted method), got {self.attack.method!r}")
+        if self.matched_budget not in self.budgets:
+            raise ValueError(f"matched_budget {self.matched_budget:g} is not one of the budgets {list(self.budgets)}")
+        if self.robust.adversarial == "none":
+            raise ValueError("robust.adversarial must be l2 or linf (the robust detector is adversarially trained)")
+        if self.robust.adversarial == "l2" and self.referees.robust_eps <= (self.robust.adv_eps or 0.0):
+            raise ValueError(
+                f"referees.robust_eps ({self.referees.robust_eps:g}) must exceed the robust detector's adv_eps "
+                f"({self.robust.adv_eps:g}), so the referee is harder to fool than the detector"
+            )
+        if self.dataset.referee_fraction <= 0:
+            raise ValueError("dataset.referee_fraction must be > 0: the referees need images no detector trained on")
+        if self.attack.target != self.dataset.target:
+            raise ValueError(f"attack.target ({self.attack.target}) differs from dataset.target ({self.dataset.target})")
+        if self.attack.seeds < self.grid_seeds:
+            raise ValueError(f"grid_seeds ({self.grid_seeds}) exceeds attack.seeds ({self.attack.seeds})")
+        return self
+
+    def attack_at(self, budget: float) -> AttackConfig:
+        """The attack config of one budget: eps = budget, step size step_factor * budget / steps unless lr is set."""
+        lr = self.attack.lr if self.attack.lr is not None else self.step_factor * budget / self.attack.steps
+        return self.attack.model_copy(update={"eps": float(budget), "lr": lr})
+
+    @property
+    def detectors(self) -> dict[str, TrainConfig]:
+        """The two detectors by name; the standard one's robust accuracy is measured at the robust one's L2 radius."""
+        standard = self.standard
+        if standard.robust_eval_eps is None and self.robust.adversarial == "l2":
+            standard = standard.model_copy(update={"robust_eval_eps": self.robust.adv_eps})
+        return {"standard": standard, "robust": self.robust}
+
+    @property
+    def run_label(self) -> str:
+        """The experiment's name: run_name if given, else name and a hash of the settings."""
+        if self.run_name:
+            return self.run_name
+        settings = self.model_dump(mode="json", exclude={"name", "runs_root", "cache_dir", "run_name"})
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        return f"{self.name}-{digest[:8]}"
+
+    @property
+    def root_dir(self) -> Path:
+        """Where the experiment's run directories, aligned.html and aligned.json are written."""
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.run_label).strip(".")
+        return self.runs_root / (safe or "aligned")
+
+    def experiment(self, detector: str, budget: float) -> "ExperimentConfig":
+        """The ExperimentConfig of one (detector, budget) run, so each run directory reads like any other."""
+        label = f"{detector}-eps{budget:g}"
+        return ExperimentConfig(
+            name=f"{self.name}-{label}",
+            dataset=self.dataset,
+            train=self.detectors[detector],
+            attack=self.attack_at(budget),
+            report=self.report,
+            runs_root=self.root_dir,
+            cache_dir=self.cache_dir,
+            run_name=label,
+        )

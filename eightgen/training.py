@@ -39,6 +39,7 @@ from eightgen.models import (
     spec_for,
     to_model_input,
 )
+from eightgen.robust import adversarial_callbacks, robust_metrics
 
 LEARNER_FILE = "learner.pkl"
 METRICS_FILE = "metrics.json"
@@ -196,7 +197,7 @@ def train(
     history: list[dict] = []
     total = cfg.epochs + (1 if cfg.fine_tune else 0)
     started = time.perf_counter()
-    with learn.no_bar(), learn.no_logging(), learn.added_cbs(EpochReport(history, total, progress)):
+    with learn.no_bar(), learn.no_logging(), learn.added_cbs([EpochReport(history, total, progress), *adversarial_callbacks(cfg)]):
         if cfg.fine_tune:
             learn.fine_tune(cfg.epochs, base_lr=cfg.lr)
         else:
@@ -204,7 +205,8 @@ def train(
     train_seconds = time.perf_counter() - started
 
     model: PixelClassifier = learn.model
-    pred = predict_classes(model, to_model_input(np.asarray(data.x_valid, dtype=np.uint8), cfg.channels))
+    x_valid = to_model_input(np.asarray(data.x_valid, dtype=np.uint8), cfg.channels)
+    pred = predict_classes(model, x_valid)
     metrics = evaluation(pred, y_valid, np.asarray(data.y_valid))
     metrics.update(
         n_train=int(len(y_train)),
@@ -213,6 +215,7 @@ def train(
         train_seconds=round(train_seconds, 3),
         history=history,
     )
+    metrics.update(robust_metrics(cfg, model, x_valid, y_valid))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")

@@ -11,7 +11,7 @@ from eightgen.config import TrainConfig
 from eightgen.training import train
 from tasks.caching import CachedStage, output_is_valid
 
-TRAIN = CachedStage("models", ("eightgen.models", "eightgen.training"))
+TRAIN = CachedStage("models", ("eightgen.models", "eightgen.training", "eightgen.robust"))
 
 
 @task(name="train-classifier", **TRAIN.options)
