@@ -42,9 +42,19 @@ def flip_statistics(logits: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def results_frame(
-    traj: Trajectory, x0: np.ndarray, meta: pd.DataFrame, *, model_name: str, method: str, target: int
+    traj: Trajectory,
+    x0: np.ndarray,
+    meta: pd.DataFrame,
+    *,
+    model_name: str,
+    method: str,
+    target: int,
+    collapse: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """One row per start: what happened to it, measured from the recorded trajectory and final image."""
+    """One row per start: what happened to it, measured from the recorded trajectory and final image.
+
+    `collapse` (eightgen.indicators.collapsed at x_final) fills collapse_final; without it that column is null.
+    """
     x0 = np.asarray(x0)
     if x0.shape != traj.x_final.shape:
         raise EightgenError(f"starts have shape {list(x0.shape)}, trajectory final images {list(traj.x_final.shape)}")
@@ -89,5 +99,16 @@ def results_frame(
         frac_outside_01=outside,
         grad_zero_final=traj.grad_norm_final == 0,
         saturated_start=(p_start < SATURATED) | (p_start > 1 - SATURATED),
+        collapse_final=_collapse_column(collapse, traj.n),
     )
     return frame
+
+
+def _collapse_column(collapse: np.ndarray | None, n: int) -> pd.array:
+    """A nullable boolean column: dead-unit collapse at x_final per start, null where it was not measured."""
+    if collapse is None:
+        return pd.array([pd.NA] * n, dtype="boolean")
+    collapse = np.asarray(collapse, dtype=bool)
+    if collapse.shape != (n,):
+        raise EightgenError(f"collapse flags have shape {list(collapse.shape)}, expected [{n}]")
+    return pd.array(collapse, dtype="boolean")

@@ -544,6 +544,7 @@ def warnings_of(run: Run) -> list[dict]:
     out = []
     plabel = f"p({run.target})"
     succ = int(a["successes"])
+    out.extend(_collapse_warnings(a, run.target))
     if succ and a["grad_zero_success_share"] >= 0.5:
         zero = round(a["grad_zero_success_share"] * succ)
         out.append(
@@ -595,6 +596,25 @@ def warnings_of(run: Run) -> list[dict]:
             }
         )
     return out
+
+
+def _collapse_warnings(a: pd.Series, target: int) -> list[dict]:
+    """Dead-unit collapse measured at the final images (collapse_final): flips the image no longer causes."""
+    n, succ = int(a["n"]), int(a["successes"])
+    collapsed = round(a.get("collapse_share", 0.0) * n) if n else 0
+    if not collapsed:
+        return []
+    in_success = round(a["collapse_success_share"] * succ) if succ else 0
+    return [
+        {
+            "level": "warning" if in_success else "note",
+            "id": "warn-collapse",
+            "text": f"Dead-unit collapse: at the final image of {collapsed} of {n} starts every input of the detector's last "
+            f"linear layer is zero, so its logits are just that layer's bias and no longer depend on the image. "
+            f"{in_success} of the {succ} successes ({fmt_pct(in_success / succ if succ else float('nan'))}) were reached this way "
+            f"(the bias favours {target}): those flips say nothing about what the image looks like.",
+        }
+    ]
 
 
 def _dataset_table(run: Run) -> dict:

@@ -111,7 +111,7 @@ def _share(mask: np.ndarray, among: np.ndarray | None = None) -> float:
 
 
 def indicators(results: pd.DataFrame) -> pd.DataFrame:
-    """Per-start failure indicators: grad_zero_final, saturated_start, outside_01 (from the results where recorded)."""
+    """Per-start failure indicators: grad_zero_final, saturated_start, outside_01, collapse_final (from the results where recorded)."""
     n = len(results)
     p_start = as_float(results["p_target_start"])
     if "grad_zero_final" in results:
@@ -123,8 +123,11 @@ def indicators(results: pd.DataFrame) -> pd.DataFrame:
     else:
         saturated = (p_start < SATURATED_P) | (p_start > 1 - SATURATED_P)
     outside = as_float(results["frac_outside_01"]) if "frac_outside_01" in results else np.full(n, np.nan)
+    # Dead-unit collapse is measured with the model; runs without the column (or null values) count as not collapsed.
+    collapse = as_bool(results["collapse_final"]) if "collapse_final" in results else np.zeros(n, bool)
     return pd.DataFrame(
-        {"grad_zero_final": grad_zero, "saturated_start": saturated, "outside_01": outside > 0.0}, index=results.index
+        {"grad_zero_final": grad_zero, "saturated_start": saturated, "outside_01": outside > 0.0, "collapse_final": collapse},
+        index=results.index,
     )
 
 
@@ -166,6 +169,8 @@ def summarise(results: pd.DataFrame, label: str, *, seed: int = 0) -> dict:
         "saturated_share": _share(ind["saturated_start"].to_numpy()),
         "saturated_failure_share": _share(ind["saturated_start"].to_numpy(), ~success),
         "outside_share": _share(ind["outside_01"].to_numpy()),
+        "collapse_share": _share(ind["collapse_final"].to_numpy()),
+        "collapse_success_share": _share(ind["collapse_final"].to_numpy(), success),
         "start_is_target_share": _share(as_float(results["p_target_start"]) >= 0.5),
     }
 

@@ -18,6 +18,7 @@ from eightgen.artifacts import Artifact, artifact_of, read_manifest, staged_dir,
 from eightgen.assembly import load_assembled
 from eightgen.config import AttackConfig
 from eightgen.devices import pick_device
+from eightgen.indicators import collapsed
 from eightgen.metrics import results_frame
 from eightgen.models import load_classifier
 from eightgen.optimize import optimize
@@ -28,7 +29,7 @@ from tasks.faults import fail_once
 
 ENGINE = ("eightgen.starts", "eightgen.losses", "eightgen.methods", "eightgen.optimize", "eightgen.trajectory")
 OPTIMIZE = CachedStage("attacks", ("eightgen.models", *ENGINE))
-COLLECT = CachedStage(None, ("eightgen.metrics", "eightgen.trajectory"))
+COLLECT = CachedStage(None, ("eightgen.metrics", "eightgen.trajectory", "eightgen.indicators"))
 
 
 def n_starts(cfg: AttackConfig) -> int:
@@ -111,7 +112,9 @@ def collect_results(
     chunk_info = [read_manifest(c.path, verify=False) for c in chunks]
     model_dir = verified(model)
     spec = json.loads((model_dir / "spec.json").read_text())
-    frame = results_frame(traj, x0, meta, model_name=spec["arch"], method=cfg.method, target=cfg.target)
+    net, _ = load_classifier(model_dir, pick_device(cfg.device))
+    collapse = collapsed(net, traj.x_final)
+    frame = results_frame(traj, x0, meta, model_name=spec["arch"], method=cfg.method, target=cfg.target, collapse=collapse)
     config = {
         "run_name": experiment.get("run_name") or run_dir.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -157,6 +157,7 @@ def make_run_dir(
         frac_outside_01=((x_final < 0) | (x_final > 1)).reshape(n, -1).mean(axis=1),
         grad_zero_final=grad == 0,
         saturated_start=(p[:, 0] < 1e-6) | (p[:, 0] > 1 - 1e-6),
+        collapse_final=pd.array(grad == 0, dtype="boolean"),  # the simulated dead-unit starts are collapsed
     )
     results.to_parquet(run_dir / "results.parquet", index=False)
     results.to_csv(run_dir / "results.csv", index=False)
