@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from eightgen.config import PRESETS, ExperimentConfig
 from eightgen.errors import EightgenError
+from flows.aligned_cli import add_aligned_options, aligned_command
 from flows.runners import absolute_paths, probe_dask
 from flows.serve import add_serve_options, check_api, serve_command
 
@@ -105,6 +106,9 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-render report.html from run directories (several: a comparison)")
     rep.add_argument("run_dirs", nargs="+", type=Path)
     rep.add_argument("-o", "--out", type=Path, help="output file (default: RUN_DIR/report.html, or compare.html)")
+
+    aligned = sub.add_parser("aligned", help="standard vs robust detector over L2 budgets, judged by referees: aligned.html")
+    add_aligned_options(aligned)
     return top
 
 
@@ -176,7 +180,7 @@ def report_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `eightgen` command."""
     args = parser().parse_args(argv)
-    commands = {"run": run_command, "report": report_command, "serve": serve_command}
+    commands = {"run": run_command, "report": report_command, "serve": serve_command, "aligned": aligned_command}
     try:
         return commands[args.command](args)
     except ValidationError as exc:

@@ -1,0 +1,153 @@
+"""`eightgen aligned`: standard vs robust detector over a sweep of L2 budgets, judged by referees, with its targets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from eightgen.config import AlignedConfig
+from eightgen.errors import EightgenError
+
+OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
+    # option dest -> (config sections it sets, field)
+    "source": (("dataset",), "source"),
+    "mnist_dir": (("dataset",), "mnist_dir"),
+    "local_path": (("dataset",), "local_path"),
+    "max_train": (("dataset",), "max_train"),
+    "pool_per_digit": (("dataset",), "pool_per_digit"),
+    "valid_fraction": (("dataset",), "valid_fraction"),
+    "referee_fraction": (("dataset",), "referee_fraction"),
+    "epochs": (("standard", "robust"), "epochs"),
+    "adv_eps": (("robust",), "adv_eps"),
+    "adv_steps": (("robust",), "adv_steps"),
+    "referee_epochs": (("referees",), "epochs"),
+    "referee_eps": (("referees",), "robust_eps"),
+    "seeds": (("attack",), "seeds"),
+    "steps": (("attack",), "steps"),
+    "digits": (("attack",), "start_digits"),
+    "noise": (("attack",), "include_noise"),
+    "chunk_size": (("attack",), "chunk_size"),
+    "device": (("standard", "robust", "referees", "attack"), "device"),
+    "budgets": ((), "budgets"),
+    "matched_budget": ((), "matched_budget"),
+    "grid_seeds": ((), "grid_seeds"),
+    "runs_root": ((), "runs_root"),
+    "cache_dir": ((), "cache_dir"),
+    "run_name": ((), "run_name"),
+}
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _digits(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"digits must be comma-separated integers, got {text!r}") from None
+
+
+def add_aligned_options(p: argparse.ArgumentParser) -> None:
+    """The options of `eightgen aligned` (defaults: AlignedConfig)."""
+    d = AlignedConfig()
+    g = p.add_argument_group("data")
+    g.add_argument("--source", choices=["auto", "hub", "idx", "local"], help="MNIST source")
+    g.add_argument("--mnist-dir", type=Path, help="folder of MNIST IDX files (default: $EIGHTGEN_MNIST_DIR)")
+    g.add_argument("--local-path", type=Path, help="Hugging Face dataset on disk")
+    g.add_argument("--max-train", type=int, help="cap the detectors' training split")
+    g.add_argument("--pool-per-digit", type=int, help=f"attack-start pool images per digit (default {d.dataset.pool_per_digit})")
+    g.add_argument("--valid-fraction", type=float, help=f"share of non-pool images for validation (default {d.dataset.valid_fraction})")
+    g.add_argument("--referee-fraction", type=float, help=f"share of non-pool images held out for the referees (default {d.dataset.referee_fraction})")
+    g = p.add_argument_group("detectors and referees")
+    g.add_argument("--epochs", type=int, help=f"training epochs of both detectors (default {d.standard.epochs})")
+    g.add_argument("--adv-eps", type=float, help=f"L2 PGD radius of the robust detector's training (default {d.robust.adv_eps})")
+    g.add_argument("--adv-steps", type=int, help=f"PGD steps per training batch (default {d.robust.adv_steps})")
+    g.add_argument("--referee-epochs", type=int, help=f"training epochs of each 10-class referee (default {d.referees.epochs})")
+    g.add_argument("--referee-eps", type=float, help=f"L2 PGD radius of the robust referee (default {d.referees.robust_eps})")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--budgets", type=_numbers, help=f"L2 budgets, e.g. 1,2,4,6,8 (default {','.join(f'{b:g}' for b in d.budgets)})")
+    g.add_argument("--matched-budget", type=float, help=f"budget at which the targets are checked (default {d.matched_budget:g})")
+    g.add_argument("--seeds", type=int, help=f"starts per digit and of noise (default {d.attack.seeds})")
+    g.add_argument("--steps", type=int, help=f"gradient steps per start (default {d.attack.steps})")
+    g.add_argument("--digits", type=_digits, help="start digits, e.g. 0,1,2 (default every non-8)")
+    g.add_argument("--noise", action=argparse.BooleanOptionalAction, default=None, help="include uniform-noise starts")
+    g.add_argument("--chunk-size", type=int, help="starts per optimisation task")
+    g.add_argument("--grid-seeds", type=int, help=f"starts per digit in the image grid (default {d.grid_seeds})")
+    g.add_argument("--device", help="auto, cpu, cuda or mps (training, referees and optimisation)")
+    g = p.add_argument_group("where")
+    g.add_argument("--runs-root", type=Path, help="folder that holds the experiment directory (default runs/)")
+    g.add_argument("--cache-dir", type=Path, help="content-addressed store of datasets, models, referees, chunks")
+    g.add_argument("--run-name", help="experiment directory name (default: aligned + settings hash)")
+    g.add_argument("--force", action="store_true", help="recompute the optimisation, judging and report even if cached")
+    g.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
+
+
+def build_aligned_config(args: argparse.Namespace) -> AlignedConfig:
+    """AlignedConfig defaults + command-line overrides + $EIGHTGEN_MNIST_DIR, validated."""
+    data: dict[str, Any] = AlignedConfig().model_dump()
+    for dest, (sections, field) in OVERRIDES.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        for section in sections or (None,):
+            (data[section] if section else data)[field] = value
+    env_dir = os.environ.get("EIGHTGEN_MNIST_DIR")
+    if env_dir and data["dataset"]["mnist_dir"] is None and data["dataset"]["local_path"] is None:
+        data["dataset"]["mnist_dir"] = Path(env_dir)
+    return AlignedConfig.model_validate(data)
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The aligned summary as plain text lines: one per (budget, detector), then the targets."""
+    pct = lambda x: "  —  " if x is None else f"{100 * x:5.1f}%"  # noqa: E731
+    lines = [f"{'budget':>6} {'detector':<9} {'flipped':>7} {'L2':>5} {'kNN 8':>7} {'robust 8':>8} {'std 8':>7} {'still start':>11}"]
+    for c in summary["cells"]:
+        d = c["digits"]
+        if d is None:
+            continue
+        l2 = d["l2_final_median"]
+        lines.append(
+            f"{c['budget']:>6g} {c['detector']:<9} {pct(d['success']['share'])} {'—' if l2 is None else f'{l2:.2f}':>5} "
+            f"{pct(d['referees']['knn']['share'])} {pct(d['referees']['robust']['share']):>8} {pct(d['referees']['cnn']['share'])} "
+            f"{pct(d['still_start']['robust']['share']):>11}"
+        )
+    lines.append(f"targets at budget {summary['matched_budget']:g}:")
+    for t in summary["targets"]:
+        op = "≥" if t["op"] == ">=" else "≤"
+        lines.append(
+            f"  {'met   ' if t['met'] else 'MISSED'} {t['what']}: {100 * t['value']:.1f}% (needs {op} {100 * t['threshold']:.0f}%, "
+            f"margin {100 * t['margin']:+.1f} points)"
+        )
+    return lines
+
+
+def aligned_command(args: argparse.Namespace) -> int:
+    """Validate, run the aligned flow, wait for its records, print the summary and the targets."""
+    cfg = build_aligned_config(args)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str((cfg.cache_dir / "prefect-results").resolve()))
+    from flows.preflight import preflight
+
+    preflight(cfg.experiment("standard", cfg.budgets[0]))
+    from flows.aligned import aligned_flow
+    from flows.records import wait_for_records
+
+    state = aligned_flow(cfg, force=args.force, return_state=True)
+    wait_for_records(state.state_details.flow_run_id)
+    if not state.is_completed():
+        exc = state.result(raise_on_failure=False)
+        raise EightgenError(str(exc) if isinstance(exc, BaseException) else f"aligned experiment ended {state.name}")
+    report = Path(state.result())
+    summary = json.loads((report.parent / "aligned.json").read_text())
+    print("\n".join(summary_lines(summary)))
+    print(f"report: {report.resolve()}")
+    if args.check and not summary["targets_met"]:
+        return 1
+    return 0

@@ -1,0 +1,372 @@
+"""The aligned report: does the optimised image become an 8? A standard and a robust detector, judged by referees."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from eightgen.errors import EightgenError
+from reports import figures, stats
+from reports.render import _env, _json_safe, array_img, figure_img, fmt_num, fmt_pct, load_run, warnings_of
+
+ALIGNED_HTML = "aligned.html"
+ALIGNED_JSON = "aligned.json"
+DETECTORS = ("standard", "robust")
+# Referee key -> (label, verdict column). k-NN: 5 nearest real images among the target and the start digit.
+REFEREES = {
+    "knn": ("k-NN vote", "knn_is8"),
+    "robust": ("robust referee", "ref_robust_is8"),
+    "cnn": ("standard referee", "ref_cnn_is8"),
+}
+STILL_START = {"robust": "ref_robust_is_start", "cnn": "ref_cnn_is_start"}
+REFEREE_COLUMNS = ("knn_is8", "knn_share8", "ref_robust_is8", "ref_robust_p8", "ref_cnn_is8", "ref_cnn_p8")
+# The targets at the matched budget (digit starts): what the experiment is meant to show.
+KNN_ROBUST_MIN = 0.85
+KNN_STANDARD_MAX = 0.15
+FLIP_MIN = 0.99
+AGREE_MIN = 0.90
+# A referee that calls at least this share of untouched noise starts the target says nothing about noise starts.
+NOISE_UNINFORMATIVE = 0.10
+DETECTOR_COLOURS = {"standard": "#0072B2", "robust": "#D55E00"}
+
+
+@dataclass
+class AlignedRun:
+    """One judged (detector, budget) run: its results and the start and final images."""
+
+    path: Path
+    detector: str
+    budget: float
+    meta: dict
+    results: pd.DataFrame
+    x0: np.ndarray  # [n, C, 28, 28] (from the step-0 snapshot)
+    x_final: np.ndarray  # [n, C, 28, 28]
+
+
+def load_aligned_run(run_dir: Path) -> AlignedRun:
+    """A judged run directory written by the aligned flow (config.json with an "aligned" section, referee columns)."""
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)  # checks config.json, results.parquet and trajectories.npz
+    aligned = run.meta.get("aligned")
+    if not isinstance(aligned, dict) or aligned.get("detector") not in DETECTORS or "budget" not in aligned:
+        raise EightgenError(f"{run_dir / 'config.json'}: no aligned section (detector, budget); not an aligned run")
+    missing = [c for c in REFEREE_COLUMNS if c not in run.results]
+    if missing:
+        raise EightgenError(f"{run_dir / 'results.parquet'}: no referee columns {', '.join(missing)}")
+    with np.load(run_dir / "trajectories.npz") as npz:
+        step0 = int(np.flatnonzero(npz["snapshot_steps"] == 0)[0])
+        x0 = npz["snapshots"][:, step0].astype(np.float32)
+        x_final = npz["x_final"].astype(np.float32)
+    rows = run.results["traj_row"].to_numpy()
+    return AlignedRun(run_dir, aligned["detector"], float(aligned["budget"]), run.meta, run.results, x0[rows], x_final[rows])
+
+
+def _share_ci(flags: np.ndarray, label: str) -> dict:
+    flags = np.asarray(flags, dtype=bool)
+    lo, hi = stats.bootstrap_rate_ci(flags, seed=stats.stable_seed(label))
+    return {"share": float(flags.mean()) if flags.size else math.nan, "lo": lo, "hi": hi, "n": int(flags.size)}
+
+
+def summarise(results: pd.DataFrame, label: str) -> dict:
+    """Success, median L2, each referee's target share and the still-start-digit shares (95% intervals) of some starts."""
+    success = stats.as_bool(results["success"])
+    l2_final, l2_flip = stats.as_float(results["l2_final"]), stats.as_float(results["l2_at_flip"])
+    ind = stats.indicators(results)
+    out = {
+        "n": int(len(results)),
+        "success": _share_ci(success, label + "/success"),
+        "l2_final_median": float(np.nanmedian(l2_final)) if np.isfinite(l2_final).any() else math.nan,
+        "l2_flip_median": float(np.nanmedian(l2_flip)) if np.isfinite(l2_flip).any() else math.nan,
+        "referees": {k: _share_ci(stats.as_bool(results[col]), f"{label}/{k}") for k, (_, col) in REFEREES.items()},
+        "referees_start": {
+            k: float(stats.as_bool(results[col + "_start"]).mean()) if col + "_start" in results else math.nan
+            for k, (_, col) in REFEREES.items()
+        },
+        "still_start": {k: _share_ci(stats.as_bool(results[col]), f"{label}/start-{k}") for k, col in STILL_START.items()},
+        "agree_robust_knn": float(np.mean(stats.as_bool(results["ref_robust_is8"]) == stats.as_bool(results["knn_is8"]))),
+        "collapse_share": float(ind["collapse_final"].mean()),
+        "grad_zero_share": float(ind["grad_zero_final"].mean()),
+    }
+    return out
+
+
+def _is_noise(results: pd.DataFrame) -> np.ndarray:
+    return (stats.group_labels(results) == stats.NOISE).to_numpy()
+
+
+def aligned_summary(runs: Sequence[AlignedRun], matched_budget: float) -> dict:
+    """Per detector and budget the digit-start (and noise-start) summaries, the targets and the noise verdict of each referee."""
+    cells = []
+    for r in sorted(runs, key=lambda r: (r.budget, DETECTORS.index(r.detector))):
+        noise = _is_noise(r.results)
+        label = f"{r.detector}/{r.budget:g}"
+        cells.append(
+            {
+                "detector": r.detector,
+                "budget": r.budget,
+                "run": r.path.name,
+                "digits": summarise(r.results[~noise], label) if (~noise).any() else None,
+                "noise": summarise(r.results[noise], label + "/noise") if noise.any() else None,
+            }
+        )
+    noise_rows = [r.results[_is_noise(r.results)] for r in runs]
+    noise_rows = [f for f in noise_rows if len(f)]
+    noise_referees = {}
+    if noise_rows:
+        first = noise_rows[0]  # every run starts from the same noise images
+        for k, (_, col) in REFEREES.items():
+            share = float(stats.as_bool(first[col + "_start"]).mean()) if col + "_start" in first else math.nan
+            noise_referees[k] = {"start_share": share, "informative": bool(share < NOISE_UNINFORMATIVE)}
+    summary = {
+        "matched_budget": matched_budget,
+        "budgets": sorted({r.budget for r in runs}),
+        "cells": cells,
+        "noise_referees": noise_referees,
+        "noise_uninformative_at": NOISE_UNINFORMATIVE,
+    }
+    summary["targets"] = targets(summary)
+    summary["targets_met"] = all(t["met"] for t in summary["targets"]) if summary["targets"] else False
+    summary["answer"] = answer(summary)
+    return summary
+
+
+def cell(summary: dict, detector: str, budget: float, kind: str = "digits") -> dict | None:
+    """The summary of one detector at one budget (digit or noise starts)."""
+    for c in summary["cells"]:
+        if c["detector"] == detector and c["budget"] == budget:
+            return c[kind]
+    return None
+
+
+def targets(summary: dict) -> list[dict]:
+    """The experiment's targets at the matched budget (digit starts), each with its value, threshold and margin."""
+    b = summary["matched_budget"]
+    std, rob = cell(summary, "standard", b), cell(summary, "robust", b)
+    if std is None or rob is None:
+        return []
+    rows = [
+        ("knn_robust", "k-NN calls the robust detector's results 8", "robust", rob["referees"]["knn"]["share"], ">=", KNN_ROBUST_MIN),
+        ("knn_standard", "k-NN calls the standard detector's results 8", "standard", std["referees"]["knn"]["share"], "<=", KNN_STANDARD_MAX),
+        ("flip_robust", "the robust detector flips its starts", "robust", rob["success"]["share"], ">=", FLIP_MIN),
+        ("flip_standard", "the standard detector flips its starts", "standard", std["success"]["share"], ">=", FLIP_MIN),
+        ("agree_robust", "robust referee agrees with k-NN on the robust detector's results", "robust", rob["agree_robust_knn"], ">=", AGREE_MIN),
+    ]
+    out = []
+    for key, what, detector, value, op, threshold in rows:
+        margin = value - threshold if op == ">=" else threshold - value
+        out.append({"key": key, "what": what, "detector": detector, "value": value, "op": op, "threshold": threshold, "met": bool(margin >= 0), "margin": margin})
+    return out
+
+
+def answer(summary: dict) -> str:
+    """The experiment's question answered in plain sentences from the matched-budget numbers."""
+    b = summary["matched_budget"]
+    std, rob = cell(summary, "standard", b), cell(summary, "robust", b)
+    if std is None or rob is None:
+        return "No answer: the runs lack a standard or a robust detector at the matched budget."
+    k_r, k_s = rob["referees"]["knn"]["share"], std["referees"]["knn"]["share"]
+    said = (
+        f"At an L2 budget of {b:g}, the standard detector flips {fmt_pct(std['success']['share'])} and the robust one "
+        f"{fmt_pct(rob['success']['share'])} of the held-out digit starts. "
+        f"{fmt_pct(k_r)} of the robust detector's results lie nearer to real 8s than to real images of their start digit "
+        f"(5-NN vote), against {fmt_pct(k_s)} of the standard detector's; the robust referee calls "
+        f"{fmt_pct(rob['referees']['robust']['share'])} and {fmt_pct(std['referees']['robust']['share'])} of them 8. "
+    )
+    if k_r >= 0.5 > k_s:
+        said += "So yes, but only with the robust detector: its gradient draws an 8; the standard detector's gradient flips the label while the image stays its start digit."
+    elif k_r >= 0.5 and k_s >= 0.5:
+        said += "Both detectors' results move toward real 8s at this budget."
+    else:
+        said += "At this budget the robust detector's results do not yet look like 8s to the k-NN vote."
+    cnn = std["referees"]["cnn"]["share"]
+    if cnn > 2 * max(k_s, 0.05):
+        said += (
+            f" The standard 10-class referee calls {fmt_pct(cnn)} of the standard detector's results 8: adversarial "
+            "perturbations transfer between standard networks, so that referee's verdict is no evidence."
+        )
+    return said
+
+
+# ---------------------------------------------------------------- figure
+
+
+@figures.styled
+def budget_figure(summary: dict) -> Figure:
+    """Per budget and detector: flip rate, each referee's target share and the still-start share (95% intervals)."""
+    panels = [
+        ("detector says 8 (flip)", lambda c: c["success"], None),
+        ("k-NN: nearer to real 8s", lambda c: c["referees"]["knn"], (KNN_STANDARD_MAX, KNN_ROBUST_MIN)),
+        ("robust referee says 8", lambda c: c["referees"]["robust"], None),
+        ("standard referee says 8", lambda c: c["referees"]["cnn"], None),
+        ("robust referee: still start digit", lambda c: c["still_start"]["robust"], None),
+    ]
+    fig = Figure(figsize=(11.0, 2.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), sharey=True)
+    for ax, (title, pick, lines) in zip(axes, panels):
+        for d in DETECTORS:
+            cs = [c for c in summary["cells"] if c["detector"] == d and c["digits"] is not None]
+            if not cs:
+                continue
+            x = np.array([c["budget"] for c in cs])
+            v = [pick(c["digits"]) for c in cs]
+            y = np.array([s["share"] for s in v])
+            err = np.array([[s["share"] - s["lo"] for s in v], [s["hi"] - s["share"] for s in v]])
+            ax.errorbar(x, y, yerr=np.clip(err, 0, None), marker="o", ms=3.5, lw=1.4, capsize=2, color=DETECTOR_COLOURS[d], label=f"{d} detector")
+        for level in lines or ():
+            ax.axhline(level, color=figures.REFERENCE, lw=0.8, ls="--")
+        ax.axvline(summary["matched_budget"], color=figures.REFERENCE, lw=0.8, ls=":")
+        ax.set_title(title)
+        ax.set_xlabel("L2 budget ε")
+        ax.set_ylim(-0.03, 1.03)
+    axes[0].set_ylabel("share of digit starts")
+    axes[0].legend(loc="lower right")
+    return fig
+
+
+# ---------------------------------------------------------------- image grid
+
+
+def _verdict_text(row: pd.Series, start_digit: int | None) -> str:
+    knn = "8" if bool(row["knn_is8"]) else ("start" if start_digit is None else str(start_digit))
+    return f"k {knn} · r {int(row['ref_robust_pred'])} · c {int(row['ref_cnn_pred'])}"
+
+
+def image_grid(runs: Sequence[AlignedRun], budgets: Sequence[float], grid_seeds: int) -> list[dict]:
+    """Per start group: rows of start | standard result | robust result for every budget (the first grid_seeds seeds)."""
+    by_key = {(r.detector, r.budget): r for r in runs}
+    first = runs[0]
+    groups = stats.group_labels(first.results)
+    out = []
+    for g in stats.group_order(groups):
+        sub = first.results[groups == g].sort_values("seed").head(grid_seeds)
+        rows = []
+        for _, row in sub.iterrows():
+            run_id = row["run_id"]
+            i0 = int(np.flatnonzero(first.results["run_id"].to_numpy() == run_id)[0])
+            start_digit = None if g == stats.NOISE else int(g)
+            who = f"{'noise' if start_digit is None else 'digit ' + g}, seed {int(row['seed'])}"
+            cells = []
+            for b in budgets:
+                for d in DETECTORS:
+                    r = by_key.get((d, b))
+                    if r is None:
+                        cells.append(None)
+                        continue
+                    j = int(np.flatnonzero(r.results["run_id"].to_numpy() == run_id)[0])
+                    rr = r.results.iloc[j]
+                    verdict = _verdict_text(rr, start_digit)
+                    flipped = "flipped" if bool(rr["success"]) else "not flipped"
+                    img = array_img(figures.grey_uint8(r.x_final[j]), f"{who}: {d} detector at budget {b:g}, {flipped}; referees {verdict}")
+                    cells.append({"img": img, "verdict": verdict, "success": bool(rr["success"]), "knn8": bool(rr["knn_is8"])})
+            rows.append({"who": who, "start": array_img(figures.grey_uint8(first.x0[i0]), f"{who}: start image"), "cells": cells})
+        out.append({"group": g, "title": figures.group_title(g), "rows": rows})
+    return out
+
+
+# ---------------------------------------------------------------- facts and rendering
+
+
+def _detector_facts(runs: Sequence[AlignedRun]) -> list[dict]:
+    seen, out = set(), []
+    for r in runs:
+        if r.detector in seen:
+            continue
+        seen.add(r.detector)
+        model = r.meta.get("model") or {}
+        metrics = model.get("metrics") or {}
+        train = (r.meta.get("config") or {}).get("train") or {}
+        robust = metrics.get("robust") or {}
+        out.append(
+            {
+                "detector": r.detector,
+                "training": "standard" if train.get("adversarial", "none") == "none" else
+                f"PGD-{train.get('adversarial')} adversarial, ε {train.get('adv_eps')}, {train.get('adv_steps')} steps",
+                "epochs": metrics.get("epochs"),
+                "n_train": metrics.get("n_train"),
+                "valid_error": metrics.get("valid_error"),
+                "robust": robust,
+                "seconds": metrics.get("train_seconds"),
+                "sha": str(model.get("sha256") or "?")[:12],
+            }
+        )
+    return sorted(out, key=lambda f: DETECTORS.index(f["detector"]))
+
+
+def _referee_facts(runs: Sequence[AlignedRun]) -> dict:
+    info = ((runs[0].meta.get("referees") or {}).get("info")) or {}
+    return info
+
+
+def _warnings(runs: Sequence[AlignedRun]) -> list[dict]:
+    out = []
+    for r in sorted(runs, key=lambda r: (DETECTORS.index(r.detector), r.budget)):
+        for w in warnings_of(load_run(r.path)):
+            if w["id"] in ("warn-collapse", "warn-dead-units", "note-dead-units", "note-outside"):
+                out.append(dict(w, id=f"{w['id']}-{r.path.name}", text=f"{r.detector} detector, budget {r.budget:g}: {w['text']}"))
+    return out
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return _json_safe(value)
+
+
+def render_aligned(
+    run_dirs: Sequence[Path], out_dir: Path, *, matched_budget: float, title: str = "eightgen: does it become an 8?", grid_seeds: int = 2
+) -> tuple[Path, dict]:
+    """Write aligned.html and aligned.json into out_dir from the judged run directories; return the html path and the summary."""
+    if not run_dirs:
+        raise EightgenError("render_aligned: no run directories given")
+    runs = [load_aligned_run(d) for d in run_dirs]
+    summary = aligned_summary(runs, matched_budget)
+    budgets = summary["budgets"]
+    fig = budget_figure(summary)
+    figure = figure_img(
+        fig,
+        "Five panels against the L2 budget, one line per detector with 95% intervals: flip rate, k-NN 8 share, robust "
+        "referee 8 share, standard referee 8 share, robust referee still-start-digit share. At the matched budget: "
+        + "; ".join(
+            f"{d}: k-NN {fmt_pct(cell(summary, d, matched_budget)['referees']['knn']['share'])}"
+            for d in DETECTORS
+            if cell(summary, d, matched_budget) is not None
+        ),
+        "Digit starts only. Bars: 95% percentile-bootstrap intervals over starts. Dashed lines on the k-NN panel: the "
+        f"targets ({fmt_pct(KNN_STANDARD_MAX, 0)} for the standard, {fmt_pct(KNN_ROBUST_MIN, 0)} for the robust detector); dotted: the matched budget.",
+        "fig-aligned",
+    )
+    context = {
+        "title": title,
+        "summary": summary,
+        "figure": figure,
+        "budgets": budgets,
+        "detectors": DETECTORS,
+        "referees": REFEREES,
+        "grid": image_grid(runs, budgets, grid_seeds),
+        "detector_facts": _detector_facts(runs),
+        "referee_facts": _referee_facts(runs),
+        "warnings": _warnings(runs),
+        "cell": lambda d, b, kind="digits": cell(summary, d, b, kind),
+        "runs": sorted(runs, key=lambda r: (DETECTORS.index(r.detector), r.budget)),
+        "attack": (runs[0].meta.get("config") or {}).get("attack") or {},
+        "fmt_pct": fmt_pct,
+        "fmt_num": fmt_num,
+    }
+    html = _env().get_template("aligned.html.j2").render(**context)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / ALIGNED_HTML
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(target)
+    (out_dir / ALIGNED_JSON).write_text(json.dumps(_plain(summary), indent=2) + "\n")
+    return target, summary

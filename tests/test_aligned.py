@@ -1,0 +1,139 @@
+"""The aligned experiment as real Prefect flow runs on real MNIST: judged runs, the report section, reuse, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from pydantic import ValidationError
+
+from eightgen.config import AlignedConfig, AttackConfig, DatasetConfig, RefereeConfig, TrainConfig
+from flows.aligned import aligned_flow
+from flows.aligned_cli import build_aligned_config, summary_lines
+from flows.cli import main, parser
+from flows.records import flow_tree, wait_for_records
+from reports.aligned import REFEREE_COLUMNS
+
+BUDGETS = (1.0, 3.0)
+# The CLI options that build the same tiny config as the fixture (so a CLI run finds everything cached).
+TINY_OPTIONS = [
+    "--pool-per-digit", "3", "--valid-fraction", "0.01", "--referee-fraction", "0.05", "--max-train", "500", "--epochs", "1", "--adv-eps", "1",
+    "--adv-steps", "2", "--referee-epochs", "1", "--referee-eps", "2", "--budgets", "1,3", "--matched-budget", "3",
+    "--seeds", "2", "--steps", "6", "--digits", "1,3", "--grid-seeds", "1", "--device", "cpu",
+]
+
+
+def tiny(mnist_dir: Path, root: Path) -> AlignedConfig:
+    """What `eightgen aligned TINY_OPTIONS` builds (a 1% validation split keeps the robust-accuracy checks cheap)."""
+    args = parser().parse_args(["aligned", *TINY_OPTIONS, "--mnist-dir", str(mnist_dir), "--runs-root", str(root / "runs"), "--cache-dir", str(root / "cache")])
+    return build_aligned_config(args)
+
+
+def _task_states(flow_run_id) -> dict[str, list[str]]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=flow_tree(client, flow_run_id)))
+        )
+    states: dict[str, list[str]] = {}
+    for r in runs:
+        states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
+    return states
+
+
+def _run(cfg: AlignedConfig):
+    state = aligned_flow(cfg, return_state=True)
+    assert state.is_completed(), state
+    wait_for_records(state.state_details.flow_run_id)
+    return Path(state.result()), _task_states(state.state_details.flow_run_id)
+
+
+@pytest.fixture(scope="module")
+def cfg(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AlignedConfig:
+    return tiny(mnist_dir, tmp_path_factory.mktemp("aligned"))
+
+
+@pytest.fixture(scope="module")
+def runs(prefect_harness, cfg: AlignedConfig):
+    """The first and a second, identical run of the tiny aligned flow."""
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: cfg.cache_dir / "prefect-results"}):
+        yield _run(cfg), _run(cfg)
+
+
+def test_report_section_and_summary(runs, cfg: AlignedConfig) -> None:
+    (report, _), _ = runs
+    assert report == cfg.root_dir / "aligned.html"
+    html = report.read_text()
+    for anchor in ("aligned-answer", "targets-table", "budget-table", "fig-aligned", "aligned-grid", "grid-noise", "grid-1", "grid-3", "aligned-noise", "detector-facts", "referee-facts", "aligned-indicators"):
+        assert f'id="{anchor}"' in html, anchor
+    assert "http://" not in html and "https://" not in html
+    summary = json.loads((cfg.root_dir / "aligned.json").read_text())
+    assert [(c["detector"], c["budget"]) for c in summary["cells"]] == [(d, b) for b in BUDGETS for d in ("standard", "robust")]
+    assert [t["key"] for t in summary["targets"]] == ["knn_robust", "knn_standard", "flip_robust", "flip_standard", "agree_robust"]
+    assert summary["targets_met"] == all(t["met"] for t in summary["targets"])
+    # The summary agrees with the judged results it was computed from.
+    rob = pd.read_parquet(cfg.experiment("robust", 3.0).run_dir / "results.parquet")
+    digits = rob[rob["start_kind"] == "digit"]
+    knn = next(t for t in summary["targets"] if t["key"] == "knn_robust")
+    assert knn["value"] == pytest.approx(digits["knn_is8"].mean())
+    agree = next(t for t in summary["targets"] if t["key"] == "agree_robust")
+    assert agree["value"] == pytest.approx((digits["ref_robust_is8"] == digits["knn_is8"]).mean())
+    assert set(summary["noise_referees"]) == {"knn", "robust", "cnn"}
+    lines = summary_lines(summary)
+    assert len(lines) == 1 + 4 + 1 + 5 and lines[-5:] == [l for l in lines if "needs" in l]
+
+
+def test_runs_share_starts_and_budgets_and_carry_referee_columns(runs, cfg: AlignedConfig) -> None:
+    starts = {}
+    for b in BUDGETS:
+        for d in ("standard", "robust"):
+            run_dir = cfg.experiment(d, b).run_dir
+            res = pd.read_parquet(run_dir / "results.parquet")
+            assert set(REFEREE_COLUMNS) <= set(res.columns)
+            assert {c + "_start" for c in ("knn_is8", "ref_robust_is8", "ref_cnn_is8")} <= set(res.columns)
+            assert res["collapse_final"].notna().all()
+            assert (res["l2_final"] <= b + 1e-4).all()
+            with np.load(run_dir / "trajectories.npz") as npz:
+                starts[(d, b)] = (list(npz["run_id"]), npz["snapshots"][:, 0])
+            config = json.loads((run_dir / "config.json").read_text())
+            assert config["aligned"]["detector"] == d and config["aligned"]["budget"] == b
+            assert config["referees"]["sha256"]
+    ids, x0 = starts[("standard", 1.0)]
+    assert len(ids) == (2 + 1) * 2
+    for key, (other_ids, other_x0) in starts.items():
+        assert other_ids == ids and np.array_equal(other_x0, x0), key
+
+
+def test_second_run_reuses_models_referees_and_chunks(runs) -> None:
+    (_, first), (_, second) = runs
+    assert first["train-classifier"].count("Completed") == 2 and "Completed" in first["train-referees"]
+    for name in ("train-classifier", "train-referees", "optimize-chunk", "collect-judged-results", "render-aligned", "assemble-dataset"):
+        assert second[name] and set(second[name]) == {"Cached"}, (name, second[name])
+
+
+def test_cli_prints_the_targets_and_checks_them(runs, cfg: AlignedConfig, mnist_dir: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(cfg.cache_dir / "prefect-results"))
+    argv = ["aligned", *TINY_OPTIONS, "--mnist-dir", str(mnist_dir), "--runs-root", str(cfg.runs_root), "--cache-dir", str(cfg.cache_dir), "--run-name", "cli"]
+    code = main([*argv, "--check"])
+    out = capsys.readouterr().out
+    summary = json.loads((cfg.runs_root / "cli" / "aligned.json").read_text())
+    assert code == (0 if summary["targets_met"] else 1)
+    assert "targets at budget 3:" in out and out.count("needs") == 5 and "report: " in out
+
+
+def test_bad_aligned_settings_are_refused(mnist_dir: Path, capsys) -> None:
+    with pytest.raises(ValidationError, match="matched_budget"):
+        AlignedConfig(budgets=(1.0, 2.0), matched_budget=6.0)
+    with pytest.raises(ValidationError, match="referee_fraction"):
+        AlignedConfig(dataset=DatasetConfig())
+    with pytest.raises(ValidationError, match="must exceed"):
+        AlignedConfig(referees=RefereeConfig(robust_eps=1.0), robust=TrainConfig(adversarial="l2", adv_eps=2.0))
+    with pytest.raises(ValidationError, match="budgeted method"):
+        AlignedConfig(attack=AttackConfig(method="gd"))
+    assert main(["aligned", "--mnist-dir", str(mnist_dir), "--budgets", "1,2", "--matched-budget", "5"]) == 2
+    assert "matched_budget" in capsys.readouterr().err
