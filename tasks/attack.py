@@ -103,8 +103,6 @@ def collect_results(
     force: bool = False,
 ) -> Artifact:
     """Concatenate chunk trajectories; write results.parquet/.csv, trajectories.npz and config.json."""
-    if not force and output_is_valid(run_dir):
-        return artifact_of(run_dir)
     parts = [load_trajectory(verified(c) / "trajectory.npz") for c in chunks]
     traj, run_ids = concat([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     x0 = np.concatenate([np.load(c.path / "x0.npy") for c in chunks])

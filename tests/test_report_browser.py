@@ -207,7 +207,7 @@ def test_report_opens_cleanly_in_chromium(report: Path, tmp_path: Path) -> None:
     assert seen["sections"] == SECTIONS
     assert seen["played"]["value"] > 0, "the animation did not advance"
     assert seen["played"]["src"] != seen["frame0"]
-    assert seen["played"]["label"].startswith(f"step ")
+    assert seen["played"]["label"].startswith("step ")
     assert shot.stat().st_size > 10_000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
