@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -179,6 +180,9 @@ def report_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `eightgen` command."""
+    # fastai's import-time torch.jit.script call and pandas-option use warn on every run; they are not ours to fix.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"The 'mode\.chained_assignment' option is deprecated")
     args = parser().parse_args(argv)
     commands = {"run": run_command, "report": report_command, "serve": serve_command, "aligned": aligned_command}
     try:

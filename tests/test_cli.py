@@ -1,0 +1,86 @@
+"""`eightgen run` on bad input: one line naming the problem, exit code 2, nothing written, before any training."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.cli import build_config, main, parser
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(["run", *argv])
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--arch", "vgg"], "train.arch"),
+        (["--method", "sideways"], "attack.method"),
+        (["--digits", "1,12"], "start digits must be 0-9"),
+        (["--steps", "0"], "attack.steps"),
+        (["--seeds", "-3"], "attack.seeds"),
+        (["--method", "pgd_l2"], "needs eps"),
+    ],
+)
+def test_bad_settings_fail_in_one_line(argv, needle, capsys, tmp_path: Path) -> None:
+    code, out = _run([*argv, "--runs-root", str(tmp_path / "runs")], capsys)
+    assert code == 2
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eightgen: error:") and needle in lines[0], out
+    assert "Traceback" not in out
+    assert not (tmp_path / "runs").exists()
+
+
+def _copy_mnist(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.glob("t10k-*"):
+        shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_corrupt_mnist_file_is_named(mnist_dir: Path, tmp_path: Path, capsys) -> None:
+    bad = _copy_mnist(mnist_dir, tmp_path / "mnist")
+    images = bad / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[: 50_000])
+    earlier = tmp_path / "runs" / "earlier"
+    earlier.mkdir(parents=True)
+    (earlier / "results.csv").write_text("kept\n")
+    code, out = _run(["--mnist-dir", str(bad), "--runs-root", str(tmp_path / "runs")], capsys)
+    assert code == 2 and "t10k-images-idx3-ubyte.gz" in out and "Traceback" not in out, out
+    assert (earlier / "results.csv").read_text() == "kept\n"
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["earlier"]
+
+
+def test_missing_mnist_labels_are_named(mnist_dir: Path, tmp_path: Path, capsys) -> None:
+    bad = _copy_mnist(mnist_dir, tmp_path / "mnist")
+    (bad / "t10k-labels-idx1-ubyte.gz").unlink()
+    code, out = _run(["--mnist-dir", str(bad), "--runs-root", str(tmp_path / "runs")], capsys)
+    assert code == 2 and "labels" in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_dataset_without_eights_is_refused(mnist_dir: Path, tmp_path: Path, capsys) -> None:
+    bad = _copy_mnist(mnist_dir, tmp_path / "mnist")
+    labels = bad / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(labels.read_bytes()))
+    y = np.frombuffer(bytes(raw[8:]), dtype=np.uint8).copy()
+    y[y == 8] = 3
+    labels.write_bytes(gzip.compress(bytes(raw[:8]) + y.tobytes()))
+    code, out = _run(["--mnist-dir", str(bad), "--runs-root", str(tmp_path / "runs")], capsys)
+    assert code == 2 and "8" in out and "Traceback" not in out, out
+
+
+def test_env_mnist_dir_and_overrides_reach_the_config(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EIGHTGEN_MNIST_DIR", str(tmp_path))
+    args = parser().parse_args(["run", "--preset", "quick", "--seeds", "3", "--digits", "2,7", "--lr", "0.5"])
+    cfg = build_config(args)
+    assert cfg.dataset.mnist_dir == tmp_path
+    assert cfg.attack.seeds == 3 and cfg.attack.start_digits == (2, 7) and cfg.attack.step_size == 0.5
+    assert cfg.train.arch == "small_cnn"
