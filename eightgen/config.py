@@ -232,13 +232,13 @@ class AlignedConfig(_Frozen):
 
     name: str = "aligned"
     dataset: DatasetConfig = DatasetConfig(pool_per_digit=16, valid_fraction=0.1, referee_fraction=0.3)
-    standard: TrainConfig = TrainConfig(epochs=10)
-    robust: TrainConfig = TrainConfig(epochs=10, adversarial="l2", adv_eps=2.0)
-    referees: RefereeConfig = RefereeConfig()
+    standard: TrainConfig = TrainConfig(epochs=8)
+    robust: TrainConfig = TrainConfig(epochs=8, adversarial="l2", adv_eps=2.0, adv_steps=5)
+    referees: RefereeConfig = RefereeConfig(epochs=6, robust_steps=5)
     # eps and (unless lr is given) the step size are set per budget: lr = step_factor * budget / steps.
     attack: AttackConfig = AttackConfig(method="pgd_l2", eps=1.0, steps=100, seeds=12, noise="uniform", record_every=10)
     budgets: tuple[float, ...] = (1.0, 2.0, 4.0, 6.0, 8.0)
-    matched_budget: float = Field(6.0, gt=0)  # the budget at which the targets are checked
+    matched_budget: float = Field(8.0, gt=0)  # the budget at which the targets are checked
     step_factor: float = Field(2.5, gt=0)
     grid_seeds: int = Field(2, ge=1)  # starts per digit in the report's image grid
     report: ReportConfig = ReportConfig(title="eightgen: does it become an 8?")

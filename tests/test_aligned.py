@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+from prefect.client.schemas.filters import FlowFilter, FlowFilterId, TaskRunFilter, TaskRunFilterFlowRunId
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from pydantic import ValidationError
 
@@ -58,15 +59,25 @@ def cfg(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AlignedCon
     return tiny(mnist_dir, tmp_path_factory.mktemp("aligned"))
 
 
+def _latest_aligned_states() -> dict[str, list[str]]:
+    """Task states of the most recent flow run of the aligned flow."""
+    with get_client(sync_client=True) as client:
+        flow = client.read_flow_by_name("aligned")
+        latest = client.read_flow_runs(
+            flow_filter=FlowFilter(id=FlowFilterId(any_=[flow.id])), sort=FlowRunSort.START_TIME_DESC, limit=1
+        )[0]
+    return _task_states(latest.id)
+
+
 @pytest.fixture(scope="module")
 def runs(prefect_harness, cfg: AlignedConfig):
-    """The first and a second, identical run of the tiny aligned flow."""
+    """The first run of the tiny aligned flow."""
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: cfg.cache_dir / "prefect-results"}):
-        yield _run(cfg), _run(cfg)
+        yield _run(cfg)
 
 
 def test_report_section_and_summary(runs, cfg: AlignedConfig) -> None:
-    (report, _), _ = runs
+    report, _ = runs
     assert report == cfg.root_dir / "aligned.html"
     html = report.read_text()
     for anchor in ("aligned-answer", "targets-table", "budget-table", "fig-aligned", "aligned-grid", "grid-noise", "grid-1", "grid-3", "aligned-noise", "detector-facts", "referee-facts", "aligned-indicators"):
@@ -109,21 +120,19 @@ def test_runs_share_starts_and_budgets_and_carry_referee_columns(runs, cfg: Alig
         assert other_ids == ids and np.array_equal(other_x0, x0), key
 
 
-def test_second_run_reuses_models_referees_and_chunks(runs) -> None:
-    (_, first), (_, second) = runs
+def test_cli_rerun_reuses_everything_and_checks_the_targets(runs, cfg: AlignedConfig, mnist_dir: Path, monkeypatch, capsys) -> None:
+    _, first = runs
     assert first["train-classifier"].count("Completed") == 2 and "Completed" in first["train-referees"]
-    for name in ("train-classifier", "train-referees", "optimize-chunk", "collect-judged-results", "render-aligned", "assemble-dataset"):
-        assert second[name] and set(second[name]) == {"Cached"}, (name, second[name])
-
-
-def test_cli_prints_the_targets_and_checks_them(runs, cfg: AlignedConfig, mnist_dir: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(cfg.cache_dir / "prefect-results"))
-    argv = ["aligned", *TINY_OPTIONS, "--mnist-dir", str(mnist_dir), "--runs-root", str(cfg.runs_root), "--cache-dir", str(cfg.cache_dir), "--run-name", "cli"]
+    argv = ["aligned", *TINY_OPTIONS, "--mnist-dir", str(mnist_dir), "--runs-root", str(cfg.runs_root), "--cache-dir", str(cfg.cache_dir)]
     code = main([*argv, "--check"])
     out = capsys.readouterr().out
-    summary = json.loads((cfg.runs_root / "cli" / "aligned.json").read_text())
+    second = _latest_aligned_states()
+    for name in ("assemble-dataset", "train-classifier", "train-referees", "optimize-chunk", "collect-judged-results", "render-aligned"):
+        assert second[name] and set(second[name]) == {"Cached"}, (name, second[name])
+    summary = json.loads((cfg.root_dir / "aligned.json").read_text())
     assert code == (0 if summary["targets_met"] else 1)
-    assert "targets at budget 3:" in out and out.count("needs") == 5 and "report: " in out
+    assert "targets at budget 3:" in out and out.count("needs") == 5 and f"report: {(cfg.root_dir / 'aligned.html').resolve()}" in out
 
 
 def test_bad_aligned_settings_are_refused(mnist_dir: Path, capsys) -> None:
