@@ -2,7 +2,8 @@
 
 Every rule works per start on x [m, C, 28, 28] with the gradient g of that start's own loss; `radius` is the
 per-start budget [m] of the rules that have one. The loop in eightgen/optimize.py calls, for each step t:
-adapt (radius from whether x_t is classified target), step, project.
+adapt (radius from whether x_t is classified target), step, project. step and project work in place on the
+loop's own x and g (and return x): one pass over the images per operation, no temporaries.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ def _norms(v: Tensor) -> Tensor:
     return v.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
 
 
-def _unit(v: Tensor) -> Tensor:
-    """v / ||v||_2 per start; a zero vector stays zero."""
-    return v / _norms(v).clamp_min(TINY)
-
-
 def _r(radius: Tensor) -> Tensor:
     """A per-start radius [m] shaped for broadcasting over images."""
     return radius.reshape(-1, 1, 1, 1)
+
+
+def _along_unit(x: Tensor, grad: Tensor, gnorm: Tensor | None, alpha: float) -> Tensor:
+    """x <- x - alpha * g / ||g|| per start (a zero gradient leaves x where it is); gnorm: ||g|| [m] if known."""
+    norm = grad.flatten(1).norm(dim=1) if gnorm is None else gnorm.to(grad.dtype)
+    return x.addcmul_(grad, _r(-alpha / norm.clamp_min(TINY)))
 
 
 class Method:
@@ -38,6 +40,7 @@ class Method:
 
     name = "base"
     keeps_best = False  # output the smallest flipping perturbation seen instead of the last iterate
+    uses_grad_norm = False  # step needs ||g|| per start (the loop passes it when it has it)
 
     def __init__(self, lr: float, steps: int, eps: float | None) -> None:
         self.lr, self.steps, self.eps = lr, steps, eps
@@ -50,12 +53,12 @@ class Method:
         """The budget for the next step given whether x_t is classified target."""
         return radius
 
-    def step(self, x: Tensor, grad: Tensor, t: int) -> Tensor:
-        """x_{t+1/2} from x_t and the gradient of its loss."""
+    def step(self, x: Tensor, grad: Tensor, t: int, gnorm: Tensor | None = None) -> Tensor:
+        """x_{t+1/2} from x_t and the gradient of its loss (gnorm: its per-start norm, if known), in place."""
         raise NotImplementedError
 
     def project(self, x: Tensor, x0: Tensor, radius: Tensor | None) -> Tensor:
-        """x_{t+1}: x_{t+1/2} moved back into the allowed set."""
+        """x_{t+1}: x_{t+1/2} moved back into the allowed set, in place."""
         return x
 
 
@@ -68,8 +71,8 @@ class Seed(Method):
         super().__init__(lr, steps, eps)
         self.scale = std**2 * lr
 
-    def step(self, x: Tensor, grad: Tensor, t: int) -> Tensor:
-        return x - self.scale * grad
+    def step(self, x: Tensor, grad: Tensor, t: int, gnorm: Tensor | None = None) -> Tensor:
+        return x.sub_(grad.mul_(self.scale))
 
 
 class GradientDescent(Method):
@@ -77,11 +80,11 @@ class GradientDescent(Method):
 
     name = "gd"
 
-    def step(self, x: Tensor, grad: Tensor, t: int) -> Tensor:
-        return x - self.lr * grad
+    def step(self, x: Tensor, grad: Tensor, t: int, gnorm: Tensor | None = None) -> Tensor:
+        return x.sub_(grad, alpha=self.lr)
 
     def project(self, x: Tensor, x0: Tensor, radius: Tensor | None) -> Tensor:
-        return x.clamp(0.0, 1.0)
+        return x.clamp_(0.0, 1.0)
 
 
 class PgdLinf(Method):
@@ -89,24 +92,25 @@ class PgdLinf(Method):
 
     name = "pgd_linf"
 
-    def step(self, x: Tensor, grad: Tensor, t: int) -> Tensor:
-        return x - self.lr * grad.sign()
+    def step(self, x: Tensor, grad: Tensor, t: int, gnorm: Tensor | None = None) -> Tensor:
+        return x.sub_(grad.sign_(), alpha=self.lr)
 
     def project(self, x: Tensor, x0: Tensor, radius: Tensor | None) -> Tensor:
-        return (x0 + (x - x0).clamp(-self.eps, self.eps)).clamp(0.0, 1.0)
+        return x.sub_(x0).clamp_(-self.eps, self.eps).add_(x0).clamp_(0.0, 1.0)
 
 
 class PgdL2(Method):
     """x <- clip_[0,1](x0 + d * min(1, eps / ||d||)),  d = x - lr * g / ||g|| - x0."""
 
     name = "pgd_l2"
+    uses_grad_norm = True
 
-    def step(self, x: Tensor, grad: Tensor, t: int) -> Tensor:
-        return x - self.lr * _unit(grad)
+    def step(self, x: Tensor, grad: Tensor, t: int, gnorm: Tensor | None = None) -> Tensor:
+        return _along_unit(x, grad, gnorm, self.lr)
 
     def project(self, x: Tensor, x0: Tensor, radius: Tensor | None) -> Tensor:
-        d = x - x0
-        return (x0 + d * (self.eps / _norms(d).clamp_min(TINY)).clamp(max=1.0)).clamp(0.0, 1.0)
+        d = x.sub_(x0)
+        return d.mul_((self.eps / _norms(d).clamp_min(TINY)).clamp_(max=1.0)).add_(x0).clamp_(0.0, 1.0)
 
 
 class MinL2(Method):
@@ -118,6 +122,7 @@ class MinL2(Method):
 
     name = "min_l2"
     keeps_best = True
+    uses_grad_norm = True
     gamma = 0.05
     floor = 0.01  # the cosine schedule ends at floor * lr
 
@@ -130,13 +135,14 @@ class MinL2(Method):
     def adapt(self, radius: Tensor, is_target: Tensor) -> Tensor:
         return torch.where(is_target, radius * (1.0 - self.gamma), radius * (1.0 + self.gamma))
 
-    def step(self, x: Tensor, grad: Tensor, t: int) -> Tensor:
+    def step(self, x: Tensor, grad: Tensor, t: int, gnorm: Tensor | None = None) -> Tensor:
         low = self.floor * self.lr
         alpha = low + (self.lr - low) * (1.0 + math.cos(math.pi * t / self.steps)) / 2.0
-        return x - alpha * _unit(grad)
+        return _along_unit(x, grad, gnorm, alpha)
 
     def project(self, x: Tensor, x0: Tensor, radius: Tensor | None) -> Tensor:
-        return (x0 + _r(radius) * _unit(x - x0)).clamp(0.0, 1.0)
+        d = x.sub_(x0)
+        return d.mul_(_r(radius) / _norms(d).clamp_min(TINY)).add_(x0).clamp_(0.0, 1.0)
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Seed, GradientDescent, PgdLinf, PgdL2, MinL2)}
