@@ -1,0 +1,177 @@
+"""The engine benchmark in its smallest mode, and the engine internals it relies on (folding, the unrecorded loop)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from eightgen.bench import bench_starts, main, seed_loop
+from eightgen.config import AttackConfig, TrainConfig
+from eightgen.losses import per_sample_loss
+from eightgen.models import build_network, load_classifier
+from eightgen.optimize import final_images, fold_batch_norms, optimize
+from eightgen.training import train
+
+RATES = ("engine_rate", "engine_unrecorded_rate", "seed_loop_rate", "engine_pgd_rate", "torchattacks_pgd_rate")
+FIELDS = {
+    "arch", "device", "threads", "load_average_1m", "n", "steps", "repeats", *RATES, "recording_overhead",
+    "seed_loop_n", "speedup_vs_seed_loop", "seed_loop_max_abs_diff", "seed_loop_same_class", "ratio_vs_torchattacks",
+    "flops_per_image_step", "matmul_flops_per_s", "roofline", "full_budget_seconds", "early_stop_seconds",
+    "early_stop_gain", "early_stop_flipped", "early_stop_same_flip_steps", "quality_steps", "min_l2_seconds",
+    "min_l2_median_l2", "min_l2_success", "fmn_median_l2", "fmn_success", "ddn_median_l2", "ddn_success",
+    "reference", "min_l2_vs_reference", "malloc_tuned",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small batches gain nothing from intra-op threads on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small CNN trained for one epoch on the small real-MNIST dataset."""
+    out = tmp_path_factory.mktemp("bench") / "model"
+    train(TrainConfig(arch="small_cnn", epochs=1, device="cpu"), dataset_dir, out)
+    return out
+
+
+def bn_net(arch: str, seed: int = 0) -> nn.Module:
+    """An eval-mode network whose batch norms hold non-trivial statistics and affine parameters."""
+    torch.manual_seed(seed)
+    net = build_network(arch, 1)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.running_mean, -0.2, 0.2)
+            nn.init.uniform_(m.running_var, 0.5, 1.5)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    return net.eval().requires_grad_(False)
+
+
+def test_quick_bench_reports_every_figure_consistently(model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--quick", "--model-dir", str(model_dir), "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert set(r) == FIELDS
+    assert r["arch"] == "small_cnn" and r["threads"] == 1 and r["device"] == "cpu"
+    assert all(r[k] > 0 for k in (*RATES, "flops_per_image_step", "matmul_flops_per_s"))
+    close = lambda a, b: math.isclose(a, b, rel_tol=1e-9)  # noqa: E731
+    assert close(r["speedup_vs_seed_loop"], r["engine_rate"] / r["seed_loop_rate"])
+    assert close(r["ratio_vs_torchattacks"], r["engine_pgd_rate"] / r["torchattacks_pgd_rate"])
+    assert close(r["recording_overhead"], r["engine_unrecorded_rate"] / r["engine_rate"] - 1)
+    assert close(r["roofline"], r["flops_per_image_step"] * r["engine_rate"] / r["matmul_flops_per_s"])
+    assert close(r["early_stop_gain"], r["full_budget_seconds"] / r["early_stop_seconds"])
+    assert r["reference"] in ("fmn", "ddn")
+    ref = r[f"{r['reference']}_median_l2"]
+    if r["min_l2_median_l2"] is not None and ref is not None:
+        assert close(r["min_l2_vs_reference"], r["min_l2_median_l2"] / ref)
+    assert all(0 <= r[k] <= 1 for k in ("min_l2_success", "fmn_success", "ddn_success", "early_stop_flipped", "seed_loop_same_class"))
+    # The engine's seed method is the notebook's loop, batched: same images after the same steps.
+    assert r["seed_loop_max_abs_diff"] < 1e-4 and r["seed_loop_same_class"] == 1.0
+
+
+def test_bad_settings_exit_with_a_one_line_error(model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--quick", "--model-dir", str(model_dir), "--n", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "eightgen.bench: error: --n must be positive, got 0"
+    assert main(["--quick", "--model-dir", str(model_dir), "--n", "100000"]) == 2
+    assert "pool of" in capsys.readouterr().err
+
+
+def test_starts_are_real_non_targets_in_turn(dataset_dir: Path) -> None:
+    from eightgen.assembly import load_assembled
+
+    x0 = bench_starts(dataset_dir, 18, 1)
+    data = load_assembled(dataset_dir)
+    pool = torch.from_numpy(data.x_pool.astype(np.float32) / 255)
+    digits = [int(data.y_pool[(pool == x[0]).flatten(1).all(1)][0]) for x in x0]
+    assert digits == [0, 1, 2, 3, 4, 5, 6, 7, 9] * 2
+
+
+def test_seed_loop_is_the_engine_seed_method_one_image_at_a_time(model_dir: Path, dataset_dir: Path) -> None:
+    model, _ = load_classifier(model_dir, torch.device("cpu"))
+    x0 = bench_starts(dataset_dir, 4, 1)
+    traj = optimize(model, x0, AttackConfig(method="seed", steps=4))
+    torch.testing.assert_close(seed_loop(model, x0, 4), torch.from_numpy(traj.x_final), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
+def test_folding_batch_norms_keeps_the_function_and_the_original(arch: str) -> None:
+    net = bn_net(arch)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = fold_batch_norms(net)
+    assert folded is not net
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+
+
+def test_nothing_to_fold_means_the_same_model() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2)).eval()
+    assert fold_batch_norms(net) is net  # the batch norm follows a ReLU, not the convolution
+    train_mode = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    assert fold_batch_norms(train_mode) is train_mode  # batch statistics, not running ones
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [dict(method="seed"), dict(method="pgd_l2", eps=2.0), dict(method="min_l2"), dict(method="gd", loss="ce", early_stop=2)],
+)
+def test_the_unrecorded_loop_moves_the_pixels_exactly_as_the_recorded_one(extra: dict) -> None:
+    net = bn_net("small_cnn")
+    x0 = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    cfg = AttackConfig(steps=8, record_every=3, **extra)
+    np.testing.assert_array_equal(final_images(net, x0, cfg).numpy(), optimize(net, x0, cfg).x_final)
+
+
+def biased_mlp(bias: float) -> nn.Module:
+    """A two-layer perceptron whose logits are pushed toward (bias, -bias): p(8) ~ exp(-2 bias)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 2)).eval().requires_grad_(False)
+    with torch.no_grad():
+        mlp[3].bias.copy_(torch.tensor([bias, -bias]))
+    return mlp
+
+
+def test_input_gradients_are_those_of_plain_autograd() -> None:
+    mlp = biased_mlp(2.0)
+    x0 = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    traj = optimize(mlp, x0, AttackConfig(method="gd", steps=1))
+    x = torch.from_numpy(traj.x_final).requires_grad_(True)
+    (grad,) = torch.autograd.grad(per_sample_loss("l1_softmax", mlp(x)).sum(), x)
+    norm = torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=torch.float64).float()
+    np.testing.assert_array_equal(traj.grad_norm_final, norm.numpy())
+
+
+def test_backward_passes_of_saturated_starts_run_on_normal_floats() -> None:
+    # p(8) ~ 1e-40: unscaled, every gradient in the backward pass would be subnormal (slow on CPUs, fewer bits).
+    mlp = biased_mlp(46.0)
+    seen: list[Tensor] = []
+    for layer in (mlp[1], mlp[3]):
+        layer.register_full_backward_hook(lambda m, grad_in, grad_out: seen.append(grad_out[0].detach().abs()))
+    x0 = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    traj = optimize(mlp, x0, AttackConfig(method="gd", steps=1))
+    assert (traj.p_target < 1e-38).all()
+    values = torch.cat([g.flatten() for g in seen])
+    assert values[values > 0].min() >= torch.finfo(torch.float32).tiny
+    # The input gradient itself is that of float64 arithmetic from the same d loss / d logits, to float32 precision.
+    x = torch.from_numpy(traj.x_final)
+    z = mlp(x).requires_grad_(True)
+    (dz,) = torch.autograd.grad(per_sample_loss("l1_softmax", z).sum(), z)
+    x64 = x.double().requires_grad_(True)
+    (grad,) = torch.autograd.grad(copy.deepcopy(mlp).double()(x64), x64, dz.double())
+    np.testing.assert_allclose(traj.grad_norm_final, grad.flatten(1).norm(dim=1).numpy(), rtol=1e-4)
