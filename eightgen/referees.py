@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from eightgen.config import RefereeConfig
 from eightgen.errors import EightgenError
 from eightgen.models import PixelClassifier, SmallCNN, to_model_input
 from eightgen.robust import AdversarialTraining, robust_accuracy
-from eightgen.training import make_dataloaders, predict_classes
+from eightgen.training import EpochReport, make_dataloaders, predict_classes
 
 CNN_FILE = "cnn.pt"
 ROBUST_FILE = "robust.pt"
@@ -57,14 +58,21 @@ def digit_classifier() -> PixelClassifier:
     return PixelClassifier(SmallCNN(1, N_DIGITS), (0.0,), (1.0,))
 
 
-def _fit(cfg: RefereeConfig, data: Assembled, device: torch.device, robust: bool) -> tuple[PixelClassifier, dict]:
+def _fit(
+    cfg: RefereeConfig, data: Assembled, device: torch.device, robust: bool, progress: Callable[[str], None] | None
+) -> tuple[PixelClassifier, dict]:
     """Train one 10-class referee with fastai on the referee split; its validation error on the detector's valid split."""
     set_seed(cfg.seed + int(robust), reproducible=True)
     y_ref, y_valid = np.asarray(data.y_ref, np.int64), np.asarray(data.y_valid, np.int64)
     dls = make_dataloaders(data.x_ref, y_ref, data.x_valid, y_valid, 1, cfg.batch_size, device)
     model = digit_classifier()
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=error_rate)
-    cbs = [AdversarialTraining("l2", cfg.robust_eps, cfg.robust_steps)] if robust else []
+    name = "robust referee" if robust else "standard referee"
+    report = None if progress is None else (lambda line: progress(f"{name}, {line}"))
+    history: list[dict] = []
+    cbs = [EpochReport(history, cfg.epochs, report)]
+    if robust:
+        cbs.append(AdversarialTraining("l2", cfg.robust_eps, cfg.robust_steps))
     started = time.perf_counter()
     with learn.no_bar(), learn.no_logging(), learn.added_cbs(cbs):
         learn.fit_one_cycle(cfg.epochs, cfg.lr)
@@ -76,7 +84,9 @@ def _fit(cfg: RefereeConfig, data: Assembled, device: torch.device, robust: bool
     return model, info
 
 
-def train_referees(cfg: RefereeConfig, data: Assembled, out_dir: Path, device: torch.device) -> Artifact:
+def train_referees(
+    cfg: RefereeConfig, data: Assembled, out_dir: Path, device: torch.device, progress: Callable[[str], None] | None = None
+) -> Artifact:
     """Train the standard and robust 10-class referees, store the k-NN references; write them with a manifest."""
     if data.x_ref is None or len(data.x_ref) == 0:
         raise EightgenError("the dataset has no referee split: assemble it with referee_fraction > 0")
@@ -85,8 +95,8 @@ def train_referees(cfg: RefereeConfig, data: Assembled, out_dir: Path, device: t
         raise EightgenError(f"the referee split holds no images of digit(s) {missing}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cnn, cnn_info = _fit(cfg, data, device, robust=False)
-    robust, robust_info = _fit(cfg, data, device, robust=True)
+    cnn, cnn_info = _fit(cfg, data, device, False, progress)
+    robust, robust_info = _fit(cfg, data, device, True, progress)
     x_valid = to_model_input(np.asarray(data.x_valid, np.uint8), 1)
     for model, info in ((cnn, cnn_info), (robust, robust_info)):
         if cfg.eval_images:

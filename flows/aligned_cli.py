@@ -131,6 +131,9 @@ def summary_lines(summary: dict) -> list[str]:
 def aligned_command(args: argparse.Namespace) -> int:
     """Validate, run the aligned flow, wait for its records, print the summary and the targets."""
     cfg = build_aligned_config(args)
+    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, which on a machine shared with
+    # other jobs made PGD training about four times faster (busy-waiting threads starve each other).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str((cfg.cache_dir / "prefect-results").resolve()))
     from flows.preflight import preflight

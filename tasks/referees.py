@@ -23,6 +23,5 @@ def train_referee_models(cfg: RefereeConfig, dataset: Artifact, cache_dir: Path,
     if not force and output_is_valid(out):
         return artifact_of(out)
     with staged_dir(out) as tmp:
-        written = train_referees(cfg, load_assembled(verified(dataset)), tmp, pick_device(cfg.device))
-    get_run_logger().info("referees trained: %s", written.sha256[:12])
+        train_referees(cfg, load_assembled(verified(dataset)), tmp, pick_device(cfg.device), progress=get_run_logger().info)
     return artifact_of(out)
