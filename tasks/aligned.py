@@ -20,9 +20,10 @@ from tasks.attack import COLLECT, collect_results
 from tasks.caching import CachedStage
 
 RUN_FILES = ["results.parquet", "results.csv", "trajectories.npz", "config.json"]
-JUDGE = CachedStage(None, (*COLLECT.modules, "eightgen.referees"))
+# The judge runs collect-results' code too, so that code is part of its key.
+JUDGE = CachedStage(None, (*COLLECT.modules, "tasks.attack", "eightgen.referees"))
 ALIGNED_MANIFEST = "aligned.manifest.json"
-ALIGNED_REPORT = CachedStage(None, ("reports.aligned",), manifest=ALIGNED_MANIFEST)
+ALIGNED_REPORT = CachedStage(None, ("reports.aligned", "reports.render", "reports.stats"), manifest=ALIGNED_MANIFEST)
 
 
 @task(name="collect-judged-results", **JUDGE.options)
