@@ -175,3 +175,27 @@ def test_backward_passes_of_saturated_starts_run_on_normal_floats() -> None:
     x64 = x.double().requires_grad_(True)
     (grad,) = torch.autograd.grad(copy.deepcopy(mlp).double()(x64), x64, dz.double())
     np.testing.assert_allclose(traj.grad_norm_final, grad.flatten(1).norm(dim=1).numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
+def test_the_engines_execution_plan_computes_the_models_function_and_gradient(arch: str) -> None:
+    # Batch norms folded, then channels-last (small CNN) or unfold + matmul single-plane convolutions (resnet).
+    net = bn_net(arch)
+    x0 = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    traj = optimize(net, x0, AttackConfig(method="gd", loss="ce", steps=1))
+    np.testing.assert_allclose(traj.logits[:, 0], net(x0).numpy(), rtol=1e-4, atol=1e-4)
+    x = torch.from_numpy(traj.x_final).requires_grad_(True)
+    (grad,) = torch.autograd.grad(per_sample_loss("ce", net(x)).sum(), x)
+    np.testing.assert_allclose(traj.grad_norm_final, grad.flatten(1).norm(dim=1).numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "bias"), [(7, 2, 3, False), (3, 1, 1, True), (5, 2, 0, True)])
+def test_single_plane_convolutions_as_unfold_and_matmul(kernel: int, stride: int, padding: int, bias: bool) -> None:
+    from eightgen.optimize import _ColumnConv2d
+
+    conv = nn.Conv2d(1, 8, kernel, stride=stride, padding=padding, bias=bias)
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    out, columns = conv(x), _ColumnConv2d(conv)(x)
+    torch.testing.assert_close(columns, out, rtol=1e-5, atol=1e-5)
+    g = torch.rand_like(out)
+    torch.testing.assert_close(torch.autograd.grad(columns, x, g)[0], torch.autograd.grad(out, x, g)[0], rtol=1e-5, atol=1e-5)
