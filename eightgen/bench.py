@@ -53,8 +53,8 @@ class BenchConfig:
     steps: int = 20
     device: str = "auto"
     threads: int | None = None
-    repeats: int = 3
-    seed_loop_n: int = 32
+    repeats: int = 5
+    seed_loop_n: int = 16
     quality_steps: int = 100
     matmul_size: int = 2048
     epochs: int = 2
@@ -298,7 +298,8 @@ def run_bench(cfg: BenchConfig, model_dir: Path, dataset_dir: Path) -> dict:
         quality[f"{name}_median_l2"], quality[f"{name}_success"] = refs[name]
     best_ref = min(refs, key=lambda k: (refs[k][0], -refs[k][1]))
     quality["reference"] = best_ref
-    quality["min_l2_vs_reference"] = quality["min_l2_median_l2"] / refs[best_ref][0]
+    mine_l2, ref_l2 = quality["min_l2_median_l2"], refs[best_ref][0]
+    quality["min_l2_vs_reference"] = mine_l2 / ref_l2 if math.isfinite(mine_l2) and math.isfinite(ref_l2) else math.nan
 
     return {
         "arch": spec.arch,
@@ -339,7 +340,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="optimisation steps per contender (20)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (torch's default)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds; each contender keeps its best (3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds; each contender keeps its best (5)")
     p.add_argument("--quality-steps", type=int, default=None, help="steps of min_l2, FMN and DDN (100)")
     p.add_argument("--mnist-dir", type=Path, default=None, help="MNIST IDX files to train the detector on")
     p.add_argument("--model-dir", type=Path, default=None, help="a trained model directory to use instead")
