@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from eightgen.config import AttackConfig
 from eightgen.errors import EightgenError
+from eightgen.execution import cpu_plan, fold_batch_norms
 from eightgen.losses import LOSS_NAMES, per_sample_loss
 from eightgen.methods import Method, make_method
 from eightgen.trajectory import Trajectory
@@ -20,7 +18,6 @@ from eightgen.trajectory import Trajectory
 TARGET = 1  # class index of the target digit in the classifier's two logits
 
 Forward = Callable[[Tensor], Tensor]
-LARGE_FEATURE_MAPS = 100.0  # mean conv output area (pixels) from which the CPU runs convolutions channels-last
 
 
 def snapshot_steps(steps: int, record_every: int) -> list[int]:
@@ -198,138 +195,9 @@ def _check_inputs(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> None:
         raise EightgenError(f"model is on {sorted(map(str, devices))} but the starts are on {x0.device}")
 
 
-def _foldable(conv: nn.Module | None, bn: nn.Module | None) -> bool:
-    """Whether bn is an eval-mode 2-d batch norm with running statistics right behind the convolution conv."""
-    return (
-        type(conv) is nn.Conv2d
-        and type(bn) is nn.BatchNorm2d
-        and not bn.training
-        and bn.running_mean is not None
-        and bn.running_var is not None
-        and bn.num_features == conv.out_channels
-    )
-
-
-def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
-    """(parent, conv name, bn name) of every convolution whose output goes only through the batch norm after it.
-
-    Found where the data flow is known: adjacent children of a plain nn.Sequential, and convN -> bnN of
-    torchvision's resnet blocks. Modules used more than once in the model are left alone.
-    """
-    uses: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        uses[id(m)] = uses.get(id(m), 0) + 1
-    candidates: list[tuple[nn.Module, str, str]] = []
-    for parent in model.modules():
-        if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
-            names = list(parent._modules)
-            candidates += [(parent, a, b) for a, b in zip(names, names[1:])]
-        elif type(parent).__module__ == "torchvision.models.resnet" and type(parent).__name__ in ("BasicBlock", "Bottleneck"):
-            candidates += [(parent, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(parent, f"conv{i}")]
-    return [
-        (parent, a, b)
-        for parent, a, b in candidates
-        if _foldable(getattr(parent, a), getattr(parent, b))
-        and uses[id(getattr(parent, a))] == 1
-        and uses[id(getattr(parent, b))] == 1
-    ]
-
-
-def fold_batch_norms(model: nn.Module) -> nn.Module:
-    """A copy of an eval-mode model with every foldable batch norm merged into the convolution before it.
-
-    The copy computes the same function (up to float rounding) with one pass less over every activation in
-    each direction; a model with nothing to fold is returned as it is.
-    """
-    if not _conv_bn_pairs(model):
-        return model
-    folded = copy.deepcopy(model)
-    for parent, conv, bn in _conv_bn_pairs(folded):
-        setattr(parent, conv, fuse_conv_bn_eval(getattr(parent, conv), getattr(parent, bn)).requires_grad_(False))
-        setattr(parent, bn, nn.Identity())
-    return folded
-
-
-def _mean_feature_map_area(net: nn.Module, image: Tensor) -> float:
-    """The FLOP-weighted mean output area (height x width) of net's 2-d convolutions on one image."""
-    seen: list[tuple[float, float]] = []
-
-    def note(conv: nn.Module, _: object, out: Tensor) -> None:
-        area = out.shape[-1] * out.shape[-2]
-        seen.append((area, area * conv.weight.numel()))
-
-    handles = [m.register_forward_hook(note) for m in net.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            net(image)
-    finally:
-        for h in handles:
-            h.remove()
-    work = sum(w for _, w in seen)
-    return sum(a * w for a, w in seen) / work if work else 0.0
-
-
-class _ColumnConv2d(nn.Module):
-    """A single-input-channel convolution as unfold + matmul: the same function, with the same FLOPs.
-
-    oneDNN's direct kernels handle one input plane poorly: on a resnet's 7x7 stem, their backward pass to the
-    input takes ~10% of the model's time for ~1% of its FLOPs; a plain matrix product does it several times faster.
-    """
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.weight, self.bias = conv.weight, conv.bias
-        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
-
-    def forward(self, x: Tensor) -> Tensor:
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        n, _, h, w = x.shape
-        columns = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # [n, kh*kw, L]
-        out = torch.matmul(self.weight.reshape(len(self.weight), -1), columns)
-        if self.bias is not None:
-            out = out + self.bias[:, None]
-        return out.reshape(n, len(self.weight), (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
-
-
-def _thin(conv: nn.Module) -> bool:
-    return (
-        type(conv) is nn.Conv2d
-        and conv.in_channels == 1
-        and conv.groups == 1
-        and conv.dilation == (1, 1)
-        and conv.padding_mode == "zeros"
-        and not isinstance(conv.padding, str)
-    )
-
-
-def _columns_for_thin_convs(net: nn.Module) -> None:
-    """Replace, in place, every single-input-channel convolution of net by its unfold + matmul form."""
-    for parent in list(net.modules()):
-        for name, child in list(parent.named_children()):
-            if _thin(child):
-                setattr(parent, name, _ColumnConv2d(child))
-
-
 def _forward(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> Forward:
-    """The model as the loop runs it: batch norms folded, channels-last where that pays; compiled when asked on CUDA.
-
-    On the CPU, oneDNN's channels-last convolutions beat its blocked-layout ones on large feature maps
-    (the small CNN's 28x28 and 14x14: ~1.35x) and lose on the 1x1 to 7x7 maps of a resnet on 28x28 inputs
-    (~0.9x), so the layout follows the model's mean feature-map area; in the blocked layout, convolutions of
-    a single input plane run as unfold + matmul (~1.05x on a resnet). Work happens on a private copy: the
-    caller's model is never modified.
-    """
-    net = fold_batch_norms(model)
-    if x0.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        try:
-            own = net if net is not model else copy.deepcopy(model)
-        except Exception:  # a model that cannot be copied runs as it is
-            own = net
-        if own is not model and _mean_feature_map_area(own, x0[:1]) >= LARGE_FEATURE_MAPS:
-            net = own.to(memory_format=torch.channels_last)
-        elif own is not model and any(_thin(m) for m in own.modules()):
-            _columns_for_thin_convs(own)
-            net = own
+    """The model as the loop runs it: rewritten for the CPU (eightgen.execution), batch norms folded elsewhere; compiled when asked on CUDA."""
+    net = cpu_plan(model, x0[:1]) if x0.device.type == "cpu" else fold_batch_norms(model)
     if cfg.compile and x0.device.type == "cuda":
         return torch.compile(net)
     return net

@@ -14,9 +14,17 @@ from torch import Tensor, nn
 
 from eightgen.bench import bench_starts, main, seed_loop
 from eightgen.config import AttackConfig, TrainConfig
+from eightgen.execution import (
+    ColumnConv2d,
+    cpu_plan,
+    flatten_sequences,
+    fold_batch_norms,
+    pool_before_relu,
+    single_plane,
+)
 from eightgen.losses import per_sample_loss
 from eightgen.models import build_network, load_classifier
-from eightgen.optimize import final_images, fold_batch_norms, optimize
+from eightgen.optimize import final_images, optimize
 from eightgen.training import train
 
 RATES = ("engine_rate", "engine_unrecorded_rate", "seed_loop_rate", "engine_pgd_rate", "torchattacks_pgd_rate")
@@ -191,13 +199,52 @@ def test_the_engines_execution_plan_computes_the_models_function_and_gradient(ar
     np.testing.assert_allclose(traj.grad_norm_final, grad.flatten(1).norm(dim=1).numpy(), rtol=1e-4)
 
 
-@pytest.mark.parametrize(("kernel", "stride", "padding", "bias"), [(7, 2, 3, False), (3, 1, 1, True), (5, 2, 0, True)])
-def test_single_plane_convolutions_as_unfold_and_matmul(kernel: int, stride: int, padding: int, bias: bool) -> None:
-    from eightgen.optimize import _ColumnConv2d
-
-    conv = nn.Conv2d(1, 8, kernel, stride=stride, padding=padding, bias=bias)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("kernel", "stride", "padding", "bias"), [(7, 2, 3, False), (3, 1, 1, True), (5, 2, 0, True), ((3, 5), (1, 2), (2, 1), True)])
+def test_single_plane_convolutions_as_one_matrix_product(kernel, stride, padding, bias: bool, channels_last: bool) -> None:
+    conv = nn.Conv2d(1, 8, kernel, stride=stride, padding=padding, bias=bias).requires_grad_(False)
     x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(3), requires_grad=True)
-    out, columns = conv(x), _ColumnConv2d(conv)(x)
+    out, columns = conv(x), ColumnConv2d(conv, channels_last=channels_last)(x)
+    if conv.stride != (1, 1):  # strided kernels are computed here, in the layout asked for; stride 1 by oneDNN
+        assert columns.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     torch.testing.assert_close(columns, out, rtol=1e-5, atol=1e-5)
-    g = torch.rand_like(out)
-    torch.testing.assert_close(torch.autograd.grad(columns, x, g)[0], torch.autograd.grad(out, x, g)[0], rtol=1e-5, atol=1e-5)
+    for g in (torch.rand_like(out), torch.rand_like(out).contiguous(memory_format=torch.channels_last)):
+        expected = torch.autograd.grad(out, x, g, retain_graph=True)[0]
+        torch.testing.assert_close(torch.autograd.grad(columns, x, g, retain_graph=True)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_relu_in_place_after_the_matrix_product_costs_no_copy() -> None:
+    conv = nn.Conv2d(1, 8, 3, padding=1).requires_grad_(False)
+    x = torch.rand(2, 1, 28, 28, requires_grad=True)
+    for channels_last in (False, True):
+        out = torch.relu_(ColumnConv2d(conv, channels_last=channels_last)(x))
+        assert type(out.grad_fn).__name__ == "ReluBackward0"  # not CopySlices: the output is no view
+
+
+def test_pooling_moves_before_the_relu_and_the_gradient_stays() -> None:
+    torch.manual_seed(0)
+    block = lambda c_in, c_out: nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU())  # noqa: E731
+    net = nn.Sequential(block(1, 4), nn.MaxPool2d(2), block(4, 4), nn.MaxPool2d(3, 2, 1), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.rand(4, 1, 28, 28, requires_grad=True)
+    out = net(x)
+    flat = flatten_sequences(copy.deepcopy(net))
+    assert pool_before_relu(flat) == 2
+    kinds = [type(m).__name__ for m in flat]
+    assert kinds == ["Conv2d", "MaxPool2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU", "Flatten", "Linear"]
+    g = torch.randn_like(out)
+    torch.testing.assert_close(flat(x), out, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(flat(x), x, g)[0], torch.autograd.grad(out, x, g)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
+def test_the_cpu_plan_runs_single_planes_as_products_and_leaves_the_model_alone(arch: str) -> None:
+    net = bn_net(arch)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    plan = cpu_plan(net, x[:1])
+    assert any(isinstance(m, ColumnConv2d) for m in plan.modules())
+    assert not any(single_plane(m) for m in plan.modules())
+    g = torch.randn(6, 2, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(plan(x), net(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(plan(x), x, g)[0], torch.autograd.grad(net(x), x, g)[0], rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

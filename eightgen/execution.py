@@ -1,0 +1,289 @@
+"""The model as the optimisation loop runs it: function-preserving rewrites that make its passes faster.
+
+Every rewrite computes the same function and the same input gradient (up to float rounding) and works on a
+private copy; the caller's model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+LARGE_FEATURE_MAPS = 100.0  # mean conv output area (pixels) from which the CPU runs convolutions channels-last
+
+
+# --- batch-norm folding ------------------------------------------------------------------------------------
+
+
+def _foldable(conv: nn.Module | None, bn: nn.Module | None) -> bool:
+    """Whether bn is an eval-mode 2-d batch norm with running statistics right behind the convolution conv."""
+    return (
+        type(conv) is nn.Conv2d
+        and type(bn) is nn.BatchNorm2d
+        and not bn.training
+        and bn.running_mean is not None
+        and bn.running_var is not None
+        and bn.num_features == conv.out_channels
+    )
+
+
+def _plain(module: nn.Module) -> bool:
+    """A plain nn.Sequential: its children run one after the other, nothing else."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(parent, conv name, bn name) of every convolution whose output goes only through the batch norm after it.
+
+    Found where the data flow is known: adjacent children of a plain nn.Sequential, and convN -> bnN of
+    torchvision's resnet blocks. Modules used more than once in the model are left alone.
+    """
+    uses: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    candidates: list[tuple[nn.Module, str, str]] = []
+    for parent in model.modules():
+        if _plain(parent):
+            names = list(parent._modules)
+            candidates += [(parent, a, b) for a, b in zip(names, names[1:])]
+        elif type(parent).__module__ == "torchvision.models.resnet" and type(parent).__name__ in ("BasicBlock", "Bottleneck"):
+            candidates += [(parent, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(parent, f"conv{i}")]
+    return [
+        (parent, a, b)
+        for parent, a, b in candidates
+        if _foldable(getattr(parent, a), getattr(parent, b))
+        and uses[id(getattr(parent, a))] == 1
+        and uses[id(getattr(parent, b))] == 1
+    ]
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """A copy of an eval-mode model with every foldable batch norm merged into the convolution before it.
+
+    The copy computes the same function (up to float rounding) with one pass less over every activation in
+    each direction; a model with nothing to fold is returned as it is.
+    """
+    if not _conv_bn_pairs(model):
+        return model
+    folded = copy.deepcopy(model)
+    for parent, conv, bn in _conv_bn_pairs(folded):
+        setattr(parent, conv, fuse_conv_bn_eval(getattr(parent, conv), getattr(parent, bn)).requires_grad_(False))
+        setattr(parent, bn, nn.Identity())
+    return folded
+
+
+# --- sequences: flattening and pooling before the ReLU -----------------------------------------------------
+
+
+def _leaves(module: nn.Module) -> list[nn.Module]:
+    """The modules a plain nn.Sequential runs, nested plain sequences spliced in; [module] for anything else."""
+    if _plain(module):
+        return [leaf for child in module.children() for leaf in _leaves(child)]
+    return [flatten_sequences(module)]
+
+
+def flatten_sequences(module: nn.Module) -> nn.Module:
+    """module, in place, with every plain nn.Sequential inside a plain nn.Sequential spliced into it."""
+    if _plain(module):
+        return nn.Sequential(*_leaves(module))
+    for name, child in list(module.named_children()):
+        setattr(module, name, flatten_sequences(child))
+    return module
+
+
+def pool_before_relu(module: nn.Module) -> int:
+    """Swap, in place, every ReLU -> MaxPool2d pair of a plain sequence; the number swapped.
+
+    max and ReLU commute (ReLU is monotone, and every pooling window holds an input pixel), and the gradient
+    goes to the same arg-max either way, while ReLU and its backward then run on a 4x smaller tensor.
+    """
+    swapped = 0
+    for seq in [m for m in module.modules() if _plain(m)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            relu, pool = seq._modules[a], seq._modules[b]
+            if type(relu) is nn.ReLU and type(pool) is nn.MaxPool2d and not pool.return_indices:
+                seq._modules[a], seq._modules[b] = pool, relu
+                swapped += 1
+    return swapped
+
+
+# --- single-plane convolutions as one matrix product -------------------------------------------------------
+
+
+class _SinglePlaneConv(torch.autograd.Function):
+    """conv2d of a one-channel image whose input gradient is one matrix product and a scatter of its columns.
+
+    Forward: oneDNN for stride 1, where it is fast; for strided kernels (a resnet stem) patches @ weight^T,
+    gathered from a strided view of the padded image (~3x faster), written channels-last when asked.
+    Backward (to the image only; the loop's weights are frozen): weight^T @ grad_out gives each output pixel's
+    kernel-sized patch gradient, summed back onto the image tap by tap (stride 1) or by col2im.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, geometry: tuple, channels_last: bool) -> Tensor:
+        (kh, kw), stride, (ph, pw) = geometry
+        n, _, h, w = x.shape
+        w2 = weight.reshape(len(weight), kh * kw)
+        ctx.save_for_backward(w2)
+        ctx.geometry, ctx.size = geometry, (h, w)
+        if stride == (1, 1):
+            return F.conv2d(x, weight, bias, padding=(ph, pw))
+        (sh, sw), c = stride, len(w2)
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        # Allocated in the output layout and filled through a view, so the output is no view (in-place ReLUs stay free).
+        if channels_last:
+            padded = F.pad(x[:, 0], (pw, pw, ph, ph))
+            s_n, s_h, s_w = padded.stride()
+            patches = padded.as_strided((n, oh, ow, kh, kw), (s_n, sh * s_h, sw * s_w, s_h, s_w)).reshape(-1, kh * kw)
+            out = torch.empty((n, c, oh, ow), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+            rows = out.permute(0, 2, 3, 1).view(-1, c)
+            torch.mm(patches, w2.t(), out=rows) if bias is None else torch.addmm(bias, patches, w2.t(), out=rows)
+            return out
+        columns = F.unfold(x, (kh, kw), padding=(ph, pw), stride=stride)  # [n, kh*kw, oh*ow]
+        out = torch.empty((n, c, oh, ow), dtype=x.dtype, device=x.device)
+        planes = out.view(n, c, oh * ow)
+        torch.matmul(w2, columns, out=planes)
+        if bias is not None:
+            planes.add_(bias[:, None])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise RuntimeError("single-plane convolution: the loop's weights are frozen; no weight gradient")
+        (w2,) = ctx.saved_tensors
+        (kh, kw), stride, (ph, pw) = ctx.geometry
+        (h, w), (n, c, oh, ow) = ctx.size, grad_out.shape
+        if grad_out.is_contiguous(memory_format=torch.channels_last) and not grad_out.is_contiguous():
+            g = grad_out.permute(0, 2, 3, 1).reshape(n, oh * ow, c).transpose(1, 2)
+        else:
+            g = grad_out.reshape(n, c, oh * ow)
+        columns = torch.matmul(w2.t(), g)  # [n, kh*kw, oh*ow]: each output pixel's patch gradient
+        if stride != (1, 1):
+            return F.fold(columns, (h, w), (kh, kw), padding=(ph, pw), stride=stride), None, None, None, None
+        image = torch.zeros((n, h + 2 * ph, w + 2 * pw), dtype=grad_out.dtype, device=grad_out.device)
+        taps = columns.view(n, kh, kw, oh, ow)
+        for i in range(kh):
+            for j in range(kw):
+                image[:, i : i + oh, j : j + ow] += taps[:, i, j]
+        return image[:, None, ph : ph + h, pw : pw + w].contiguous(), None, None, None, None
+
+
+class ColumnConv2d(nn.Module):
+    """A frozen single-input-channel convolution whose input gradient is a matrix product: the same function.
+
+    oneDNN's direct kernels handle one input plane poorly: on a resnet's 7x7 stem, their backward pass to the
+    input takes ~10% of the model's time for ~1% of its FLOPs; on the small CNN's first 3x3 layer its backward
+    takes 3x its forward. With channels_last a strided convolution's output comes out in that layout.
+    """
+
+    def __init__(self, conv: nn.Conv2d, channels_last: bool = False) -> None:
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.geometry = (conv.kernel_size, conv.stride, conv.padding)
+        self.channels_last = channels_last
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _SinglePlaneConv.apply(x, self.weight, self.bias, self.geometry, self.channels_last)
+
+
+class Contiguous(nn.Module):
+    """x in the default (row-major NCHW) layout."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.contiguous()
+
+
+def single_plane(conv: nn.Module) -> bool:
+    """Whether conv is a plain zero-padded 2-d convolution of one input channel."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.in_channels == 1
+        and conv.groups == 1
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
+
+
+LAYOUT_KEEPING = (nn.Identity, nn.ReLU, nn.MaxPool2d)  # what a channels-last stem output may run through
+
+
+def _sequence_with_columns(seq: nn.Sequential) -> list[nn.Module]:
+    """seq's modules with single-plane convolutions written channels-last and the layout restored after their run."""
+    out: list[nn.Module] = []
+    pending = False
+    for m in seq.children():
+        if pending and type(m) not in LAYOUT_KEEPING:
+            out.append(Contiguous())
+            pending = False
+        out.append(ColumnConv2d(m, channels_last=True) if single_plane(m) else m)
+        pending = pending or single_plane(m)
+    return [*out, Contiguous()] if pending else out
+
+
+def columns_for_single_planes(net: nn.Module, channels_last: bool) -> None:
+    """Replace, in place, every single-plane convolution of net by its matrix-product form.
+
+    In a model that otherwise runs row-major, a plain sequence's strided stem is still written channels-last,
+    where the pooling after it is ~10x faster, and the layout goes back after the stem's ReLU and pooling.
+    """
+    for parent in list(net.modules()):
+        if _plain(parent) and not channels_last and any(single_plane(m) for m in parent.children()):
+            modules = _sequence_with_columns(parent)
+            parent._modules.clear()
+            for i, m in enumerate(modules):
+                parent.add_module(str(i), m)
+        for name, child in list(parent.named_children()):
+            if single_plane(child):
+                setattr(parent, name, ColumnConv2d(child, channels_last=channels_last))
+
+
+# --- the plan ----------------------------------------------------------------------------------------------
+
+
+def mean_feature_map_area(net: nn.Module, image: Tensor) -> float:
+    """The FLOP-weighted mean output area (height x width) of net's 2-d convolutions on one image."""
+    seen: list[tuple[float, float]] = []
+
+    def note(conv: nn.Module, _: object, out: Tensor) -> None:
+        area = out.shape[-1] * out.shape[-2]
+        seen.append((area, area * conv.weight.numel()))
+
+    handles = [m.register_forward_hook(note) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            net(image)
+    finally:
+        for h in handles:
+            h.remove()
+    work = sum(w for _, w in seen)
+    return sum(a * w for a, w in seen) / work if work else 0.0
+
+
+def cpu_plan(model: nn.Module, image: Tensor) -> nn.Module:
+    """The eval-mode, frozen model rewritten for the CPU: batch norms folded, pooling before ReLUs, layouts chosen.
+
+    oneDNN's channels-last convolutions beat its blocked-layout ones on large feature maps (the small CNN's
+    28x28 and 14x14: ~1.35x) and lose on the 1x1 to 7x7 maps of a resnet on 28x28 inputs (~0.9x), so the
+    layout follows the model's mean feature-map area (measured on `image`, one start); single-plane
+    convolutions run as matrix products. A model without convolutions, or one that cannot be copied, runs as
+    it is.
+    """
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return model
+    try:
+        net = fold_batch_norms(model)
+        net = net if net is not model else copy.deepcopy(model)
+    except Exception:  # a model that cannot be copied runs as it is
+        return model
+    net = flatten_sequences(net)
+    pool_before_relu(net)
+    channels_last = mean_feature_map_area(net, image) >= LARGE_FEATURE_MAPS
+    columns_for_single_planes(net, channels_last)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
