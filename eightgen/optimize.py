@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from eightgen.config import AttackConfig
 from eightgen.errors import EightgenError
-from eightgen.execution import cpu_plan, fold_batch_norms
+from eightgen.execution import cached_cpu_plan, fold_batch_norms
 from eightgen.losses import LOSS_NAMES, per_sample_loss
 from eightgen.methods import Method, make_method
 from eightgen.trajectory import Trajectory
@@ -197,7 +197,7 @@ def _check_inputs(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> None:
 
 def _forward(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> Forward:
     """The model as the loop runs it: rewritten for the CPU (eightgen.execution), batch norms folded elsewhere; compiled when asked on CUDA."""
-    net = cpu_plan(model, x0[:1]) if x0.device.type == "cpu" else fold_batch_norms(model)
+    net = cached_cpu_plan(model, x0[:1]) if x0.device.type == "cpu" else fold_batch_norms(model)
     if cfg.compile and x0.device.type == "cuda":
         return torch.compile(net)
     return net

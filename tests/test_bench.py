@@ -16,6 +16,7 @@ from eightgen.bench import bench_starts, main, seed_loop
 from eightgen.config import AttackConfig, TrainConfig
 from eightgen.execution import (
     ColumnConv2d,
+    cached_cpu_plan,
     cpu_plan,
     flatten_sequences,
     fold_batch_norms,
@@ -248,3 +249,15 @@ def test_the_cpu_plan_runs_single_planes_as_products_and_leaves_the_model_alone(
     torch.testing.assert_close(plan(x), net(x), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.autograd.grad(plan(x), x, g)[0], torch.autograd.grad(net(x), x, g)[0], rtol=1e-4, atol=1e-5)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_the_plan_is_reused_until_the_model_changes() -> None:
+    net = bn_net("small_cnn")
+    x = torch.rand(1, 1, 28, 28)
+    plan = cached_cpu_plan(net, x)
+    assert cached_cpu_plan(net, x) is plan
+    with torch.no_grad():
+        next(net.parameters()).mul_(2.0)  # an in-place change of the weights
+    changed = cached_cpu_plan(net, x)
+    assert changed is not plan
+    torch.testing.assert_close(changed(x), net(x), rtol=1e-4, atol=1e-5)
