@@ -31,7 +31,7 @@ def _per_start(mask: Tensor) -> Tensor:
 
 
 @contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
+def frozen_eval(model: nn.Module) -> Iterator[None]:
     """Eval mode and no parameter gradients for the duration; the model's own settings come back afterwards."""
     training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -195,7 +195,7 @@ def _check_inputs(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> None:
         raise EightgenError(f"model is on {sorted(map(str, devices))} but the starts are on {x0.device}")
 
 
-def _forward(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> Forward:
+def execution_model(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> Forward:
     """The model as the loop runs it: rewritten for the CPU (eightgen.execution), batch norms folded elsewhere; compiled when asked on CUDA."""
     net = cached_cpu_plan(model, x0[:1]) if x0.device.type == "cpu" else fold_batch_norms(model)
     if cfg.compile and x0.device.type == "cuda":
@@ -222,8 +222,8 @@ def optimize(
     _check_inputs(model, x0, cfg)
     method = make_method(cfg, _input_std(model, x0.device))
     rec = Recorder(x0, cfg.steps, cfg.record_every)
-    with _evaluating(model):
-        forward = _forward(model, x0, cfg)
+    with frozen_eval(model):
+        forward = execution_model(model, x0, cfg)
         bf16 = cfg.autocast_bf16 and x0.device.type == "cuda"
         x = _run(forward, method, x0.detach().clone(), cfg, bf16, progress, rec)
     return rec.finish(x)
@@ -236,8 +236,8 @@ def final_images(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> Tensor:
     """
     _check_inputs(model, x0, cfg)
     method = make_method(cfg, _input_std(model, x0.device))
-    with _evaluating(model):
-        forward = _forward(model, x0, cfg)
+    with frozen_eval(model):
+        forward = execution_model(model, x0, cfg)
         bf16 = cfg.autocast_bf16 and x0.device.type == "cuda"
         return _run(forward, method, x0.detach().clone(), cfg, bf16, None, None)
 

@@ -18,6 +18,7 @@ from eightgen.execution import (
     ColumnConv2d,
     cached_cpu_plan,
     cpu_plan,
+    cut_dead_taps,
     flatten_sequences,
     fold_batch_norms,
     pool_before_relu,
@@ -32,7 +33,8 @@ RATES = ("engine_rate", "engine_unrecorded_rate", "seed_loop_rate", "engine_pgd_
 FIELDS = {
     "arch", "device", "threads", "load_average_1m", "n", "steps", "repeats", *RATES, "recording_overhead",
     "seed_loop_n", "speedup_vs_seed_loop", "seed_loop_max_abs_diff", "seed_loop_same_class", "ratio_vs_torchattacks",
-    "flops_per_image_step", "matmul_flops_per_s", "roofline", "full_budget_seconds", "early_stop_seconds",
+    "flops_per_image_step", "matmul_flops_per_s", "roofline", "executed_flops_per_image_step", "executed_roofline",
+    "full_budget_seconds", "early_stop_seconds",
     "early_stop_gain", "early_stop_flipped", "early_stop_same_flip_steps", "quality_steps", "min_l2_seconds",
     "min_l2_median_l2", "min_l2_success", "fmn_median_l2", "fmn_success", "ddn_median_l2", "ddn_success",
     "reference", "min_l2_vs_reference", "malloc_tuned",
@@ -82,6 +84,9 @@ def test_quick_bench_reports_every_figure_consistently(model_dir: Path, capsys: 
     assert close(r["ratio_vs_torchattacks"], r["engine_pgd_rate"] / r["torchattacks_pgd_rate"])
     assert close(r["recording_overhead"], r["engine_unrecorded_rate"] / r["engine_rate"] - 1)
     assert close(r["roofline"], r["flops_per_image_step"] * r["engine_rate"] / r["matmul_flops_per_s"])
+    assert close(r["executed_roofline"], r["executed_flops_per_image_step"] * r["engine_rate"] / r["matmul_flops_per_s"])
+    # The small CNN's 28x28 and 14x14 maps leave no kernel tap dead: the plan executes every counted FLOP.
+    assert r["executed_flops_per_image_step"] == r["flops_per_image_step"]
     assert close(r["early_stop_gain"], r["full_budget_seconds"] / r["early_stop_seconds"])
     assert r["reference"] in ("fmn", "ddn")
     ref = r[f"{r['reference']}_median_l2"]
@@ -261,3 +266,29 @@ def test_the_plan_is_reused_until_the_model_changes() -> None:
     changed = cached_cpu_plan(net, x)
     assert changed is not plan
     torch.testing.assert_close(changed(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_dead_taps_are_cut_only_where_they_only_read_padding() -> None:
+    net = bn_net("resnet18")
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    plan = cpu_plan(net, x[:1])
+    kernels = {tuple(m.kernel_size) for m in plan.modules() if isinstance(m, nn.Conv2d)}
+    assert (2, 2) in kernels  # the last stage's strided 3x3 on a 2x2 map: only its lower-right 2x2 taps are live
+    cut = [m for m in plan.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.in_channels == 512]
+    assert len(cut) == 3  # its three 3x3 convolutions on 1x1 maps: only the centre tap is live
+    g = torch.randn(4, 2, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(plan(x), net(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(plan(x), x, g)[0], torch.autograd.grad(net(x), x, g)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride", "padding"), [(1, 3, 1, 1), (2, 3, 2, 1), (2, 3, 1, 1), (3, 5, 2, 2), (1, 7, 2, 3), (4, 3, 3, 1)])
+def test_cutting_dead_taps_keeps_every_output(size: int, kernel: int, stride: int, padding: int) -> None:
+    torch.manual_seed(size * 100 + kernel * 10 + stride)
+    net = nn.Sequential(nn.Conv2d(3, 4, kernel, stride=stride, padding=padding)).requires_grad_(False)
+    x = torch.randn(2, 3, size, size, requires_grad=True)
+    plan = copy.deepcopy(net)
+    cut_dead_taps(plan, x[:1])
+    out = net(x)
+    torch.testing.assert_close(plan(x), out, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(plan(x), x, g)[0], torch.autograd.grad(out, x, g)[0], rtol=1e-5, atol=1e-6)
