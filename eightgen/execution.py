@@ -248,14 +248,14 @@ def columns_for_single_planes(net: nn.Module, channels_last: bool) -> None:
 # --- kernels cut to the taps that reach the image, strided 1x1 convolutions as subsampling ------------------
 
 
-def _input_sizes(net: nn.Module, image: Tensor) -> dict[nn.Module, set[tuple[int, int]]]:
-    """The input height and width each 2-d convolution of net sees when net runs on image."""
+def _input_sizes(net: nn.Module, image: Tensor, kinds: tuple[type, ...] = (nn.Conv2d,)) -> dict[nn.Module, set[tuple[int, int]]]:
+    """The input heights and widths each module of the given kinds sees when net runs on image."""
     sizes: dict[nn.Module, set[tuple[int, int]]] = {}
 
-    def note(conv: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        sizes.setdefault(conv, set()).add(tuple(inputs[0].shape[-2:]))
+    def note(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        sizes.setdefault(module, set()).add(tuple(inputs[0].shape[-2:]))
 
-    handles = [m.register_forward_pre_hook(note) for m in net.modules() if type(m) is nn.Conv2d]
+    handles = [m.register_forward_pre_hook(note) for m in net.modules() if type(m) in kinds]
     try:
         with torch.no_grad():
             net(image)
@@ -333,6 +333,55 @@ def cut_dead_taps(net: nn.Module, image: Tensor) -> int:
     return done
 
 
+# --- the head: pools over single pixels, batch norms before linear layers ---------------------------------
+
+GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def single_pixel_pools(net: nn.Module, image: Tensor) -> int:
+    """Replace, in place, global pools whose input is always one pixel (a resnet's last maps on 28x28) by identities."""
+    sizes = _input_sizes(net, image, GLOBAL_POOLS)
+    done = 0
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in GLOBAL_POOLS and child.output_size in (1, (1, 1)) and sizes.get(child) == {(1, 1)}:
+                setattr(parent, name, nn.Identity())
+                done += 1
+    return done
+
+
+def _folded_linear(bn: nn.BatchNorm1d, linear: nn.Linear) -> nn.Linear:
+    """linear(bn(x)) as one linear layer: W diag(s) x + (W t + b), with bn(x) = s x + t."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    folded = nn.Linear(linear.in_features, linear.out_features, device=linear.weight.device)
+    with torch.no_grad():
+        folded.weight.copy_(linear.weight * scale)
+        folded.bias.copy_(linear.weight @ shift + (0 if linear.bias is None else linear.bias))
+    return folded.requires_grad_(False)
+
+
+def fold_linear_batch_norms(net: nn.Module) -> int:
+    """Merge, in place, each eval-mode BatchNorm1d of a plain sequence into the Linear after it (eval Dropouts between)."""
+    done = 0
+    for seq in [m for m in net.modules() if _plain(m)]:
+        names = list(seq._modules)
+        for i, name in enumerate(names):
+            bn = seq._modules[name]
+            if type(bn) is not nn.BatchNorm1d or bn.training or bn.running_mean is None:
+                continue
+            j = i + 1
+            while j < len(names) and isinstance(seq._modules[names[j]], nn.Dropout) and not seq._modules[names[j]].training:
+                j += 1
+            if j < len(names) and type(seq._modules[names[j]]) is nn.Linear:
+                seq._modules[names[j]] = _folded_linear(bn, seq._modules[names[j]])
+                seq._modules[name] = nn.Identity()
+                done += 1
+    return done
+
+
 # --- the plan ----------------------------------------------------------------------------------------------
 
 
@@ -376,6 +425,8 @@ def cpu_plan(model: nn.Module, image: Tensor) -> nn.Module:
     pool_before_relu(net)
     channels_last = mean_feature_map_area(net, image) >= LARGE_FEATURE_MAPS
     cut_dead_taps(net, image)
+    single_pixel_pools(net, image)
+    fold_linear_batch_norms(net)
     columns_for_single_planes(net, channels_last)
     return net.to(memory_format=torch.channels_last) if channels_last else net
 

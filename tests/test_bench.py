@@ -270,12 +270,18 @@ def test_the_plan_is_reused_until_the_model_changes() -> None:
 
 def test_dead_taps_are_cut_only_where_they_only_read_padding() -> None:
     net = bn_net("resnet18")
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm1d):  # non-trivial statistics for the head's batch norms too
+            nn.init.uniform_(m.running_mean, -0.2, 0.2)
+            nn.init.uniform_(m.running_var, 0.5, 1.5)
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(6), requires_grad=True)
     plan = cpu_plan(net, x[:1])
     kernels = {tuple(m.kernel_size) for m in plan.modules() if isinstance(m, nn.Conv2d)}
     assert (2, 2) in kernels  # the last stage's strided 3x3 on a 2x2 map: only its lower-right 2x2 taps are live
     cut = [m for m in plan.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.in_channels == 512]
     assert len(cut) == 3  # its three 3x3 convolutions on 1x1 maps: only the centre tap is live
+    # The head's global pools see one pixel, and its batch norms fold into the linear layers after them.
+    assert not any(isinstance(m, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm1d)) for m in plan.modules())
     g = torch.randn(4, 2, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(plan(x), net(x), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.autograd.grad(plan(x), x, g)[0], torch.autograd.grad(net(x), x, g)[0], rtol=1e-4, atol=1e-5)
