@@ -16,6 +16,7 @@ from eightgen.bench import bench_starts, main, seed_loop
 from eightgen.config import AttackConfig, TrainConfig
 from eightgen.execution import (
     ColumnConv2d,
+    WholeImageConv,
     cached_cpu_plan,
     cpu_plan,
     cut_dead_taps,
@@ -276,10 +277,9 @@ def test_dead_taps_are_cut_only_where_they_only_read_padding() -> None:
             nn.init.uniform_(m.running_var, 0.5, 1.5)
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(6), requires_grad=True)
     plan = cpu_plan(net, x[:1])
-    kernels = {tuple(m.kernel_size) for m in plan.modules() if isinstance(m, nn.Conv2d)}
-    assert (2, 2) in kernels  # the last stage's strided 3x3 on a 2x2 map: only its lower-right 2x2 taps are live
-    cut = [m for m in plan.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.in_channels == 512]
-    assert len(cut) == 3  # its three 3x3 convolutions on 1x1 maps: only the centre tap is live
+    # The last stage's maps are 1x1: its strided 3x3 on a 2x2 map keeps its lower-right 2x2 taps, its three 3x3
+    # convolutions their centre taps, and its strided 1x1 shortcut one pixel: all five are linear layers.
+    assert sorted(m.weight.shape[1] for m in plan.modules() if isinstance(m, WholeImageConv)) == [256, 512, 512, 512, 1024]
     # The head's global pools see one pixel, and its batch norms fold into the linear layers after them.
     assert not any(isinstance(m, (nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm1d)) for m in plan.modules())
     g = torch.randn(4, 2, generator=torch.Generator().manual_seed(7))
