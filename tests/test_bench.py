@@ -28,6 +28,8 @@ from eightgen.execution import (
 from eightgen.losses import per_sample_loss
 from eightgen.models import build_network, load_classifier
 from eightgen.optimize import final_images, optimize
+from eightgen.tolerance import METHODS as TOLERANCE_METHODS
+from eightgen.tolerance import VARIANTS, compare, tolerance
 from eightgen.training import train
 
 RATES = ("engine_rate", "engine_unrecorded_rate", "seed_loop_rate", "engine_pgd_rate", "torchattacks_pgd_rate")
@@ -298,3 +300,28 @@ def test_cutting_dead_taps_keeps_every_output(size: int, kernel: int, stride: in
     torch.testing.assert_close(plan(x), out, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(out)
     torch.testing.assert_close(torch.autograd.grad(plan(x), x, g)[0], torch.autograd.grad(out, x, g)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_tolerance_compares_success_and_flip_steps() -> None:
+    from types import SimpleNamespace
+
+    base = SimpleNamespace(flip_step=np.array([3, -1, 7, 2, -1]))
+    other = SimpleNamespace(flip_step=np.array([3, 4, 9, -1, -1]))
+    r = compare(base, other)
+    assert r["starts"] == 5 and r["success_base"] == 0.6 and r["success_variant"] == 0.6
+    assert r["success_changed"] == 0.4  # start 1 flipped only in the variant, start 3 only in the base
+    assert r["flip_step_changed"] == 0.5 and r["flip_step_max_shift"] == 2  # of starts 0 and 2, flipped in both
+
+
+def test_tolerance_runs_every_method_and_variant_and_cpu_variants_change_nothing(model_dir: Path, dataset_dir: Path) -> None:
+    rows = tolerance(model_dir, dataset_dir, seeds=2, steps=4, device=torch.device("cpu"))
+    assert {(r["method"], r["variant"]) for r in rows} == {(m, v) for m in TOLERANCE_METHODS for v in VARIANTS}
+    assert all(r["starts"] == 20 for r in rows)  # 2 noise starts and 2 of each of the 9 other digits
+    assert all(r["success_changed"] == 0 and r["flip_step_changed"] == 0 for r in rows)
+
+
+def test_tolerance_command_needs_cuda(capsys: pytest.CaptureFixture) -> None:
+    from eightgen.tolerance import main as tolerance_main
+
+    assert tolerance_main(["--device", "cpu"]) == 2
+    assert "CUDA options" in capsys.readouterr().err
