@@ -101,6 +101,17 @@ def prepared_model(arch: str, mnist_dir: Path, cache_dir: Path, epochs: int = 2)
     return dataset_dir, model_dir
 
 
+def model_for(args: argparse.Namespace, arch: str, epochs: int = 2) -> tuple[Path, Path]:
+    """(model, dataset) directories from --model-dir, else trained on --mnist-dir (or the shared MNIST) and cached."""
+    if args.model_dir is not None:
+        return args.model_dir, dataset_of(args.model_dir)
+    mnist_dir = args.mnist_dir or default_mnist_dir()
+    if mnist_dir is None:
+        raise EightgenError("no MNIST files: give --mnist-dir DIR (or set EIGHTGEN_MNIST_DIR) or --model-dir")
+    dataset_dir, model_dir = prepared_model(arch, mnist_dir, args.cache_dir, epochs)
+    return model_dir, dataset_dir
+
+
 def dataset_of(model_dir: Path) -> Path:
     """The dataset directory a model directory's manifest says it was trained on."""
     path = read_manifest(model_dir).get("dataset", {}).get("path")
@@ -367,13 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             if v <= 0:
                 raise EightgenError(f"--{k.replace('_', '-')} must be positive, got {v}")
         cfg = BenchConfig(arch=args.arch, device=args.device, threads=args.threads, **{**(QUICK if args.quick else {}), **given})
-        if args.model_dir is not None:
-            model_dir, dataset_dir = args.model_dir, dataset_of(args.model_dir)
-        else:
-            mnist_dir = args.mnist_dir or default_mnist_dir()
-            if mnist_dir is None:
-                raise EightgenError("no MNIST files: give --mnist-dir DIR (or set EIGHTGEN_MNIST_DIR) or --model-dir")
-            dataset_dir, model_dir = prepared_model(cfg.arch, mnist_dir, args.cache_dir, cfg.epochs)
+        model_dir, dataset_dir = model_for(args, cfg.arch, cfg.epochs)
         malloc = keep_freed_memory()
         result = run_bench(cfg, model_dir, dataset_dir)
     except EightgenError as exc:

@@ -253,6 +253,16 @@ def columns_for_single_planes(net: nn.Module, channels_last: bool) -> None:
 # --- kernels cut to the taps that reach the image, strided 1x1 convolutions as subsampling ------------------
 
 
+def _probe(net: nn.Module, image: Tensor, handles: list) -> None:
+    """Run net on image without gradients for the hooks behind handles, then remove them."""
+    try:
+        with torch.no_grad():
+            net(image)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _input_sizes(net: nn.Module, image: Tensor, kinds: tuple[type, ...] = (nn.Conv2d,)) -> dict[nn.Module, set[tuple[int, int]]]:
     """The input heights and widths each module of the given kinds sees when net runs on image."""
     sizes: dict[nn.Module, set[tuple[int, int]]] = {}
@@ -260,13 +270,7 @@ def _input_sizes(net: nn.Module, image: Tensor, kinds: tuple[type, ...] = (nn.Co
     def note(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         sizes.setdefault(module, set()).add(tuple(inputs[0].shape[-2:]))
 
-    handles = [m.register_forward_pre_hook(note) for m in net.modules() if type(m) in kinds]
-    try:
-        with torch.no_grad():
-            net(image)
-    finally:
-        for h in handles:
-            h.remove()
+    _probe(net, image, [m.register_forward_pre_hook(note) for m in net.modules() if type(m) in kinds])
     return sizes
 
 
@@ -423,13 +427,7 @@ def mean_feature_map_area(net: nn.Module, image: Tensor) -> float:
         area = out.shape[-1] * out.shape[-2]
         seen.append((area, area * conv.weight.numel()))
 
-    handles = [m.register_forward_hook(note) for m in net.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            net(image)
-    finally:
-        for h in handles:
-            h.remove()
+    _probe(net, image, [m.register_forward_hook(note) for m in net.modules() if isinstance(m, nn.Conv2d)])
     work = sum(w for _, w in seen)
     return sum(a * w for a, w in seen) / work if work else 0.0
 

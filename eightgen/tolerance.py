@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from eightgen.assembly import load_assembled
-from eightgen.bench import dataset_of, default_mnist_dir, prepared_model
+from eightgen.bench import model_for
 from eightgen.config import AttackConfig
 from eightgen.devices import pick_device
 from eightgen.errors import EightgenError
@@ -85,13 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         if device.type != "cuda":
             raise EightgenError(f"bf16 autocast and compile are CUDA options; on {device} they change nothing to measure")
-        if args.model_dir is not None:
-            model_dir, dataset_dir = args.model_dir, dataset_of(args.model_dir)
-        else:
-            mnist_dir = args.mnist_dir or default_mnist_dir()
-            if mnist_dir is None:
-                raise EightgenError("no MNIST files: give --mnist-dir DIR (or set EIGHTGEN_MNIST_DIR) or --model-dir")
-            dataset_dir, model_dir = prepared_model(args.arch, mnist_dir, args.cache_dir)
+        model_dir, dataset_dir = model_for(args, args.arch)
         rows = tolerance(model_dir, dataset_dir, args.seeds, args.steps, device)
     except EightgenError as exc:
         sys.stderr.write(f"eightgen.tolerance: error: {exc}\n")
