@@ -10,6 +10,7 @@ from typing import Any
 
 from eightgen.config import AlignedConfig
 from eightgen.errors import EightgenError
+from flows.environment import process_env
 
 OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
     # option dest -> (config sections it sets, field)
@@ -131,11 +132,7 @@ def summary_lines(summary: dict) -> list[str]:
 def aligned_command(args: argparse.Namespace) -> int:
     """Validate, run the aligned flow, wait for its records, print the summary and the targets."""
     cfg = build_aligned_config(args)
-    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, which on a machine shared with
-    # other jobs made PGD training about four times faster (busy-waiting threads starve each other).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str((cfg.cache_dir / "prefect-results").resolve()))
+    process_env(cfg.cache_dir)
     from flows.preflight import preflight
 
     preflight(cfg.experiment("standard", cfg.budgets[0]))

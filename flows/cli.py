@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from eightgen.config import PRESETS, ExperimentConfig
 from eightgen.errors import EightgenError
 from flows.aligned_cli import add_aligned_options, aligned_command
+from flows.environment import process_env
 from flows.runners import absolute_paths, probe_dask
 from flows.serve import add_serve_options, check_api, serve_command
 
@@ -137,19 +138,13 @@ def _one_line(exc: ValidationError) -> str:
     return "invalid settings: " + "; ".join(parts)
 
 
-def _prefect_env(cfg: ExperimentConfig) -> None:
-    """Offline-friendly Prefect defaults; must run before prefect is imported."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str((cfg.cache_dir / "prefect-results").resolve()))
-
-
 def run_command(args: argparse.Namespace) -> int:
     """Validate everything cheap first, then run the pipeline flow and wait for its records."""
     cfg = build_config(args)
     kind = args.task_runner or ("dask" if args.dask_address else "threads")
     if kind == "dask":
         cfg = absolute_paths(cfg)  # workers may run elsewhere: every path they get must be absolute
-    _prefect_env(cfg)
+    process_env(cfg.cache_dir)
     if args.dask_address:
         probe_dask(args.dask_address)
     check_api(required=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from eightgen.errors import EightgenError
+from flows.environment import process_env
 
 
 def _noop_task_cost(n: int = 50) -> float:
@@ -44,14 +45,14 @@ def _noop_task_cost(n: int = 50) -> float:
 
 def measure(argv: Sequence[str]) -> dict:
     """Run the pipeline with `eightgen run` options and return the timing split."""
-    from flows.cli import _prefect_env, build_config, parser
+    from flows.cli import build_config, parser
 
     args = parser().parse_args(["run", *argv])
     cfg = build_config(args)
     tmp = tempfile.TemporaryDirectory(prefix="eightgen-overhead-")
     if args.cache_dir is None:
         cfg = cfg.model_copy(update={"cache_dir": Path(tmp.name) / "cache", "runs_root": Path(tmp.name) / "runs"})
-    _prefect_env(cfg)
+    process_env(cfg.cache_dir)
     from flows.preflight import preflight
 
     preflight(cfg)

@@ -1,4 +1,4 @@
-"""Make sure the Prefect API has recorded every task run before the process exits."""
+"""Make sure the Prefect API has recorded every task run before the process exits, and read those records."""
 
 from __future__ import annotations
 
@@ -30,6 +30,18 @@ def flow_tree(client, root: UUID) -> list[UUID]:
         frontier = [c.id for c in children if c.id not in ids]
         ids += frontier
     return ids
+
+
+def task_run_states(flow_run_id: UUID) -> dict[str, list[str]]:
+    """Task-run name prefix -> state names, for every task run of a flow-run tree, read from the API."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=flow_tree(client, flow_run_id)))
+        )
+    states: dict[str, list[str]] = {}
+    for r in runs:
+        states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
+    return states
 
 
 def wait_for_records(flow_run_id: UUID, timeout: float = 60.0, settle_polls: int = 4) -> int:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
+from flows.environment import process_env
 from flows.httpd import ReportServer
 from flows.runners import TaskRunnerKind, absolute_paths, attack_flow_on, probe_dask
 
@@ -91,10 +92,10 @@ def deployments(
 
 def serve_command(args: argparse.Namespace) -> int:
     """Check everything first (settings, schedule, data, Dask, API, port), then register and serve."""
-    from flows.cli import _prefect_env, build_config
+    from flows.cli import build_config
 
     cfg = absolute_paths(build_config(args))
-    _prefect_env(cfg)
+    process_env(cfg.cache_dir)
     schedule = cron_schedule(args.cron, args.timezone)
     kind = args.task_runner or ("dask" if args.dask_address else "threads")
     if args.dask_address:

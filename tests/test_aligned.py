@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowFilter, FlowFilterId, TaskRunFilter, TaskRunFilterFlowRunId
+from prefect.client.schemas.filters import FlowFilter, FlowFilterId
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from pydantic import ValidationError
@@ -18,7 +18,7 @@ from eightgen.config import AlignedConfig, AttackConfig, DatasetConfig, RefereeC
 from flows.aligned import aligned_flow
 from flows.aligned_cli import build_aligned_config, summary_lines
 from flows.cli import main, parser
-from flows.records import flow_tree, wait_for_records
+from flows.records import task_run_states, wait_for_records
 from reports.aligned import REFEREE_COLUMNS
 
 BUDGETS = (1.0, 3.0)
@@ -36,22 +36,11 @@ def tiny(mnist_dir: Path, root: Path) -> AlignedConfig:
     return build_aligned_config(args)
 
 
-def _task_states(flow_run_id) -> dict[str, list[str]]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=flow_tree(client, flow_run_id)))
-        )
-    states: dict[str, list[str]] = {}
-    for r in runs:
-        states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
-    return states
-
-
 def _run(cfg: AlignedConfig):
     state = aligned_flow(cfg, return_state=True)
     assert state.is_completed(), state
     wait_for_records(state.state_details.flow_run_id)
-    return Path(state.result()), _task_states(state.state_details.flow_run_id)
+    return Path(state.result()), task_run_states(state.state_details.flow_run_id)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +55,7 @@ def _latest_aligned_states() -> dict[str, list[str]]:
         latest = client.read_flow_runs(
             flow_filter=FlowFilter(id=FlowFilterId(any_=[flow.id])), sort=FlowRunSort.START_TIME_DESC, limit=1
         )[0]
-    return _task_states(latest.id)
+    return task_run_states(latest.id)
 
 
 @pytest.fixture(scope="module")

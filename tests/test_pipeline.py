@@ -10,15 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from eightgen.config import AttackConfig, DatasetConfig, ExperimentConfig, TrainConfig
 from eightgen.models import load_classifier
 from eightgen.trajectory import load_trajectory
 from flows.pipeline import pipeline
-from flows.records import flow_tree, wait_for_records
+from flows.records import task_run_states, wait_for_records
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +33,6 @@ def tiny_cfg(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Exper
     )
 
 
-def _task_states(flow_run_id) -> dict[str, list[str]]:
-    """Task-run name prefix -> state names, for every task run of a flow-run tree, read from the API."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=flow_tree(client, flow_run_id)))
-        )
-    states: dict[str, list[str]] = {}
-    for r in runs:
-        states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
-    return states
-
-
 def _run(cfg: ExperimentConfig):
     """Run the pipeline, wait for the API to record it, and return (state, seconds, task states)."""
     started = time.perf_counter()
@@ -54,7 +40,7 @@ def _run(cfg: ExperimentConfig):
     seconds = time.perf_counter() - started
     assert state.is_completed(), state
     wait_for_records(state.state_details.flow_run_id)
-    return state, seconds, _task_states(state.state_details.flow_run_id)
+    return state, seconds, task_run_states(state.state_details.flow_run_id)
 
 
 @pytest.fixture(scope="module")
