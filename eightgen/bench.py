@@ -284,7 +284,7 @@ def run_bench(cfg: BenchConfig, model_dir: Path, dataset_dir: Path) -> dict:
             "engine_unrecorded": keep("engine_unrecorded", lambda: final_images(model, x0, seed_cfg)),
             "seed_loop": keep("seed_loop", lambda: seed_loop(model, loop_x0, steps)),
             "engine_pgd": keep("engine_pgd", lambda: optimize(model, x0, pgd_cfg)),
-            "torchattacks_pgd": lambda: torchattacks_pgd(model, x0, steps),
+            "torchattacks_pgd": keep("torchattacks_pgd", lambda: torchattacks_pgd(model, x0, steps)),
             "full_budget": keep("full_budget", lambda: optimize(model, x0, full_cfg)),
             "early_stop": keep("early_stop", lambda: optimize(model, x0, early_cfg)),
         },
@@ -300,6 +300,7 @@ def run_bench(cfg: BenchConfig, model_dir: Path, dataset_dir: Path) -> dict:
         plan_flops = model_flops_per_image_step(execution_model(model, x0, seed_cfg), x0)
     engine, full, early = runs["engine"], runs["full_budget"], runs["early_stop"]
     engine_final, loop_final = torch.from_numpy(engine.x_final).to(device), runs["seed_loop"]
+    pgd_final, ta_final = torch.from_numpy(runs["engine_pgd"].x_final).to(device), runs["torchattacks_pgd"]
 
     quality: dict[str, object] = {}
     started = time.perf_counter()
@@ -334,6 +335,9 @@ def run_bench(cfg: BenchConfig, model_dir: Path, dataset_dir: Path) -> dict:
         "engine_pgd_rate": rate["engine_pgd"],
         "torchattacks_pgd_rate": rate["torchattacks_pgd"],
         "ratio_vs_torchattacks": rate["engine_pgd"] / rate["torchattacks_pgd"],
+        # The same attack by an independent implementation: starts whose final images agree to 1e-4, and classes.
+        "torchattacks_pgd_agree": float(((pgd_final - ta_final).flatten(1).abs().amax(dim=1) <= 1e-4).float().mean()),
+        "torchattacks_pgd_same_class": float((_classes(model, pgd_final) == _classes(model, ta_final)).float().mean()),
         "flops_per_image_step": flops,
         "matmul_flops_per_s": matmul,
         "roofline": flops * rate["engine"] / matmul,

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nets import bn_net
 from torch import Tensor, nn
 
 from eightgen.bench import bench_starts, main, seed_loop
@@ -26,7 +27,7 @@ from eightgen.execution import (
     single_plane,
 )
 from eightgen.losses import per_sample_loss
-from eightgen.models import build_network, load_classifier
+from eightgen.models import load_classifier
 from eightgen.optimize import final_images, optimize
 from eightgen.tolerance import METHODS as TOLERANCE_METHODS
 from eightgen.tolerance import VARIANTS, compare, tolerance
@@ -36,6 +37,7 @@ RATES = ("engine_rate", "engine_unrecorded_rate", "seed_loop_rate", "engine_pgd_
 FIELDS = {
     "arch", "device", "threads", "load_average_1m", "n", "steps", "repeats", *RATES, "recording_overhead",
     "seed_loop_n", "speedup_vs_seed_loop", "seed_loop_max_abs_diff", "seed_loop_same_class", "ratio_vs_torchattacks",
+    "torchattacks_pgd_agree", "torchattacks_pgd_same_class",
     "flops_per_image_step", "matmul_flops_per_s", "roofline", "executed_flops_per_image_step", "executed_roofline",
     "full_budget_seconds", "early_stop_seconds",
     "early_stop_gain", "early_stop_flipped", "early_stop_same_flip_steps", "quality_steps", "min_l2_seconds",
@@ -61,19 +63,6 @@ def model_dir(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
-def bn_net(arch: str, seed: int = 0) -> nn.Module:
-    """An eval-mode network whose batch norms hold non-trivial statistics and affine parameters."""
-    torch.manual_seed(seed)
-    net = build_network(arch, 1)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            nn.init.uniform_(m.running_mean, -0.2, 0.2)
-            nn.init.uniform_(m.running_var, 0.5, 1.5)
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
-    return net.eval().requires_grad_(False)
-
-
 def test_quick_bench_reports_every_figure_consistently(model_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--quick", "--model-dir", str(model_dir), "--threads", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -97,6 +86,7 @@ def test_quick_bench_reports_every_figure_consistently(model_dir: Path, capsys: 
         assert close(r["min_l2_vs_reference"], r["min_l2_median_l2"] / ref)
     else:
         assert r["min_l2_vs_reference"] is None  # a median over mostly failed attacks is infinite: no ratio
+    assert r["torchattacks_pgd_agree"] >= 0.75 and r["torchattacks_pgd_same_class"] >= 0.85  # see test_crosscheck
     assert all(0 <= r[k] <= 1 for k in ("min_l2_success", "fmn_success", "ddn_success", "early_stop_flipped", "seed_loop_same_class"))
     # The engine's seed method is the notebook's loop, batched: same images after the same steps.
     assert r["seed_loop_max_abs_diff"] < 1e-4 and r["seed_loop_same_class"] == 1.0
