@@ -162,7 +162,9 @@ def torchattacks_pgd(model: nn.Module, x0: Tensor, steps: int) -> Tensor:
     """torchattacks' PGD-L2 toward class 1 (targeted, no random start): the engine's pgd_l2 with the same budget."""
     import torchattacks
 
-    attack = torchattacks.PGDL2(model, eps=PGD_EPS, alpha=PGD_ALPHA, steps=steps, random_start=False)
+    # torchattacks adds 1e-10 to gradient norms of its averaged loss: a confident start's gradient / 256 is of
+    # that order, and its steps come out shorter than alpha. 1e-30 keeps only the guard against zero.
+    attack = torchattacks.PGDL2(model, eps=PGD_EPS, alpha=PGD_ALPHA, steps=steps, random_start=False, eps_for_division=1e-30)
     attack.set_mode_targeted_by_label(quiet=True)
     return attack(x0, torch.full((len(x0),), TARGET, dtype=torch.long, device=x0.device))
 

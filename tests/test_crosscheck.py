@@ -46,8 +46,11 @@ def classes(model: nn.Module, x: Tensor) -> Tensor:
 def pgd_pair(model: nn.Module, starts: Tensor, method: str, eps: float, lr: float) -> tuple[Tensor, Tensor]:
     """(engine, torchattacks) final images of the same targeted PGD on the same starts."""
     mine = optimize(model, starts, AttackConfig(method=method, eps=eps, lr=lr, steps=STEPS)).x_final
-    kind = torchattacks.PGDL2 if method == "pgd_l2" else torchattacks.PGD
-    theirs = torchattacks_targeted(kind(model, eps=eps, alpha=lr, steps=STEPS, random_start=False), starts)
+    if method == "pgd_l2":  # without torchattacks' 1e-10 on gradient norms, which shortens confident starts' steps
+        attack = torchattacks.PGDL2(model, eps=eps, alpha=lr, steps=STEPS, random_start=False, eps_for_division=1e-30)
+    else:
+        attack = torchattacks.PGD(model, eps=eps, alpha=lr, steps=STEPS, random_start=False)
+    theirs = torchattacks_targeted(attack, starts)
     return torch.from_numpy(mine), theirs
 
 
