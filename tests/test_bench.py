@@ -37,7 +37,7 @@ RATES = ("engine_rate", "engine_unrecorded_rate", "seed_loop_rate", "engine_pgd_
 FIELDS = {
     "arch", "device", "threads", "load_average_1m", "n", "steps", "repeats", *RATES, "recording_overhead",
     "seed_loop_n", "speedup_vs_seed_loop", "seed_loop_max_abs_diff", "seed_loop_same_class", "ratio_vs_torchattacks",
-    "torchattacks_pgd_agree", "torchattacks_pgd_same_class",
+    "torchattacks_pgd_agree", "torchattacks_pgd_same_class", "torchattacks_self_agree",
     "flops_per_image_step", "matmul_flops_per_s", "roofline", "executed_flops_per_image_step", "executed_roofline",
     "full_budget_seconds", "early_stop_seconds",
     "early_stop_gain", "early_stop_flipped", "early_stop_same_flip_steps", "quality_steps", "min_l2_seconds",
@@ -87,6 +87,7 @@ def test_quick_bench_reports_every_figure_consistently(model_dir: Path, capsys: 
     else:
         assert r["min_l2_vs_reference"] is None  # a median over mostly failed attacks is infinite: no ratio
     assert r["torchattacks_pgd_agree"] >= 0.75 and r["torchattacks_pgd_same_class"] >= 0.85  # see test_crosscheck
+    assert 0 <= r["torchattacks_self_agree"] <= 1
     assert all(0 <= r[k] <= 1 for k in ("min_l2_success", "fmn_success", "ddn_success", "early_stop_flipped", "seed_loop_same_class"))
     # The engine's seed method is the notebook's loop, batched: same images after the same steps.
     assert r["seed_loop_max_abs_diff"] < 1e-4 and r["seed_loop_same_class"] == 1.0
