@@ -205,16 +205,20 @@ class Contiguous(nn.Module):
         return x.contiguous()
 
 
-def single_plane(conv: nn.Module) -> bool:
-    """Whether conv is a plain zero-padded 2-d convolution of one input channel."""
+def _dense(conv: nn.Module) -> bool:
+    """Whether conv is a plain nn.Conv2d: one group, no dilation, numeric zero padding (what the rewrites handle)."""
     return (
         type(conv) is nn.Conv2d
-        and conv.in_channels == 1
         and conv.groups == 1
         and conv.dilation == (1, 1)
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
     )
+
+
+def single_plane(conv: nn.Module) -> bool:
+    """Whether conv is a plain zero-padded 2-d convolution of one input channel."""
+    return _dense(conv) and conv.in_channels == 1
 
 
 LAYOUT_KEEPING = (nn.Identity, nn.ReLU, nn.MaxPool2d)  # what a channels-last stem output may run through
@@ -287,7 +291,7 @@ def _live_taps(size: int, kernel: int, stride: int, padding: int) -> tuple[int, 
 
 def _cut_kernel(conv: nn.Conv2d, size: tuple[int, int]) -> nn.Conv2d | None:
     """conv with the kernel rows and columns that only ever meet zero padding removed; None if there are none."""
-    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    if not _dense(conv):
         return None
     spans = [_live_taps(*args) for args in zip(size, conv.kernel_size, conv.stride, conv.padding)]
     if spans == [None, None]:
@@ -326,12 +330,12 @@ class WholeImageConv(nn.Module):
 
 def _covers(conv: nn.Conv2d, size: tuple[int, int]) -> bool:
     """Whether conv's kernel is its whole unpadded input (one output pixel, one dot product per channel)."""
-    return conv.kernel_size == size and conv.padding in ((0, 0), 0) and conv.groups == 1 and conv.dilation == (1, 1)
+    return _dense(conv) and conv.kernel_size == size and conv.padding == (0, 0)
 
 
 def _unstrided(conv: nn.Conv2d, size: tuple[int, int]) -> nn.Module | None:
     """A strided, unpadded 1x1 convolution as subsampling then the stride-1 convolution (oneDNN's fast case)."""
-    if conv.kernel_size != (1, 1) or conv.stride == (1, 1) or conv.padding not in ((0, 0), 0) or conv.groups != 1:
+    if not _dense(conv) or conv.kernel_size != (1, 1) or conv.stride == (1, 1) or conv.padding != (0, 0):
         return None
     plain = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None).requires_grad_(False)
     plain.weight, plain.bias = conv.weight, conv.bias
@@ -474,17 +478,24 @@ def _state_key(model: nn.Module, image: Tensor) -> tuple:
     )
 
 
-def cached_cpu_plan(model: nn.Module, image: Tensor) -> nn.Module:
-    """cpu_plan(model, image), reused while the model's tensors, versions and modes are unchanged.
+def plan(model: nn.Module, image: Tensor) -> nn.Module:
+    """The model as the loop runs it on image's device: the CPU plan there, batch norms folded elsewhere."""
+    return cpu_plan(model, image) if image.device.type == "cpu" else fold_batch_norms(model)
 
-    The loop is called once per chunk of starts; building a resnet's plan (a copy, folding, two probe passes)
-    costs ~50 ms, a few percent of a 20-step chunk.
+
+def cached_plan(model: nn.Module, image: Tensor, compile: bool = False) -> nn.Module:
+    """plan(model, image), torch.compile'd if asked, reused while the model's tensors, versions and modes are unchanged.
+
+    The loop is called once per chunk of starts; building a resnet's plan (a copy, folding, probe passes)
+    costs ~50 ms, a few percent of a 20-step chunk, and a fresh copy would make torch.compile compile again.
     """
-    key = _state_key(model, image)
+    key = (_state_key(model, image), compile)
     hit = _PLANS.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
-    plan = cpu_plan(model, image)
-    if plan is not model:  # a value holding its own key would keep the model alive for good
-        _PLANS[model] = (key, plan)
-    return plan
+    net = plan(model, image)
+    if compile:
+        net = torch.compile(net)
+    if getattr(net, "_orig_mod", net) is not model:  # a value holding its own key would keep the model alive for good
+        _PLANS[model] = (key, net)
+    return net

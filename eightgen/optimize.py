@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from eightgen.config import AttackConfig
 from eightgen.errors import EightgenError
-from eightgen.execution import cached_cpu_plan, fold_batch_norms
+from eightgen.execution import cached_plan
 from eightgen.losses import LOSS_NAMES, per_sample_loss
 from eightgen.methods import Method, make_method
 from eightgen.trajectory import Trajectory
@@ -196,11 +196,8 @@ def _check_inputs(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> None:
 
 
 def execution_model(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> Forward:
-    """The model as the loop runs it: rewritten for the CPU (eightgen.execution), batch norms folded elsewhere; compiled when asked on CUDA."""
-    net = cached_cpu_plan(model, x0[:1]) if x0.device.type == "cpu" else fold_batch_norms(model)
-    if cfg.compile and x0.device.type == "cuda":
-        return torch.compile(net)
-    return net
+    """The model as the loop runs it (eightgen.execution's plan for x0's device), compiled when asked on CUDA."""
+    return cached_plan(model, x0[:1], compile=cfg.compile and x0.device.type == "cuda")
 
 
 def _input_std(model: nn.Module, device: torch.device) -> Tensor | float:
@@ -219,14 +216,8 @@ def optimize(
     (no more model calls; later steps repeat its state). For min_l2 the last step is the method's output:
     the smallest flipping iterate, if the model still calls it target, else the last iterate.
     """
-    _check_inputs(model, x0, cfg)
-    method = make_method(cfg, _input_std(model, x0.device))
     rec = Recorder(x0, cfg.steps, cfg.record_every)
-    with frozen_eval(model):
-        forward = execution_model(model, x0, cfg)
-        bf16 = cfg.autocast_bf16 and x0.device.type == "cuda"
-        x = _run(forward, method, x0.detach().clone(), cfg, bf16, progress, rec)
-    return rec.finish(x)
+    return rec.finish(_checked_run(model, x0, cfg, progress, rec))
 
 
 def final_images(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> Tensor:
@@ -234,12 +225,19 @@ def final_images(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> Tensor:
 
     The images equal optimize's x_final; this exists to measure what recording costs.
     """
+    return _checked_run(model, x0, cfg, None, None)
+
+
+def _checked_run(
+    model: nn.Module, x0: Tensor, cfg: AttackConfig, progress: Callable[[int], None] | None, rec: Recorder | None
+) -> Tensor:
+    """Check the inputs, then run the loop on the frozen model's execution plan; the output images."""
     _check_inputs(model, x0, cfg)
     method = make_method(cfg, _input_std(model, x0.device))
     with frozen_eval(model):
         forward = execution_model(model, x0, cfg)
         bf16 = cfg.autocast_bf16 and x0.device.type == "cuda"
-        return _run(forward, method, x0.detach().clone(), cfg, bf16, None, None)
+        return _run(forward, method, x0.detach().clone(), cfg, bf16, progress, rec)
 
 
 def _run(

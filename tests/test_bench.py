@@ -18,7 +18,7 @@ from eightgen.config import AttackConfig, TrainConfig
 from eightgen.execution import (
     ColumnConv2d,
     WholeImageConv,
-    cached_cpu_plan,
+    cached_plan,
     cpu_plan,
     cut_dead_taps,
     flatten_sequences,
@@ -46,14 +46,7 @@ FIELDS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches gain nothing from intra-op threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # small batches gain nothing from intra-op threads
 
 @pytest.fixture(scope="module")
 def model_dir(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -253,11 +246,11 @@ def test_the_cpu_plan_runs_single_planes_as_products_and_leaves_the_model_alone(
 def test_the_plan_is_reused_until_the_model_changes() -> None:
     net = bn_net("small_cnn")
     x = torch.rand(1, 1, 28, 28)
-    plan = cached_cpu_plan(net, x)
-    assert cached_cpu_plan(net, x) is plan
+    plan = cached_plan(net, x)
+    assert cached_plan(net, x) is plan
     with torch.no_grad():
         next(net.parameters()).mul_(2.0)  # an in-place change of the weights
-    changed = cached_cpu_plan(net, x)
+    changed = cached_plan(net, x)
     assert changed is not plan
     torch.testing.assert_close(changed(x), net(x), rtol=1e-4, atol=1e-5)
 

@@ -103,14 +103,7 @@ def cfg_of(name: str, **extra) -> AttackConfig:
     return AttackConfig(**{**dict(steps=20, record_every=3), **METHODS[name], **extra})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine waiting at their barriers dominates."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def x0() -> Tensor:
