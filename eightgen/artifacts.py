@@ -49,6 +49,16 @@ def write_manifest(directory: Path, meta: dict, files: list[str], name: str = MA
     return Artifact(path=directory, sha256=sha256_file(target))
 
 
+def stamp_manifest(directory: Path, fields: dict, name: str = MANIFEST) -> Artifact:
+    """Add fields to a directory's verified manifest (its files unchanged); return the new Artifact."""
+    manifest = dict(read_manifest(directory, name=name), **fields)
+    target = directory / name
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    tmp.replace(target)
+    return Artifact(path=directory, sha256=sha256_file(target))
+
+
 def read_manifest(directory: Path, verify: bool = True, name: str = MANIFEST) -> dict:
     """Read a directory's manifest, checking every listed file's sha256."""
     target = directory / name

@@ -22,6 +22,7 @@ from eightgen.errors import EightgenError
 
 MODEL_FILE = "model.pt"
 SPEC_FILE = "spec.json"
+METRICS_FILE = "metrics.json"
 N_OUT = 2
 IMAGE_SIZE = 28
 WEIGHTS_PROBE_TIMEOUT_S = 5.0
@@ -201,6 +202,20 @@ def save_classifier(model: PixelClassifier, spec: ModelSpec, directory: Path) ->
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(state, directory / MODEL_FILE)
     (directory / SPEC_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
+
+
+def read_metrics(directory: Path) -> dict:
+    """The validation metrics in a model directory's metrics.json."""
+    path = directory / METRICS_FILE
+    try:
+        metrics = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EightgenError(f"{path}: missing (not a model directory?)") from None
+    except json.JSONDecodeError as exc:
+        raise EightgenError(f"{path}: corrupt JSON ({exc})") from None
+    if not isinstance(metrics, dict):
+        raise EightgenError(f"{path}: expected a JSON object")
+    return metrics
 
 
 def read_spec(directory: Path) -> ModelSpec:

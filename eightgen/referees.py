@@ -131,6 +131,14 @@ def _knn_valid_error(refs: Referees, data: Assembled, target: int) -> float:
     return float(np.mean((share > 0.5) != (y == target)))
 
 
+def read_info(directory: Path) -> dict:
+    """The referees' training facts (referees.json of the referees artifact)."""
+    try:
+        return json.loads((Path(directory) / INFO_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EightgenError(f"{Path(directory) / INFO_FILE}: unreadable ({type(exc).__name__})") from None
+
+
 def load_referees(directory: Path, device: torch.device) -> Referees:
     """The referees in a directory written by train_referees (verified against its manifest)."""
     directory = Path(directory)

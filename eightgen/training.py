@@ -30,6 +30,7 @@ from eightgen.config import TrainConfig
 from eightgen.devices import pick_device
 from eightgen.errors import EightgenError
 from eightgen.models import (
+    METRICS_FILE,
     MODEL_FILE,
     SPEC_FILE,
     ModelSpec,
@@ -42,7 +43,6 @@ from eightgen.models import (
 from eightgen.robust import adversarial_callbacks, robust_metrics
 
 LEARNER_FILE = "learner.pkl"
-METRICS_FILE = "metrics.json"
 PREDICT_BATCH = 1024
 
 

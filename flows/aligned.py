@@ -5,18 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from eightgen.config import AlignedConfig
+from eightgen.rundir import AlignedRecord
+from flows.httpd import report_link
 from flows.stages import assemble_flow, train_flow
-from tasks.aligned import collect_judged_results, render_aligned_report
+from tasks.aligned import render_aligned_report
 from tasks.attack import n_chunks, optimize_chunk
+from tasks.judge import collect_judged_results
 from tasks.referees import train_referee_models
 
 
 # One chunk at a time: each chunk already uses every core through torch.
 @flow(name="aligned", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def aligned_flow(cfg: AlignedConfig = AlignedConfig(), force: bool = False) -> Path:
+def aligned_flow(cfg: AlignedConfig = AlignedConfig(), force: bool = False, overwrite: bool = False) -> Path:
     """Standard vs robust 8-detector, identical starts and L2 budgets, every result judged by independent referees."""
     dataset = assemble_flow(cfg.dataset, cfg.cache_dir)
     models = {name: train_flow(tcfg, dataset, cfg.cache_dir) for name, tcfg in cfg.detectors.items()}
@@ -26,12 +30,21 @@ def aligned_flow(cfg: AlignedConfig = AlignedConfig(), force: bool = False) -> P
         for budget in cfg.budgets:
             run = cfg.experiment(name, budget)
             chunks = [optimize_chunk.submit(run.attack, model, dataset, i, cfg.cache_dir, force) for i in range(n_chunks(run.attack))]
-            experiment = {"run_name": f"{cfg.run_label}/{run.run_label}", "config": run.model_dump(mode="json")}
-            aligned = {"experiment": cfg.run_label, "detector": name, "budget": budget, "matched_budget": cfg.matched_budget}
+            aligned = AlignedRecord(experiment=cfg.run_label, detector=name, budget=budget, matched_budget=cfg.matched_budget)
             runs.append(
                 collect_judged_results(
-                    run.attack, [c.result() for c in chunks], model, dataset, referees, run.run_dir, experiment, aligned, force
+                    run, [c.result() for c in chunks], model, dataset, referees, run.run_dir,
+                    f"{cfg.run_label}/{run.run_label}", aligned, overwrite, force,
                 )
             )
     report = render_aligned_report(cfg, runs, cfg.root_dir, force)
-    return report.path / "aligned.html"
+    html = report.path / "aligned.html"
+    create_markdown_artifact(
+        f"## {cfg.run_label}\n\naligned report: `{html.resolve()}`\n",
+        key=f"aligned-{''.join(c if c.isalnum() else '-' for c in cfg.run_label.lower())[:50]}",
+        description="eightgen aligned experiment: where its report is",
+    )
+    link = report_link(report.path)
+    if link:
+        create_link_artifact(link.removesuffix("report.html") + "aligned.html", link_text="aligned.html", description="the aligned report")
+    return html

@@ -87,6 +87,7 @@ def add_aligned_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", type=Path, help="content-addressed store of datasets, models, referees, chunks")
     g.add_argument("--run-name", help="experiment directory name (default: aligned + settings hash)")
     g.add_argument("--force", action="store_true", help="recompute the optimisation, judging and report even if cached")
+    g.add_argument("--overwrite", action="store_true", help="replace run directories that hold runs of other settings")
     g.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
 
 
@@ -133,13 +134,17 @@ def aligned_command(args: argparse.Namespace) -> int:
     """Validate, run the aligned flow, wait for its records, print the summary and the targets."""
     cfg = build_aligned_config(args)
     process_env(cfg.cache_dir)
+    from eightgen.rundir import check_target
     from flows.preflight import preflight
 
-    preflight(cfg.experiment("standard", cfg.budgets[0]))
+    preflight(cfg.experiment("standard", cfg.budgets[0]), args.overwrite)
+    for detector in cfg.detectors:
+        for budget in cfg.budgets:
+            check_target(cfg.experiment(detector, budget).run_dir, cfg.experiment(detector, budget), args.overwrite)
     from flows.aligned import aligned_flow
     from flows.records import wait_for_records
 
-    state = aligned_flow(cfg, force=args.force, return_state=True)
+    state = aligned_flow(cfg, force=args.force, overwrite=args.overwrite, return_state=True)
     wait_for_records(state.state_details.flow_run_id)
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)

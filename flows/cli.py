@@ -89,6 +89,7 @@ def experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", type=Path, help="content-addressed store of datasets, models, chunks")
     g.add_argument("--run-name", help="run directory name (default: preset + settings hash)")
     g.add_argument("--force", action="store_true", help="recompute the optimisation and report even if cached")
+    g.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a run of other settings (results, trajectories, config and report together)")
     g.add_argument("--task-runner", choices=["threads", "dask"], help="run the optimisation chunks on threads in this process (default) or on Dask workers")
     g.add_argument("--dask-address", help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (default with --task-runner dask: a local cluster, one 1-thread worker per core)")
 
@@ -150,11 +151,11 @@ def run_command(args: argparse.Namespace) -> int:
     check_api(required=False)
     from flows.preflight import preflight
 
-    preflight(cfg)
+    preflight(cfg, args.overwrite)
     from flows.pipeline import pipeline
     from flows.records import wait_for_records
 
-    state = pipeline(cfg, force=args.force, task_runner=kind, dask_address=args.dask_address, return_state=True)
+    state = pipeline(cfg, force=args.force, task_runner=kind, dask_address=args.dask_address, overwrite=args.overwrite, return_state=True)
     wait_for_records(state.state_details.flow_run_id)
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)

@@ -1,4 +1,4 @@
-"""The parent flow: it only puts the stage flows in order."""
+"""The parent flow, and the stage re-runs: they only put the stage flows in order."""
 
 from __future__ import annotations
 
@@ -6,9 +6,32 @@ from pathlib import Path
 
 from prefect import flow
 
-from eightgen.config import PRESETS, ExperimentConfig
+from eightgen.artifacts import Artifact, verified
+from eightgen.config import PRESETS, AttackConfig, ExperimentConfig, ReportConfig, TrainConfig
+from eightgen.rundir import find_run, load_record
+from flows.httpd import report_link
 from flows.runners import TaskRunnerKind, attack_flow_on
-from flows.stages import assemble_flow, report_flow, train_flow
+from flows.stages import DEFAULT_CACHE, assemble_flow, report_flow, train_flow
+from tasks.report import publish_summary
+
+RUNS_ROOT = Path("runs")
+
+
+def attack_and_report(
+    cfg: ExperimentConfig,
+    model: Artifact,
+    dataset: Artifact,
+    overwrite: bool = False,
+    force: bool = False,
+    task_runner: TaskRunnerKind = "threads",
+    dask_address: str | None = None,
+) -> Path:
+    """The attack and report stages, then the summary and report link on the calling flow run's Artifacts tab."""
+    attack = attack_flow_on(task_runner, dask_address, cfg.cache_dir)
+    run = attack(cfg, model, dataset, overwrite, force)
+    report_flow(cfg.report, run, force)
+    publish_summary(run, report_link(run.path))
+    return run.path / "report.html"
 
 
 @flow(name="eightgen-pipeline")
@@ -17,11 +40,50 @@ def pipeline(
     force: bool = False,
     task_runner: TaskRunnerKind = "threads",
     dask_address: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """MNIST -> 8-detector -> pixel optimisation -> results -> HTML report."""
     dataset = assemble_flow(cfg.dataset, cfg.cache_dir)
     model = train_flow(cfg.train, dataset, cfg.cache_dir)
-    experiment = {"run_name": cfg.run_label, "config": cfg.model_dump(mode="json")}
-    attack = attack_flow_on(task_runner, dask_address, cfg.cache_dir)
-    run = attack(cfg.attack, model, dataset, cfg.run_dir, cfg.cache_dir, experiment, force)
-    return report_flow(cfg.report, run, force=force)
+    return attack_and_report(cfg, model, dataset, overwrite, force, task_runner, dask_address)
+
+
+def _from_run(run: str, runs_root: Path, cache_dir: Path, **changes: object) -> tuple[ExperimentConfig, Artifact, Artifact]:
+    """A source run's settings with `changes`, named from those settings, and its verified dataset and model."""
+    record = load_record(find_run(runs_root, run))
+    update = {k: v for k, v in changes.items() if v is not None}
+    cfg = record.config.model_copy(update={**update, "run_name": None, "runs_root": runs_root, "cache_dir": cache_dir})
+    cfg = ExperimentConfig.model_validate(cfg.model_dump())  # validate the combination
+    dataset, model = record.dataset.artifact(), record.model.artifact()
+    verified(dataset)
+    return cfg, dataset, model
+
+
+@flow(name="rerun-train")
+def rerun_train(
+    run: str = "", train: TrainConfig | None = None, runs_root: Path = RUNS_ROOT, cache_dir: Path = DEFAULT_CACHE, force: bool = False
+) -> Path:
+    """Retrain the detector of an existing run (default: the newest) with these settings, then attack and report."""
+    cfg, dataset, _ = _from_run(run, runs_root, cache_dir, train=train)
+    model = train_flow(cfg.train, dataset, cfg.cache_dir, force)
+    return attack_and_report(cfg, model, dataset, force=force)
+
+
+@flow(name="rerun-attack")
+def rerun_attack(
+    run: str = "", attack: AttackConfig | None = None, runs_root: Path = RUNS_ROOT, cache_dir: Path = DEFAULT_CACHE, force: bool = False
+) -> Path:
+    """Optimise again from an existing run's dataset and detector (default: the newest run) with these attack settings."""
+    cfg, dataset, model = _from_run(run, runs_root, cache_dir, attack=attack)
+    verified(model)
+    return attack_and_report(cfg, model, dataset, force=force)
+
+
+@flow(name="rerun-report")
+def rerun_report(
+    run: str = "", report: ReportConfig | None = None, runs_root: Path = RUNS_ROOT, cache_dir: Path = DEFAULT_CACHE, force: bool = False
+) -> Path:
+    """Render an existing run's report (default: the newest run) with these report settings."""
+    cfg, dataset, model = _from_run(run, runs_root, cache_dir, report=report)
+    verified(model)
+    return attack_and_report(cfg, model, dataset, force=force)

@@ -6,11 +6,13 @@ from eightgen.assembly import assemble
 from eightgen.config import ExperimentConfig
 from eightgen.devices import pick_device
 from eightgen.errors import EightgenError
+from eightgen.rundir import check_target
 from eightgen.sources import load_mnist
 
 
-def preflight(cfg: ExperimentConfig) -> None:
-    """Load and cut the data, and check the devices, raising EightgenError on the first problem."""
+def preflight(cfg: ExperimentConfig, overwrite: bool = False) -> None:
+    """Check the run directory, load and cut the data, and check the devices, raising EightgenError on the first problem."""
+    check_target(cfg.run_dir, cfg, overwrite)
     pick_device(cfg.train.device)
     pick_device(cfg.attack.device)
     assembled = assemble(load_mnist(cfg.dataset), cfg.dataset)

@@ -1,4 +1,4 @@
-"""`eightgen serve`: register the pipeline (nightly and manual) and each stage as deployments, and run them."""
+"""`eightgen serve`: register the pipeline (nightly and manual), the stage re-runs and the aligned experiment as deployments, and run them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
 from flows.environment import process_env
 from flows.httpd import ReportServer
-from flows.runners import TaskRunnerKind, absolute_paths, attack_flow_on, probe_dask
+from flows.runners import TaskRunnerKind, absolute_paths, probe_dask
 
 if TYPE_CHECKING:  # prefect is imported only after the CLI has set its environment
     from prefect.deployments.runner import RunnerDeployment
@@ -72,21 +72,31 @@ def deployments(
     task_runner: TaskRunnerKind = "threads",
     dask_address: str | None = None,
     force: bool = False,
+    overwrite: bool = False,
 ) -> list[RunnerDeployment]:
-    """Runner deployments: the pipeline on `schedule` and unscheduled, and one per stage flow."""
-    from flows.pipeline import pipeline
-    from flows.stages import assemble_flow, report_flow, train_flow
+    """Runner deployments: the pipeline on `schedule` and on demand, stage re-runs by run name, the data, the aligned experiment."""
+    from eightgen.config import AlignedConfig
+    from flows.aligned import aligned_flow
+    from flows.pipeline import pipeline, rerun_attack, rerun_report, rerun_train
+    from flows.stages import assemble_flow
 
-    pipe = {"cfg": cfg.model_dump(mode="json"), "force": force, "task_runner": task_runner, "dask_address": dask_address}
-    cache = str(cfg.cache_dir)
-    attack = attack_flow_on(task_runner, dask_address, cfg.cache_dir)
+    pipe = {
+        "cfg": cfg.model_dump(mode="json"), "force": force, "task_runner": task_runner, "dask_address": dask_address, "overwrite": overwrite
+    }
+    where = {"run": "", "runs_root": str(cfg.runs_root), "cache_dir": str(cfg.cache_dir)}
+    aligned = AlignedConfig(
+        dataset=AlignedConfig().dataset.model_copy(update={"source": cfg.dataset.source, "mnist_dir": cfg.dataset.mnist_dir, "local_path": cfg.dataset.local_path}),
+        runs_root=cfg.runs_root,
+        cache_dir=cfg.cache_dir,
+    )
     return [
         pipeline.to_deployment("nightly", schedules=[schedule], parameters=pipe, tags=TAGS),
         pipeline.to_deployment("manual", parameters=pipe, tags=TAGS),
-        assemble_flow.to_deployment("manual", parameters={"cfg": cfg.dataset.model_dump(mode="json"), "cache_dir": cache}, tags=TAGS),
-        train_flow.to_deployment("manual", parameters={"cfg": cfg.train.model_dump(mode="json"), "cache_dir": cache}, tags=TAGS),
-        attack.to_deployment("manual", parameters={"cfg": cfg.attack.model_dump(mode="json"), "cache_dir": cache}, tags=TAGS),
-        report_flow.to_deployment("manual", parameters={"cfg": cfg.report.model_dump(mode="json")}, tags=TAGS),
+        assemble_flow.to_deployment("manual", parameters={"cfg": cfg.dataset.model_dump(mode="json"), "cache_dir": str(cfg.cache_dir)}, tags=TAGS),
+        rerun_train.to_deployment("manual", parameters={**where, "train": cfg.train.model_dump(mode="json")}, tags=TAGS),
+        rerun_attack.to_deployment("manual", parameters={**where, "attack": cfg.attack.model_dump(mode="json")}, tags=TAGS),
+        rerun_report.to_deployment("manual", parameters={**where, "report": cfg.report.model_dump(mode="json")}, tags=TAGS),
+        aligned_flow.to_deployment("manual", parameters={"cfg": aligned.model_dump(mode="json")}, tags=TAGS),
     ]
 
 
@@ -105,8 +115,8 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         from flows.preflight import preflight
 
-        preflight(cfg)
-        served = deployments(cfg, schedule, kind, args.dask_address, force=args.force)
+        preflight(cfg, args.overwrite)
+        served = deployments(cfg, schedule, kind, args.dask_address, force=args.force, overwrite=args.overwrite)
         reports.start()
         print(f"eightgen: API {url}; reports of {reports.root} at {reports.url}", flush=True)
         from prefect import serve

@@ -13,6 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from eightgen.errors import EightgenError
+from eightgen.rundir import RunRecord
 from reports import figures, stats
 from reports.render import _env, _json_safe, array_img, figure_img, fmt_num, fmt_pct, load_run, warnings_of
 
@@ -44,7 +45,7 @@ class AlignedRun:
     path: Path
     detector: str
     budget: float
-    meta: dict
+    record: RunRecord
     results: pd.DataFrame
     x0: np.ndarray  # [n, C, 28, 28] (from the step-0 snapshot)
     x_final: np.ndarray  # [n, C, 28, 28]
@@ -54,8 +55,8 @@ def load_aligned_run(run_dir: Path) -> AlignedRun:
     """A judged run directory written by the aligned flow (config.json with an "aligned" section, referee columns)."""
     run_dir = Path(run_dir)
     run = load_run(run_dir)  # checks config.json, results.parquet and trajectories.npz
-    aligned = run.meta.get("aligned")
-    if not isinstance(aligned, dict) or aligned.get("detector") not in DETECTORS or "budget" not in aligned:
+    aligned = run.record.aligned
+    if aligned is None or aligned.detector not in DETECTORS:
         raise EightgenError(f"{run_dir / 'config.json'}: no aligned section (detector, budget); not an aligned run")
     missing = [c for c in REFEREE_COLUMNS if c not in run.results]
     if missing:
@@ -65,7 +66,7 @@ def load_aligned_run(run_dir: Path) -> AlignedRun:
         x0 = npz["snapshots"][:, step0].astype(np.float32)
         x_final = npz["x_final"].astype(np.float32)
     rows = run.results["traj_row"].to_numpy()
-    return AlignedRun(run_dir, aligned["detector"], float(aligned["budget"]), run.meta, run.results, x0[rows], x_final[rows])
+    return AlignedRun(run_dir, aligned.detector, aligned.budget, run.record, run.results, x0[rows], x_final[rows])
 
 
 def _share_ci(flags: np.ndarray, label: str) -> dict:
@@ -279,29 +280,28 @@ def _detector_facts(runs: Sequence[AlignedRun]) -> list[dict]:
         if r.detector in seen:
             continue
         seen.add(r.detector)
-        model = r.meta.get("model") or {}
-        metrics = model.get("metrics") or {}
-        train = (r.meta.get("config") or {}).get("train") or {}
+        model, train = r.record.model, r.record.config.train
+        metrics = model.metrics
         robust = metrics.get("robust") or {}
         out.append(
             {
                 "detector": r.detector,
-                "training": "standard" if train.get("adversarial", "none") == "none" else
-                f"PGD-{train.get('adversarial')} adversarial, ε {train.get('adv_eps')}, {train.get('adv_steps')} steps",
+                "training": "standard" if train.adversarial == "none" else
+                f"PGD-{train.adversarial} adversarial, ε {train.adv_eps}, {train.adv_steps} steps",
                 "epochs": metrics.get("epochs"),
                 "n_train": metrics.get("n_train"),
                 "valid_error": metrics.get("valid_error"),
                 "robust": robust,
                 "seconds": metrics.get("train_seconds"),
-                "sha": str(model.get("sha256") or "?")[:12],
+                "sha": model.sha256[:12],
             }
         )
     return sorted(out, key=lambda f: DETECTORS.index(f["detector"]))
 
 
 def _referee_facts(runs: Sequence[AlignedRun]) -> dict:
-    info = ((runs[0].meta.get("referees") or {}).get("info")) or {}
-    return info
+    referees = runs[0].record.referees
+    return referees.info if referees is not None else {}
 
 
 def _warnings(runs: Sequence[AlignedRun]) -> list[dict]:
@@ -357,7 +357,7 @@ def render_aligned(
         "warnings": _warnings(runs),
         "cell": lambda d, b, kind="digits": cell(summary, d, b, kind),
         "runs": sorted(runs, key=lambda r: (DETECTORS.index(r.detector), r.budget)),
-        "attack": (runs[0].meta.get("config") or {}).get("attack") or {},
+        "attack": runs[0].record.config.attack.model_dump(mode="json"),
         "fmt_pct": fmt_pct,
         "fmt_num": fmt_num,
     }

@@ -19,8 +19,9 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from matplotlib.figure import Figure
 from PIL import Image
 
-from eightgen.config import DEFAULT_LOSS, DEFAULT_LR, ReportConfig
+from eightgen.config import AttackConfig, ReportConfig
 from eightgen.errors import EightgenError
+from eightgen.rundir import REPORT, RESULTS, TRAJECTORIES, RunRecord, is_run_dir, load_record, verify_run, write_report
 from reports import figures, stats
 from reports.stats import ALL, NOISE
 
@@ -51,7 +52,7 @@ class Run:
 
     path: Path
     name: str
-    meta: dict
+    record: RunRecord
     results: pd.DataFrame  # one row per start, with columns group and traj_row (row in trajectories.npz)
     p_target: np.ndarray  # [n_traj, steps + 1]
     snapshot_steps: np.ndarray
@@ -68,39 +69,28 @@ class Run:
         return stats.group_order(self.results["group"])
 
     @property
-    def attack(self) -> dict:
-        """The attack section of the run's configuration."""
-        return self.meta.get("config", {}).get("attack", {}) or {}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EightgenError(f"{path.parent}: no config.json (not a run directory?)") from None
-    except json.JSONDecodeError as exc:
-        raise EightgenError(f"{path}: corrupt JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise EightgenError(f"{path}: expected a JSON object")
-    return data
+    def attack(self) -> AttackConfig:
+        """The attack settings of the run."""
+        return self.record.config.attack
 
 
 def load_run(run_dir: Path) -> Run:
-    """Read config.json, results.parquet and the per-step arrays of trajectories.npz of a run directory."""
+    """Read a verified run directory: its record, results.parquet and the per-step arrays of trajectories.npz."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EightgenError(f"{run_dir}: run directory not found")
-    meta = _read_json(run_dir / "config.json")
+    record = load_record(run_dir)
+    verify_run(run_dir)
     try:
-        results = pd.read_parquet(run_dir / "results.parquet")
-    except FileNotFoundError:
-        raise EightgenError(f"{run_dir}: no results.parquet") from None
+        results = pd.read_parquet(run_dir / RESULTS)
+    except (OSError, ValueError) as exc:
+        raise EightgenError(f"{run_dir / RESULTS}: unreadable ({type(exc).__name__})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in results]
     if missing:
-        raise EightgenError(f"{run_dir / 'results.parquet'}: missing columns {', '.join(missing)}")
+        raise EightgenError(f"{run_dir / RESULTS}: missing columns {', '.join(missing)}")
     if results.empty:
-        raise EightgenError(f"{run_dir / 'results.parquet'}: no rows")
-    npz_path = run_dir / "trajectories.npz"
+        raise EightgenError(f"{run_dir / RESULTS}: no rows")
+    npz_path = run_dir / TRAJECTORIES
     if not npz_path.is_file():
         raise EightgenError(f"{run_dir}: no trajectories.npz")
     with np.load(npz_path) as npz:
@@ -115,11 +105,7 @@ def load_run(run_dir: Path) -> Run:
     results["group"] = stats.group_labels(results)
     if 0 not in snapshot_steps:
         raise EightgenError(f"{npz_path}: snapshot_steps lacks step 0 (the start)")
-    config = meta.get("config", {}) or {}
-    report = ReportConfig.model_validate(config.get("report", {}) or {})
-    target = int(config.get("attack", {}).get("target", results.get("target", pd.Series([8])).iloc[0]))
-    name = str(meta.get("run_name") or run_dir.name)
-    return Run(run_dir, name, meta, results, p_target, snapshot_steps, report, target)
+    return Run(run_dir, record.run_name, record, results, p_target, snapshot_steps, record.config.report, record.target)
 
 
 def _align(result_ids: np.ndarray, traj_ids: np.ndarray | None, n_traj: int, where: Path) -> np.ndarray:
@@ -426,14 +412,13 @@ def _animations(run: Run, rows: list[int], snaps: dict[int, np.ndarray], plabel:
 
 
 def _channels(run: Run) -> int:
-    spec = run.meta.get("model", {}).get("spec", {}) or {}
-    return int(spec.get("channels") or run.meta.get("config", {}).get("train", {}).get("channels") or 1)
+    return int(run.record.model.spec.get("channels") or run.record.config.train.channels)
 
 
 def headline(run: Run, x0_norms: np.ndarray | None = None) -> dict:
     """The key numbers of a run: what ran, on what, and what came out."""
     res, all_row = run.results, run.table[run.table["group"] == ALL].iloc[0]
-    attack, model = run.attack, run.meta.get("model", {}) or {}
+    attack, model = run.attack, run.record.model
     crossed_col = "step_p50" if "step_p50" in res else "flip_step"
     crossed = stats.as_float(res[crossed_col])
     l2_flip = stats.as_float(res["l2_at_flip"])
@@ -447,23 +432,23 @@ def headline(run: Run, x0_norms: np.ndarray | None = None) -> dict:
     rms = l2_median / math.sqrt(_channels(run) * PIXELS) if np.isfinite(l2_median) else np.nan
     return {
         "answer": _answer(f"p({run.target})", crossed_share, crossed_median, l2_median, rms, ratio, start_norm),
-        "method": attack.get("method", str(res["method"].iloc[0]) if "method" in res else "?"),
-        "loss": attack.get("loss") or _default_loss(attack.get("method")),
-        "lr": attack.get("lr") if attack.get("lr") is not None else _default_lr(attack.get("method")),
-        "lr_is_default": attack.get("lr") is None,
-        "eps": attack.get("eps"),
+        "method": attack.method,
+        "loss": attack.loss_name,
+        "lr": attack.step_size,
+        "lr_is_default": attack.lr is None,
+        "eps": attack.eps,
         "steps": int(np.nanmax(stats.as_float(res["steps"]))),
         "n": len(res),
         "n_noise": int(kinds.get(NOISE, 0)),
         "n_digit": int(len(res) - kinds.get(NOISE, 0)),
         "n_digit_groups": int(sum(1 for g in kinds.index if g != NOISE)),
-        "seeds": attack.get("seeds"),
-        "device": run.meta.get("device", "unknown"),
-        "attack_seconds": run.meta.get("attack_seconds"),
-        "arch": (model.get("spec") or {}).get("arch", str(res["model"].iloc[0]) if "model" in res else "?"),
+        "seeds": attack.seeds,
+        "device": run.record.device,
+        "attack_seconds": run.record.attack_seconds,
+        "arch": model.spec.get("arch", run.record.config.train.arch),
         "channels": _channels(run),
-        "normalize": (model.get("spec") or {}).get("normalize", "?"),
-        "valid_error": (model.get("metrics") or {}).get("valid_error"),
+        "normalize": model.spec.get("normalize", run.record.config.train.normalize),
+        "valid_error": model.metrics.get("valid_error"),
         "all": all_row,
         "crossed_share": crossed_share,
         "crossed_median": crossed_median,
@@ -493,45 +478,35 @@ def _answer(plabel: str, share: float, median_step: float, l2: float, rms: float
 
 
 def _model_facts(run: Run) -> list[tuple[str, str]]:
-    model = run.meta.get("model") or {}
-    spec, metrics = model.get("spec") or {}, model.get("metrics") or {}
-    train = run.meta.get("config", {}).get("train", {}) or {}
+    model, train = run.record.model, run.record.config.train
+    spec, metrics = model.spec, model.metrics
     facts = [
-        ("architecture", str(spec.get("arch", train.get("arch", "?")))),
-        ("input", f"{spec.get('channels', train.get('channels', '?'))} channel(s), normalisation {spec.get('normalize', train.get('normalize', '?'))}"),
-        ("training", f"{metrics.get('epochs', train.get('epochs', '?'))} epochs, lr {train.get('lr', '?')}, batch {train.get('batch_size', '?')}, "
-         f"pretrained {_yes(train.get('pretrained'))}, fine-tune {_yes(train.get('fine_tune'))}"),
+        ("architecture", str(spec.get("arch", train.arch))),
+        ("input", f"{spec.get('channels', train.channels)} channel(s), normalisation {spec.get('normalize', train.normalize)}"),
+        ("training", f"{metrics.get('epochs', train.epochs)} epochs, lr {train.lr}, batch {train.batch_size}, "
+         f"pretrained {_yes(train.pretrained)}, fine-tune {_yes(train.fine_tune)}"),
         ("images", f"{fmt_int(metrics.get('n_train'))} training, {fmt_int(metrics.get('n_valid'))} validation"),
         ("validation error", fmt_pct(metrics.get("valid_error"), 2)),
         ("training time", f"{fmt_num(metrics.get('train_seconds'), 1)} s"),
-        ("model file", f"{model.get('path', '?')} (sha256 {str(model.get('sha256') or '?')[:12]})"),
+        ("model file", f"{model.path} (sha256 {model.sha256[:12]})"),
     ]
     return facts
 
 
 def _run_facts(run: Run) -> list[tuple[str, str]]:
-    a = run.attack
-    digits = a.get("start_digits")
+    a, rec = run.attack, run.record
+    digits = a.start_digits
     return [
         ("run", f"{run.name} ({run.path})"),
-        ("created", str(run.meta.get("created", "unknown"))),
-        ("version / commit", f"{run.meta.get('version', '?')} / {run.meta.get('git_commit') or 'unknown'}"),
-        ("device / attack time", f"{run.meta.get('device', '?')} / {fmt_num(run.meta.get('attack_seconds'), 1)} s"),
-        ("starts", f"digits {', '.join(map(str, digits)) if digits else '—'}; noise {_yes(a.get('include_noise'))} ({a.get('noise', '?')}); {a.get('seeds', '?')} seeds"),
-        ("method", f"{a.get('method', '?')}, loss {a.get('loss') or _default_loss(a.get('method'))}, "
-         f"lr {a.get('lr') if a.get('lr') is not None else _default_lr(a.get('method'))}{' (default)' if a.get('lr') is None else ''}, "
-         f"eps {a.get('eps') if a.get('eps') is not None else '—'}, {a.get('steps', '?')} steps, record every {a.get('record_every', '?')}, "
-         f"early stop {a.get('early_stop') if a.get('early_stop') is not None else 'off'}"),
-        ("dataset", f"{(run.meta.get('dataset') or {}).get('path', '?')} (sha256 {str((run.meta.get('dataset') or {}).get('sha256') or '?')[:12]})"),
+        ("created", rec.created.isoformat()),
+        ("version / commit", f"{rec.version} / {rec.git_commit or 'unknown'}"),
+        ("device / attack time", f"{rec.device} / {fmt_num(rec.attack_seconds, 1)} s"),
+        ("starts", f"digits {', '.join(map(str, digits)) if digits else '—'}; noise {_yes(a.include_noise)} ({a.noise}); {a.seeds} seeds"),
+        ("method", f"{a.method}, loss {a.loss_name}, lr {a.step_size}{' (default)' if a.lr is None else ''}, "
+         f"eps {a.eps if a.eps is not None else '—'}, {a.steps} steps, record every {a.record_every}, "
+         f"early stop {a.early_stop if a.early_stop is not None else 'off'}"),
+        ("dataset", f"{rec.dataset.path} (sha256 {rec.dataset.sha256[:12]})"),
     ]
-
-
-def _default_loss(method: str | None) -> str:
-    return DEFAULT_LOSS.get(method or "", "?")
-
-
-def _default_lr(method: str | None) -> float | None:
-    return DEFAULT_LR.get(method or "")
 
 
 def _yes(flag) -> str:
@@ -566,7 +541,7 @@ def warnings_of(run: Run) -> list[dict]:
             }
         )
     failures = a["n"] - succ
-    loss = run.attack.get("loss") or _default_loss(run.attack.get("method"))
+    loss = run.attack.loss_name
     if failures and a["saturated_failure_share"] >= 0.5 and loss in ("l1_softmax", "?"):
         out.append(
             {
@@ -618,7 +593,7 @@ def _collapse_warnings(a: pd.Series, target: int) -> list[dict]:
 
 
 def _dataset_table(run: Run) -> dict:
-    manifest = (run.meta.get("dataset") or {}).get("manifest") or {}
+    manifest = run.record.dataset.manifest
     counts = manifest.get("counts") or {}
     if counts and all(str(k).isdigit() for k in counts):  # {digit: {split: n}} -> {split: {digit: n}}
         flipped: dict[str, dict] = {}
@@ -696,9 +671,7 @@ def _figure_imgs(run: Run) -> dict[str, Img]:
 
 
 def _classifier_imgs(run: Run) -> dict[str, Img]:
-    model = run.meta.get("model") or {}
-    metrics = model.get("metrics") or {}
-    spec = model.get("spec") or {}
+    metrics, spec = run.record.model.metrics, run.record.model.spec
     out = {}
     confusion = metrics.get("confusion")
     if confusion:
@@ -738,7 +711,7 @@ def run_context(run: Run, cfg: ReportConfig | None = None) -> dict:
     return {
         "title": run.report.title,
         "run": run,
-        "meta": run.meta,
+        "record": run.record,
         "plabel": plabel,
         "head": headline(run, x0_norms),
         "warnings": warnings_of(run),
@@ -753,7 +726,7 @@ def run_context(run: Run, cfg: ReportConfig | None = None) -> dict:
         "most": _gallery(run, most, snaps, plabel),
         "least": _gallery(run, least, snaps, plabel),
         "key": figures.diverging_stops(),
-        "config_json": json.dumps(run.meta.get("config", {}), indent=2, sort_keys=True),
+        "config_json": json.dumps(run.record.config.model_dump(mode="json"), indent=2, sort_keys=True),
         "model_facts": _model_facts(run),
         "run_facts": _run_facts(run),
         "saturated_p": f"{stats.SATURATED_P:g}",
@@ -832,21 +805,33 @@ def compare_context(runs: list[Run], out: Path) -> dict:
 # ---------------------------------------------------------------- entry points
 
 
-def render_report(run_dirs: Sequence[Path] | Path, out: Path | None = None, *, report: ReportConfig | None = None) -> Path:
-    """Write report.html into a single run dir, or compare.html (next to the first run dir) for several; return its path."""
-    dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, os.PathLike)) else [Path(d) for d in run_dirs]
+def report_html(run_dirs: Sequence[Path] | Path, out: Path | None = None, *, report: ReportConfig | None = None) -> tuple[Path, str]:
+    """The report of one run directory, or the comparison of several, and the file it belongs in."""
+    dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(d) for d in run_dirs]
     if not dirs:
-        raise EightgenError("render_report: no run directories given")
+        raise EightgenError("no run directories given")
     if len(dirs) == 1:
-        target = Path(out) if out is not None else dirs[0] / "report.html"
-        html = _env().get_template("run.html.j2").render(**run_context(load_run(dirs[0]), report))
-    else:
-        target = Path(out) if out is not None else dirs[0].resolve().parent / "compare.html"
-        html = _env().get_template("compare.html.j2").render(**compare_context([load_run(d) for d in dirs], target))
+        target = Path(out) if out is not None else dirs[0] / REPORT
+        return target, _env().get_template("run.html.j2").render(**run_context(load_run(dirs[0]), report))
+    target = Path(out) if out is not None else dirs[0].resolve().parent / "compare.html"
+    return target, _env().get_template("compare.html.j2").render(**compare_context([load_run(d) for d in dirs], target))
+
+
+def render_report(run_dirs: Sequence[Path] | Path, out: Path | None = None, *, report: ReportConfig | None = None) -> Path:
+    """Render and write the report: into the run directory (with its manifest) by default, else to `out`."""
+    target, html = report_html(run_dirs, out, report=report)
+    if out is None and target.name == REPORT and is_run_dir(target.parent):
+        write_report(target.parent, html, {"rendered_by": "eightgen report"})
+        return target
+    if target.is_dir():
+        raise EightgenError(f"{target} is a directory: give a file name for the report")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        tmp.write_text(html, encoding="utf-8")
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 

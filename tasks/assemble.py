@@ -6,13 +6,13 @@ from pathlib import Path
 
 from prefect import task
 
-from eightgen.artifacts import Artifact, artifact_of, staged_dir
+from eightgen.artifacts import Artifact, artifact_of, staged_dir, stamp_manifest
 from eightgen.assembly import assemble, save_assembled
 from eightgen.config import DatasetConfig
 from eightgen.sources import load_mnist, source_fingerprint
-from tasks.caching import CachedStage, output_is_valid
+from tasks.caching import STAGE_KEY, CachedStage, produced_by
 
-ASSEMBLE = CachedStage("datasets", ("eightgen.idx", "eightgen.sources", "eightgen.assembly"))
+ASSEMBLE = CachedStage("datasets")
 
 
 @task(name="fingerprint-source")
@@ -24,9 +24,10 @@ def fingerprint_source(cfg: DatasetConfig) -> dict:
 @task(name="assemble-dataset", **ASSEMBLE.options)
 def assemble_dataset(cfg: DatasetConfig, source: dict, cache_dir: Path, force: bool = False) -> Artifact:
     """Load MNIST from its source and write the assembled dataset artifact (content-addressed)."""
-    out = ASSEMBLE.here()
-    if not force and output_is_valid(out):
+    out, key = ASSEMBLE.here()
+    if not force and produced_by(out, key):
         return artifact_of(out)
     with staged_dir(out) as tmp:
         save_assembled(assemble(load_mnist(cfg), cfg), tmp)
+        stamp_manifest(tmp, {STAGE_KEY: key})
     return artifact_of(out)

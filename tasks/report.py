@@ -1,4 +1,4 @@
-"""Stage task: run directory -> self-contained report.html, plus summaries published to Prefect."""
+"""Stage tasks: run directory -> self-contained report.html, and the run's key numbers published to Prefect."""
 
 from __future__ import annotations
 
@@ -7,28 +7,40 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from eightgen.artifacts import Artifact, artifact_of, verified, write_manifest
+from eightgen.artifacts import Artifact, verified
 from eightgen.config import ReportConfig
-from reports.render import digit_table, render_report, summary_markdown
-from tasks.caching import CachedStage
+from eightgen.rundir import REPORT_MANIFEST, write_report
+from reports.render import digit_table, report_html, summary_markdown
+from tasks.caching import STAGE_KEY, CachedStage
 
-REPORT_MANIFEST = "report.manifest.json"
-REPORT = CachedStage(None, (), manifest=REPORT_MANIFEST)
+REPORT = CachedStage(None, manifest=REPORT_MANIFEST)
 
 
 @task(name="render-report", **REPORT.options)
 def render_run_report(cfg: ReportConfig, run: Artifact, run_dir: Path, force: bool = False) -> Artifact:
-    """Render report.html from the run directory alone (never retrains or re-optimises)."""
-    path = render_report([verified(run)], report=cfg)
-    write_manifest(run_dir, {"report": path.name}, [path.name], name=REPORT_MANIFEST)
-    return artifact_of(run_dir, name=REPORT_MANIFEST)
+    """Render report.html from the verified run directory alone (never retrains or re-optimises)."""
+    _, key = REPORT.here()
+    _, html = report_html([verified(run)], report=cfg)
+    return write_report(run_dir, html, {"run_sha256": run.sha256, STAGE_KEY: key})
+
+
+def artifact_key(run_dir: Path) -> str:
+    """A Prefect artifact key for a run directory (lowercase letters, digits and dashes)."""
+    return "".join(c if c.isalnum() else "-" for c in Path(run_dir).name.lower()).strip("-")[:60] or "run"
 
 
 @task(name="publish-summary")
 def publish_summary(run: Artifact, report_url: str | None = None) -> None:
-    """Publish the key numbers and the per-digit table as Prefect artifacts of this flow run."""
-    key = "".join(c if c.isalnum() else "-" for c in run.path.name.lower()).strip("-")[:60] or "run"
-    create_markdown_artifact(summary_markdown(run.path), key=f"summary-{key}", description="eightgen run summary")
-    create_table_artifact(digit_table(run.path), key=f"digits-{key}", description="results per start digit")
+    """Publish the key numbers, the per-digit table and the report link as Prefect artifacts of the calling flow run."""
+    run_dir = verified(run)
+    key = artifact_key(run_dir)
+    create_markdown_artifact(
+        summary_markdown(run_dir) + f"\nreport: `{(run_dir / 'report.html').resolve()}`\n",
+        key=f"summary-{key}",
+        description=f"eightgen run {run_dir.name}: the key numbers",
+    )
+    create_table_artifact(digit_table(run_dir), key=f"digits-{key}", description=f"eightgen run {run_dir.name}: results per start digit")
     if report_url:
-        create_link_artifact(report_url, link_text="report.html", key=f"report-{key}")
+        create_link_artifact(
+            report_url, link_text="report.html", key=f"report-{key}", description=f"eightgen run {run_dir.name}: the HTML report"
+        )

@@ -6,19 +6,19 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from eightgen.artifacts import Artifact, artifact_of, verified
+from eightgen.artifacts import Artifact, artifact_of, stamp_manifest, verified
 from eightgen.config import TrainConfig
 from eightgen.training import train
-from tasks.caching import CachedStage, output_is_valid
+from tasks.caching import STAGE_KEY, CachedStage, produced_by
 
-TRAIN = CachedStage("models", ("eightgen.models", "eightgen.training", "eightgen.robust"))
+TRAIN = CachedStage("models")
 
 
 @task(name="train-classifier", **TRAIN.options)
 def train_classifier(cfg: TrainConfig, dataset: Artifact, cache_dir: Path, force: bool = False) -> Artifact:
     """Train the 8-detector on the assembled dataset; return its exported model."""
-    out = TRAIN.here()
-    if not force and output_is_valid(out):
+    out, key = TRAIN.here()
+    if not force and produced_by(out, key):
         return artifact_of(out)
     train(cfg, verified(dataset), out, progress=get_run_logger().info)
-    return artifact_of(out)
+    return stamp_manifest(out, {STAGE_KEY: key})

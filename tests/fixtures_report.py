@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from eightgen.config import NOT_TARGET_DIGITS, AttackConfig, ExperimentConfig, ReportConfig, TrainConfig
+from eightgen.rundir import RunRecord, write_run
+from eightgen.trajectory import Trajectory
 
 # Seven-segment strokes on the 28x28 grid: (rows, cols) slices of each segment.
 _SEGMENTS = {
@@ -72,7 +73,6 @@ def make_run_dir(
     """Write root/name/{config.json, results.parquet, results.csv, trajectories.npz} of a synthetic run; return the dir."""
     rng = np.random.default_rng(rng_seed)
     run_dir = Path(root) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
     meta = _starts(tuple(digits), seeds, include_noise)
     n, target = len(meta), 8
     digit = meta["start_digit"].to_numpy(dtype=float, na_value=np.nan)
@@ -159,11 +159,7 @@ def make_run_dir(
         saturated_start=(p[:, 0] < 1e-6) | (p[:, 0] > 1 - 1e-6),
         collapse_final=pd.array(grad == 0, dtype="boolean"),  # the simulated dead-unit starts are collapsed
     )
-    results.to_parquet(run_dir / "results.parquet", index=False)
-    results.to_csv(run_dir / "results.csv", index=False)
-    np.savez_compressed(
-        run_dir / "trajectories.npz",
-        run_id=meta["run_id"].to_numpy(dtype=str),
+    trajectory = Trajectory(
         snapshot_steps=snapshot_steps,
         snapshots=snapshots,
         p_target=p,
@@ -176,11 +172,12 @@ def make_run_dir(
         grad_norm_final=grad,
         stopped_step=np.full(n, -1, np.int32),
     )
-    _write_config(run_dir, run_name or name, method, digits, include_noise, seeds, steps, record_every, channels, rng)
+    record = _record(run_name or name, method, digits, include_noise, seeds, steps, record_every, channels, rng)
+    write_run(run_dir, record, results, trajectory, meta["run_id"].to_numpy(dtype=str))
     return run_dir
 
 
-def _write_config(run_dir: Path, run_name: str, method: str, digits, include_noise, seeds, steps, record_every, channels, rng) -> None:
+def _record(run_name: str, method: str, digits, include_noise, seeds, steps, record_every, channels, rng) -> RunRecord:
     exp = ExperimentConfig(
         name="fixture",
         train=TrainConfig(arch="small_cnn", channels=channels, epochs=2),
@@ -208,12 +205,12 @@ def _write_config(run_dir: Path, run_name: str, method: str, digits, include_noi
     n8 = counts["valid"]["8"]
     fp = sum(w for d, w in wrong.items() if d != "8")
     confusion = [[n_valid - n8 - fp, fp], [wrong["8"], n8 - wrong["8"]]]
-    config = {
+    return RunRecord.model_validate({
         "run_name": run_name,
         "created": "2025-01-01T12:00:00+00:00",
         "version": "0.1.0",
         "git_commit": "0123456789abcdef0123456789abcdef01234567",
-        "config": exp.model_dump(mode="json"),
+        "config": exp,
         "dataset": {
             "path": ".eightgen-cache/dataset/abc",
             "sha256": "a" * 64,
@@ -253,5 +250,13 @@ def _write_config(run_dir: Path, run_name: str, method: str, digits, include_noi
         },
         "device": "cpu",
         "attack_seconds": 12.75,
-    }
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    })
+
+
+def rewrite_results(run_dir: Path, results: pd.DataFrame) -> None:
+    """Replace a run directory's results table through the run-directory writer (record and trajectories kept)."""
+    from eightgen.rundir import TRAJECTORIES, load_record
+    from eightgen.trajectory import load_trajectory
+
+    traj, run_ids = load_trajectory(run_dir / TRAJECTORIES)
+    write_run(run_dir, load_record(run_dir), results, traj, run_ids)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from eightgen.errors import EightgenError
-from fixtures_report import make_run_dir
+from fixtures_report import make_run_dir, rewrite_results
 from reports import stats
 from reports.render import digit_table, load_run, read_snapshots, render_report, summary_markdown
 
@@ -194,7 +194,7 @@ def test_dead_unit_collapse_is_flagged(runs_root: Path, page: Page) -> None:
 def test_results_order_does_not_matter(runs_root: Path) -> None:
     run_dir = make_run_dir(runs_root, "shuffled", seeds=3, digits=(1, 2))
     results = pd.read_parquet(run_dir / "results.parquet")
-    results.sample(frac=1.0, random_state=0).to_parquet(run_dir / "results.parquet", index=False)
+    rewrite_results(run_dir, results.sample(frac=1.0, random_state=0))
     run = load_run(run_dir)
     with np.load(run_dir / "trajectories.npz") as npz:
         ids = list(npz["run_id"])
@@ -218,15 +218,26 @@ def test_bad_run_dirs_name_the_problem(runs_root: Path, tmp_path: Path) -> None:
     with pytest.raises(EightgenError, match="not found"):
         render_report([tmp_path / "nope"])
     broken = make_run_dir(tmp_path, "broken", seeds=2, digits=(1,))
-    (broken / "trajectories.npz").unlink()
-    with pytest.raises(EightgenError, match="trajectories.npz"):
-        load_run(broken)
-    pd.read_parquet(broken / "results.parquet").drop(columns=["l2_final"]).to_parquet(broken / "results.parquet")
+    rewrite_results(broken, pd.read_parquet(broken / "results.parquet").drop(columns=["l2_final"]))
     with pytest.raises(EightgenError, match="l2_final"):
         render_report([broken])
+    (broken / "trajectories.npz").unlink()
+    with pytest.raises(EightgenError, match="trajectories.npz is missing"):
+        load_run(broken)
     (broken / "config.json").write_text("{not json")
     with pytest.raises(EightgenError, match="config.json"):
         load_run(broken)
+
+
+def test_a_damaged_file_is_never_rendered(tmp_path: Path) -> None:
+    run_dir = make_run_dir(tmp_path, "damaged", seeds=2, digits=(1,))
+    data = bytearray((run_dir / "results.parquet").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (run_dir / "results.parquet").write_bytes(bytes(data))
+    before = (run_dir / "report.html").exists()
+    with pytest.raises(EightgenError, match=r"results\.parquet: sha256 differs"):
+        render_report([run_dir])
+    assert (run_dir / "report.html").exists() == before
 
 
 def test_kaplan_meier_matches_direct_product() -> None:

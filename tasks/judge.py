@@ -1,0 +1,52 @@
+"""Stage task of the aligned experiment: one (detector, budget) run directory, every result judged by the referees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from prefect import task
+
+from eightgen.artifacts import Artifact, verified
+from eightgen.config import ExperimentConfig
+from eightgen.devices import pick_device
+from eightgen.referees import load_referees, read_info, referee_columns
+from eightgen.rundir import AlignedRecord, RefereeRecord, check_target, write_run
+from tasks.caching import STAGE_KEY, CachedStage
+from tasks.collect import collected
+
+JUDGE = CachedStage(None)
+
+
+@task(name="collect-judged-results", **JUDGE.options)
+def collect_judged_results(
+    experiment: ExperimentConfig,
+    chunks: list[Artifact],
+    model: Artifact,
+    dataset: Artifact,
+    referees: Artifact,
+    run_dir: Path,
+    run_name: str,
+    aligned: AlignedRecord,
+    overwrite: bool = False,
+    force: bool = False,
+) -> Artifact:
+    """Collect the chunks as collect-results does, add every referee's verdict, and write the run directory once."""
+    check_target(run_dir, experiment, overwrite)
+    _, key = JUDGE.here()
+    run = collected(experiment, chunks, model, dataset, run_name)
+    refs = load_referees(verified(referees), pick_device(experiment.attack.device))
+    start = run.results["start_digit"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+    x_final, x0 = torch.from_numpy(run.chunks.trajectory.x_final), torch.from_numpy(run.chunks.x0)
+    columns = referee_columns(refs, x_final, x0, start, experiment.attack.target)
+    frame = pd.concat([run.results, columns], axis=1)
+    record = run.record.model_copy(
+        update={
+            "referees": RefereeRecord(path=referees.path, sha256=referees.sha256, info=read_info(referees.path)),
+            "aligned": aligned,
+        }
+    )
+    stamp = {STAGE_KEY: key, "referees": referees.sha256}
+    return write_run(run_dir, record, frame, run.chunks.trajectory, run.chunks.run_ids, stamp)
