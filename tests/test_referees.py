@@ -18,7 +18,7 @@ from eightgen.metrics import results_frame
 from eightgen.models import PixelClassifier, SmallCNN
 from eightgen.referees import knn_vote, load_referees, referee_columns, train_referees
 from eightgen.sources import MnistData, load_mnist
-from fixtures_report import make_run_dir
+from fixtures_report import make_run_dir, rewrite_results
 from test_metrics import hand_built  # the worked trajectory of the metrics tests
 from reports.render import render_report
 
@@ -162,7 +162,7 @@ def test_collapse_column_and_report_warning(tmp_path: Path) -> None:
     results = pd.read_parquet(run_dir / "results.parquet")
     assert "warn-collapse" not in render_report([run_dir]).read_text()
     results["collapse_final"] = pd.array(results["success"].to_numpy(), dtype="boolean")
-    results.to_parquet(run_dir / "results.parquet", index=False)
+    rewrite_results(run_dir, results)
     html = render_report([run_dir]).read_text()
     assert 'id="warn-collapse"' in html
     n_success = int(results["success"].sum())

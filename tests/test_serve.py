@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import httpx
+import pandas as pd
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
@@ -34,9 +36,10 @@ from prefect.deployments import run_deployment
 from prefect.flows import load_flow_from_entrypoint
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from eightgen.artifacts import write_manifest
+from eightgen.artifacts import MANIFEST
 from eightgen.errors import EightgenError
-from flows.records import flow_tree
+from eightgen.rundir import find_run, load_record, verify_run
+from flows.records import flow_tree, wait_for_records
 from flows.serve import cron_schedule
 from fixtures_report import make_run_dir
 from tiny import TINY, shared_cache
@@ -47,9 +50,10 @@ DEPLOYMENTS = {
     "eightgen-pipeline/nightly",
     "eightgen-pipeline/manual",
     "assemble/manual",
-    "train/manual",
-    "attack/manual",
-    "report/manual",
+    "rerun-train/manual",
+    "rerun-attack/manual",
+    "rerun-report/manual",
+    "aligned/manual",
 }
 TINY_CHUNKS = math.ceil((2 + 1) * 2 / 2)  # tiny.TINY: 2 start digits + noise, 2 seeds each, 2 starts per chunk
 
@@ -133,24 +137,54 @@ def deployment_stamps() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def served(server: str, mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """`eightgen serve` with tiny defaults, a runs folder holding one finished run, and its report port."""
+    """`eightgen serve` with tiny defaults over a runs folder holding one synthetic run, with its report port."""
     tmp = tmp_path_factory.mktemp("serve")
-    runs = tmp / "runs"
-    run_dir = make_run_dir(runs, "fixture-run", seeds=2, digits=(1, 3), steps=10)
-    run = write_manifest(run_dir, {"run_name": run_dir.name}, ["results.parquet", "results.csv", "trajectories.npz", "config.json"])
+    runs, cache = tmp / "runs", shared_cache(tmp_path_factory)
+    # a synthetic run (no real model or dataset: never the source of a re-run), older than any run made later
+    synthetic = make_run_dir(runs, "fixture-run", seeds=2, digits=(1, 3), steps=10)
+    old = time.time() - 3600
+    os.utime(synthetic / MANIFEST, (old, old))
     port, log = free_port(), tmp / "serve.log"
-    cmd = [str(BIN / "eightgen"), "serve", *TINY, "--mnist-dir", str(mnist_dir), "--runs-root", str(runs), "--cache-dir", str(tmp / "cache")]
+    cmd = [str(BIN / "eightgen"), "serve", *TINY, "--mnist-dir", str(mnist_dir), "--runs-root", str(runs), "--cache-dir", str(cache)]
     cmd += ["--cron", "30 2 * * *", "--timezone", "Europe/Berlin", "--reports-port", str(port)]
     proc = start(cmd, client_env(server, tmp), log)
     try:
         wait_for(lambda: set(deployment_stamps()) >= DEPLOYMENTS, 90, "eightgen serve", proc, log)
-        yield {"run": run, "port": port, "proc": proc, "log": log, "tmp": tmp}
+        yield {
+            "synthetic": verify_run(synthetic), "runs": runs, "cache": cache, "port": port, "proc": proc, "log": log, "tmp": tmp
+        }
     finally:
         stop(proc)
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
-def test_serve_registers_nightly_manual_and_stage_deployments(served: dict) -> None:
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under a folder."""
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def real_run(served: dict, server: str, mnist_dir: Path) -> dict:
+    """A real tiny run made by `eightgen run` (against the server) into the served runs root: the source of the re-runs."""
+    tmp = served["tmp"]
+    cmd = [str(BIN / "eightgen"), "run", *TINY, "--mnist-dir", str(mnist_dir)]
+    cmd += ["--runs-root", str(served["runs"]), "--cache-dir", str(served["cache"])]
+    done = subprocess.run(cmd, cwd=ROOT, env=client_env(server, tmp), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    report = Path(re.search(r"^report: (.*report\.html)$", done.stdout, re.M).group(1))
+    assert report.parent.parent == served["runs"].resolve() and report.parent.name != "fixture-run"
+    run_dir = served["runs"] / report.parent.name
+    verify_run(run_dir)
+    return {"dir": run_dir, "record": load_record(run_dir), "rows": len(pd.read_parquet(run_dir / "results.parquet")), "hashes": tree_hashes(run_dir)}
+
+
+def deployment(name: str):
+    """A deployment read from the API by 'flow/deployment'."""
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name)
+
+
+def test_serve_registers_nightly_manual_rerun_and_aligned_deployments(served: dict) -> None:
     with get_client(sync_client=True) as client:
         flows = {f.id: f.name for f in client.read_flows()}
         deps = {f"{flows[d.flow_id]}/{d.name}": d for d in client.read_deployments()}
@@ -164,7 +198,8 @@ def test_serve_registers_nightly_manual_and_stage_deployments(served: dict) -> N
         assert (cfg["attack"]["seeds"], cfg["attack"]["start_digits"], cfg["attack"]["steps"]) == (2, [1, 3], 5)
         assert (cfg["train"]["epochs"], cfg["dataset"]["max_train"]) == (1, 2000)
         assert Path(cfg["cache_dir"]).is_absolute() and dep.parameters["task_runner"] == "threads"
-    # the stage deployments' forms: pydantic configs and upstream artifacts as editable fields
+
+    # the forms: pydantic configs as editable fields
     def fields(dep, param: str) -> set[str]:
         schema = dep.parameter_openapi_schema
         ref = schema["properties"][param]
@@ -172,38 +207,39 @@ def test_serve_registers_nightly_manual_and_stage_deployments(served: dict) -> N
         return set(schema["definitions"][ref.rsplit("/", 1)[1]]["properties"])
 
     assert {"source", "mnist_dir", "pool_per_digit", "max_train"} <= fields(deps["assemble/manual"], "cfg")
-    assert {"arch", "epochs", "lr"} <= fields(deps["train/manual"], "cfg")
-    assert {"path", "sha256"} <= fields(deps["train/manual"], "dataset")
-    assert {"method", "steps", "seeds", "start_digits"} <= fields(deps["attack/manual"], "cfg")
-    assert {"path", "sha256"} <= fields(deps["attack/manual"], "model")
-    assert {"path", "sha256"} <= fields(deps["report/manual"], "run")
     assert deps["assemble/manual"].parameters["cfg"]["max_train"] == 2000
-
-
-def test_report_stage_deployment_publishes_artifacts_and_an_http_report_link(served: dict) -> None:
-    run = served["run"]
-    flow_run = run_deployment(
-        "report/manual", parameters={"run": {"path": str(run.path), "sha256": run.sha256}}, timeout=120, poll_interval=1
-    )
-    assert flow_run.state.is_completed(), (flow_run.state, served["log"].read_text()[-3000:])
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
-    by_key = {a.key.split("-", 1)[0]: a for a in artifacts if a.key}
-    assert set(by_key) == {"summary", "digits", "report"}, [(a.key, a.type) for a in artifacts]
-    table = by_key["digits"]
-    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert table.type == "table" and len(rows) >= 3  # noise, digit 1, digit 3 (and possibly a total row)
-    assert by_key["summary"].type == "markdown" and "%" in by_key["summary"].data
-    # the UI renders link artifacts as markdown and drops file:// targets: the report comes over http
-    link = re.fullmatch(r"\[report\.html\]\((http://[^)]+)\)", by_key["report"].data).group(1)
-    assert link == f"http://127.0.0.1:{served['port']}/{run.path.name}/report.html"
-    with urllib.request.urlopen(link, timeout=10) as answer:
-        assert answer.status == 200
-        assert answer.read() == (run.path / "report.html").read_bytes()
+    # the re-runs: a run name (empty = the newest run) and one settings slice, pre-filled with the serve settings
+    where = {"run": "", "runs_root": str(served["runs"]), "cache_dir": str(served["cache"])}
+    for name, param, wanted in [
+        ("rerun-attack/manual", "attack", {"method", "steps", "seeds", "start_digits"}),
+        ("rerun-train/manual", "train", {"arch", "epochs", "lr"}),
+        ("rerun-report/manual", "report", {"title", "strips_per_digit", "gallery_size"}),
+    ]:
+        dep = deps[name]
+        assert dep.schedules == []
+        assert dep.parameter_openapi_schema["properties"]["run"] | {"position": 0} == {
+            "default": "", "position": 0, "title": "run", "type": "string"
+        }, name
+        assert wanted <= fields(dep, param), name
+        assert set(dep.parameters) == set(where) | {param}, (name, dep.parameters)
+        assert {k: dep.parameters[k] for k in where} == where, (name, dep.parameters)
+    attack = deps["rerun-attack/manual"].parameters["attack"]
+    assert (attack["steps"], attack["seeds"], attack["start_digits"], attack["chunk_size"]) == (5, 2, [1, 3], 2)
+    assert deps["rerun-train/manual"].parameters["train"]["epochs"] == 1
+    assert deps["rerun-report/manual"].parameters["report"]["title"] == manual.parameters["cfg"]["report"]["title"]
+    assert "cfg" in deps["aligned/manual"].parameter_openapi_schema["properties"]
+    assert "cfg" in deps["aligned/manual"].parameters
+    # nothing a user would have to type by hand: no hashes, no artifact paths, no required parameter
+    for name, dep in deps.items():
+        schema = dep.parameter_openapi_schema
+        assert "sha256" not in json.dumps(dep.parameters) and "sha256" not in json.dumps(schema), name
+        assert "Artifact" not in schema.get("definitions", {}) and not schema.get("required"), name
+        assert not {"dataset", "model"} & set(schema["properties"]), name
 
 
 def _task_states(flow_run_id) -> dict[str, list[str]]:
     """Task name -> state names over a flow-run tree, read from the API (subflow stand-ins left out)."""
+    wait_for_records(flow_run_id)  # a deployment's run reports Completed before its last task states arrive
     with get_client(sync_client=True) as client:
         tree = flow_tree(client, flow_run_id)
         stand_ins = {client.read_flow_run(i).parent_task_run_id for i in tree[1:]}
@@ -213,6 +249,80 @@ def _task_states(flow_run_id) -> dict[str, list[str]]:
         if r.id not in stand_ins:
             states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name if r.state else "none")
     return states
+
+
+def _new_run(served: dict, real: dict, before: set[Path]) -> Path:
+    """The one run directory a re-run added to the served runs root."""
+    after = {p for p in served["runs"].iterdir() if p.is_dir() and not p.name.startswith(".")}
+    (new,) = after - before
+    assert new.name != real["dir"].name
+    verify_run(new)
+    return new
+
+
+def _check_published(flow_run, new: Path, port: int) -> None:
+    """The calling (parent) flow run holds summary, digits and an http report link of the new run."""
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    by_key = {a.key.split("-", 1)[0]: a for a in artifacts if a.key}
+    assert set(by_key) == {"summary", "digits", "report"}, [(a.key, a.type) for a in artifacts]
+    assert all(a.key.endswith(new.name.lower()) for a in by_key.values()), [a.key for a in artifacts]
+    table = by_key["digits"]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert table.type == "table" and len(rows) >= 3  # noise, digit 1, digit 3 (and possibly a total row)
+    assert by_key["summary"].type == "markdown" and "%" in by_key["summary"].data
+    # the UI renders link artifacts as markdown and drops file:// targets: the report comes over http
+    link = re.fullmatch(r"\[report\.html\]\((http://[^)]+)\)", by_key["report"].data).group(1)
+    assert link == f"http://127.0.0.1:{port}/{new.name}/report.html"
+    with urllib.request.urlopen(link, timeout=10) as answer:
+        assert answer.status == 200
+        assert answer.read() == (new / "report.html").read_bytes()
+
+
+def test_rerun_attack_from_the_newest_run_with_only_the_attack_form_edited(served: dict, real_run: dict) -> None:
+    # the UI's four actions: open rerun-attack/manual, Custom run, change steps in the pre-filled attack form, Submit
+    assert find_run(served["runs"]) == real_run["dir"], "the real run must be the newest run of the served runs root"
+    attack = deployment("rerun-attack/manual").parameters["attack"] | {"steps": 8}
+    before = {p for p in served["runs"].iterdir() if p.is_dir()}
+    flow_run = run_deployment("rerun-attack/manual", parameters={"attack": attack}, timeout=600, poll_interval=1)
+    assert flow_run.state.is_completed(), (flow_run.state, served["log"].read_text()[-3000:])
+    new = _new_run(served, real_run, before)
+    results = pd.read_parquet(new / "results.parquet")
+    assert len(results) == real_run["rows"] and (results["steps"] == 8).all(), results[["run_id", "steps"]]
+    record, source = load_record(new), real_run["record"]
+    assert record.config.attack.steps == 8 and record.config.attack == source.config.attack.model_copy(update={"steps": 8})
+    assert record.config.run_label == new.name and record.run_name == new.name
+    assert (record.dataset.sha256, record.model.sha256) == (source.dataset.sha256, source.model.sha256)
+    assert (record.config.train, record.config.dataset) == (source.config.train, source.config.dataset)
+    assert new.name in (new / "report.html").read_text(encoding="utf-8")
+    assert tree_hashes(real_run["dir"]) == real_run["hashes"]  # the source run is untouched
+    _check_published(flow_run, new, served["port"])
+    states = _task_states(flow_run.id)
+    assert "train-classifier" not in states and "assemble-dataset" not in states, states
+    assert states["optimize-chunk"] == ["Completed"] * TINY_CHUNKS, states
+    assert states["render-report"] == ["Completed"] and states["publish-summary"] == ["Completed"], states
+
+
+def test_rerun_report_of_a_named_run_with_a_new_title_reuses_every_chunk(served: dict, real_run: dict) -> None:
+    title = "eightgen tiny re-rendered 4711"
+    report = deployment("rerun-report/manual").parameters["report"] | {"title": title}
+    before = {p for p in served["runs"].iterdir() if p.is_dir()}
+    flow_run = run_deployment(
+        "rerun-report/manual", parameters={"run": real_run["dir"].name, "report": report}, timeout=600, poll_interval=1
+    )
+    assert flow_run.state.is_completed(), (flow_run.state, served["log"].read_text()[-3000:])
+    new = _new_run(served, real_run, before)
+    record = load_record(new)
+    assert record.config.report.title == title and record.config.run_label == new.name
+    assert record.config.attack == real_run["record"].config.attack
+    assert title in (new / "report.html").read_text(encoding="utf-8")
+    assert title not in (real_run["dir"] / "report.html").read_text(encoding="utf-8")
+    assert tree_hashes(real_run["dir"]) == real_run["hashes"]  # the source run is untouched
+    _check_published(flow_run, new, served["port"])
+    states = _task_states(flow_run.id)
+    assert "train-classifier" not in states, states
+    assert states["optimize-chunk"] == ["Cached"] * TINY_CHUNKS, states
+    assert states["render-report"] == ["Completed"], states
 
 
 def test_cli_runs_print_no_traceback_and_keep_every_record(server: str, mnist_dir: Path, tmp_path: Path, tmp_path_factory) -> None:
@@ -232,7 +342,8 @@ def test_cli_runs_print_no_traceback_and_keep_every_record(server: str, mnist_di
     # the server run, counted through the API after the CLI exited
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["eightgen-pipeline"])))
-    (root,) = [r for r in runs if r.deployment_id is None]  # the others: the nightly deployment's scheduled runs
+    # the others: the nightly deployment's scheduled runs, and runs of the serving tests into their own runs root
+    (root,) = [r for r in runs if r.deployment_id is None and r.parameters["cfg"]["runs_root"] == where[3]]
     states = _task_states(root.id)
     assert {k: len(v) for k, v in states.items()} == expected, states
     assert all(s in ("Completed", "Cached") for v in states.values() for s in v), states
