@@ -100,6 +100,41 @@ def deployments(
     ]
 
 
+RERUNS = ("rerun-attack", "rerun-train", "rerun-report")
+
+
+def custom_run_links(timeout: float = 120.0) -> dict[str, str]:
+    """Flow name -> URL of the UI's "Custom run" form of its eightgen deployment, once `serve` has registered them."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = (PREFECT_UI_URL.value() or "").rstrip("/")
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            flows = {f.id: f.name for f in client.read_flows()}
+            deps = client.read_deployments(deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=TAGS)))
+            links = {flows.get(d.flow_id, "?"): f"{ui}/deployments/deployment/{d.id}/run" for d in deps}
+            if set(RERUNS) <= set(links):
+                return links
+            time.sleep(1.0)
+    return {}
+
+
+def _announce() -> None:
+    """Print the Custom-run links of the stage re-runs (pre-filled forms: the newest run, the served settings)."""
+    try:
+        links = custom_run_links()
+    except Exception:  # a link is a convenience: never let it disturb serving
+        return
+    for name in RERUNS:
+        if name in links:
+            print(f"eightgen: {name} of the newest run: {links[name]}", flush=True)
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Check everything first (settings, schedule, data, Dask, API, port), then register and serve."""
     from flows.cli import build_config
@@ -119,8 +154,11 @@ def serve_command(args: argparse.Namespace) -> int:
         served = deployments(cfg, schedule, kind, args.dask_address, force=args.force, overwrite=args.overwrite)
         reports.start()
         print(f"eightgen: API {url}; reports of {reports.root} at {reports.url}", flush=True)
+        import threading
+
         from prefect import serve
 
+        threading.Thread(target=_announce, name="eightgen-links", daemon=True).start()
         serve(*served, limit=args.limit)  # until Ctrl-C or SIGTERM; schedules are paused on the way out
     finally:
         reports.stop()
