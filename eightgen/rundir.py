@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -239,7 +238,3 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
 
-
-def record_json(record: RunRecord) -> dict[str, Any]:
-    """A record as plain JSON (for reports and artifacts)."""
-    return json.loads(record.model_dump_json())

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from eightgen.errors import EightgenError
+from eightgen.rundir import REPORT
 
 # Set by `eightgen serve` for the flow runs it starts; read where a report link is published.
 REPORTS_URL = "EIGHTGEN_REPORTS_URL"
@@ -72,4 +73,4 @@ def report_link(run_dir: Path) -> str | None:
         relative = Path(run_dir).resolve().relative_to(Path(root).resolve())
     except ValueError:
         return None
-    return f"{base.rstrip('/')}/{quote(relative.as_posix())}/report.html"
+    return f"{base.rstrip('/')}/{quote(relative.as_posix())}/{REPORT}"

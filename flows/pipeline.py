@@ -8,7 +8,7 @@ from prefect import flow
 
 from eightgen.artifacts import Artifact, verified
 from eightgen.config import PRESETS, AttackConfig, ExperimentConfig, ReportConfig, TrainConfig
-from eightgen.rundir import find_run, load_record
+from eightgen.rundir import REPORT, find_run, load_record
 from flows.httpd import report_link
 from flows.runners import TaskRunnerKind, attack_flow_on
 from flows.stages import DEFAULT_CACHE, assemble_flow, report_flow, train_flow
@@ -31,7 +31,7 @@ def attack_and_report(
     run = attack(cfg, model, dataset, overwrite, force)
     report_flow(cfg.report, run, force)
     publish_summary(run, report_link(run.path))
-    return run.path / "report.html"
+    return run.path / REPORT
 
 
 @flow(name="eightgen-pipeline")

@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from eightgen.errors import EightgenError
-from eightgen.rundir import RunRecord
+from eightgen.rundir import TRAJECTORIES, RunRecord
 from reports import figures, stats
 from reports.render import _env, _json_safe, array_img, figure_img, fmt_num, fmt_pct, load_run, warnings_of
 
@@ -61,7 +61,7 @@ def load_aligned_run(run_dir: Path) -> AlignedRun:
     missing = [c for c in REFEREE_COLUMNS if c not in run.results]
     if missing:
         raise EightgenError(f"{run_dir / 'results.parquet'}: no referee columns {', '.join(missing)}")
-    with np.load(run_dir / "trajectories.npz") as npz:
+    with np.load(run_dir / TRAJECTORIES) as npz:
         step0 = int(np.flatnonzero(npz["snapshot_steps"] == 0)[0])
         x0 = npz["snapshots"][:, step0].astype(np.float32)
         x_final = npz["x_final"].astype(np.float32)

@@ -706,7 +706,7 @@ def run_context(run: Run, cfg: ReportConfig | None = None) -> dict:
     anim_rows = _animation_rows(run)
     traj_rows = run.results.loc[[i for rows in chosen.values() for i in rows] + most + least + anim_rows, "traj_row"]
     step0 = int(np.flatnonzero(run.snapshot_steps == 0)[0])
-    snaps, x0_norms = read_snapshots(run.path / "trajectories.npz", traj_rows, step0)
+    snaps, x0_norms = read_snapshots(run.path / TRAJECTORIES, traj_rows, step0)
     animations = _animations(run, anim_rows, snaps, plabel)
     return {
         "title": run.report.title,
@@ -741,7 +741,7 @@ def _table_rows(table: pd.DataFrame) -> list[dict]:
 
 
 def _relative_link(run: Run, out: Path) -> str | None:
-    report = run.path / "report.html"
+    report = run.path / REPORT
     return Path(os.path.relpath(report.resolve(), out.resolve().parent)).as_posix() if report.is_file() else None
 
 

@@ -15,6 +15,7 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from pydantic import ValidationError
 
 from eightgen.config import AlignedConfig, AttackConfig, DatasetConfig, RefereeConfig, TrainConfig
+from eightgen.rundir import load_record
 from flows.aligned import aligned_flow
 from flows.aligned_cli import build_aligned_config, summary_lines
 from flows.cli import main, parser
@@ -100,9 +101,9 @@ def test_runs_share_starts_and_budgets_and_carry_referee_columns(runs, cfg: Alig
             assert (res["l2_final"] <= b + 1e-4).all()
             with np.load(run_dir / "trajectories.npz") as npz:
                 starts[(d, b)] = (list(npz["run_id"]), npz["snapshots"][:, 0])
-            config = json.loads((run_dir / "config.json").read_text())
-            assert config["aligned"]["detector"] == d and config["aligned"]["budget"] == b
-            assert config["referees"]["sha256"]
+            record = load_record(run_dir)
+            assert record.aligned.detector == d and record.aligned.budget == b
+            assert record.referees.sha256 == json.loads((run_dir / "manifest.json").read_text())["referees"]
     ids, x0 = starts[("standard", 1.0)]
     assert len(ids) == (2 + 1) * 2
     for key, (other_ids, other_x0) in starts.items():

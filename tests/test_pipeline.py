@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from eightgen.config import AttackConfig, DatasetConfig, ExperimentConfig, TrainConfig
 from eightgen.models import load_classifier
+from eightgen.rundir import load_record
 from eightgen.trajectory import load_trajectory
 from flows.pipeline import pipeline
 from flows.records import task_run_states, wait_for_records
@@ -61,11 +61,8 @@ def test_pipeline_writes_results_and_report_that_agree(first_run, tiny_cfg: Expe
     assert results.loc[results.start_kind == "digit", "start_digit"].dropna().astype(int).isin([1, 3]).all()
     csv = pd.read_csv(run_dir / "results.csv")
     assert list(csv["run_id"]) == list(results["run_id"])
-    config = json.loads((run_dir / "config.json").read_text())
-    assert config["config"]["attack"]["steps"] == 12
+    assert load_record(run_dir).config.attack.steps == 12
     html = report.read_text()
-    for run_id in results["run_id"].head(3):
-        assert run_id in html or results["run_id"].nunique() > 3
     rate = f"{100 * results['success'].mean():.0f}%"
     assert rate in html, f"overall success rate {rate} not shown in the report"
     # every stage ran as a real task run and was recorded
@@ -79,8 +76,7 @@ def test_results_recompute_from_saved_model_and_trajectories(first_run, tiny_cfg
     results = pd.read_parquet(run_dir / "results.parquet")
     traj, run_ids = load_trajectory(run_dir / "trajectories.npz")
     assert list(run_ids) == list(results["run_id"])
-    config = json.loads((run_dir / "config.json").read_text())
-    model, _ = load_classifier(Path(config["model"]["path"]), torch.device("cpu"))
+    model, _ = load_classifier(load_record(run_dir).model.path, torch.device("cpu"))
     with torch.no_grad():
         p_final = torch.softmax(model(torch.from_numpy(traj.x_final)), dim=1)[:, 1].numpy()
     np.testing.assert_allclose(p_final, results["p_target_final"].to_numpy(), rtol=1e-4, atol=1e-6)

@@ -18,7 +18,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from eightgen.codekey import PROJECT_PACKAGES
-from eightgen.rundir import CONFIG, REPORT, REPORT_MANIFEST, RESULTS, load_record, verify_run, write_run
+from eightgen.rundir import REPORT, REPORT_MANIFEST, RESULTS, load_record, verify_run, write_run
 from eightgen.trajectory import load_trajectory
 from flows.cli import main
 from flows.pipeline import pipeline
