@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
-import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -92,15 +93,35 @@ def verified(artifact: Artifact) -> Path:
     return artifact.path
 
 
+def fresh_sibling(final: Path, why: str) -> Path:
+    """A new empty hidden directory beside `final` (created with the user's umask, unlike mkdtemp's 0700)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = final.parent / f".{final.name}.{why}-{uuid.uuid4().hex[:12]}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def swap_in(new: Path, final: Path) -> None:
+    """Put a finished directory at `final`; an old one there is moved aside first and deleted after, never mixed in."""
+    old = None
+    if final.exists():
+        old = fresh_sibling(final, "old")
+        os.rename(final, old / final.name)
+    os.rename(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
     """A fresh sibling directory to write into, renamed to `final` only when the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = fresh_sibling(final, "partial")
     try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        swap_in(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

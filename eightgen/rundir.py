@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -13,7 +11,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from eightgen.artifacts import MANIFEST, Artifact, artifact_of, read_manifest, write_manifest
+from eightgen.artifacts import MANIFEST, Artifact, artifact_of, fresh_sibling, read_manifest, swap_in, write_manifest
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
 from eightgen.trajectory import Trajectory, save_trajectory
@@ -179,28 +177,17 @@ def write_run(
     """Write a whole run directory (results, trajectories, record, manifest) and swap it in for any old one at once."""
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
+    tmp = fresh_sibling(run_dir, "new")
     try:
         results.to_parquet(tmp / RESULTS, index=False)
         results.to_csv(tmp / RESULTS_CSV, index=False)
         save_trajectory(trajectory, run_ids, tmp / TRAJECTORIES)
         (tmp / CONFIG).write_text(record.model_dump_json(indent=2))
         write_manifest(tmp, {"run_name": record.run_name, **(stamp or {})}, list(RUN_FILES))
-        _swap_in(tmp, run_dir)
+        swap_in(tmp, run_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return artifact_of(run_dir)
-
-
-def _swap_in(new: Path, final: Path) -> None:
-    """Put a finished directory at `final`; an old one there is moved aside first and deleted after, never mixed in."""
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-        os.rename(final, old / "run")
-    os.rename(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_report(run_dir: Path, html: str, stamp: dict[str, Any]) -> Artifact:

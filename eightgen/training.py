@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from fastcore.foundation import L
 from torch import Tensor
 
 import eightgen
-from eightgen.artifacts import MANIFEST, Artifact, sha256_file, write_manifest
+from eightgen.artifacts import MANIFEST, Artifact, fresh_sibling, sha256_file, swap_in, write_manifest
 from eightgen.assembly import binary_labels, load_assembled
 from eightgen.config import TrainConfig
 from eightgen.devices import pick_device
@@ -164,17 +163,6 @@ def _check_labels(y_train: np.ndarray, y_valid: np.ndarray, target: int, dataset
         raise EightgenError(f"{dataset_dir}: the validation split is empty")
 
 
-def _replace_dir(new: Path, final: Path) -> None:
-    """Move a finished directory to its final name, replacing what was there."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        final.rename(old)
-        new.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(final)
-
-
 def train(
     cfg: TrainConfig,
     dataset_dir: Path,
@@ -217,9 +205,7 @@ def train(
     )
     metrics.update(robust_metrics(cfg, model, x_valid, y_valid))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    tmp = fresh_sibling(out_dir, "partial")
     try:
         save_classifier(model, spec, tmp)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -234,7 +220,7 @@ def train(
             "device": str(device),
         }
         written = write_manifest(tmp, meta, [LEARNER_FILE, MODEL_FILE, SPEC_FILE, METRICS_FILE])
-        _replace_dir(tmp, out_dir)
+        swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
