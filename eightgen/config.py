@@ -22,7 +22,7 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class DatasetConfig(_Frozen):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from eightgen.assembly import assemble
 from eightgen.config import ExperimentConfig
 from eightgen.devices import pick_device
@@ -10,8 +13,21 @@ from eightgen.rundir import check_target
 from eightgen.sources import load_mnist
 
 
+def writable_dir(path: Path, option: str) -> None:
+    """EightgenError unless `path` is a folder, or can be made one, that this user may write into."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise EightgenError(f"{option} {path}: {existing} is a file, not a folder; name a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EightgenError(f"{option} {path}: {existing} is not writable; name a folder you may write into")
+
+
 def preflight(cfg: ExperimentConfig, overwrite: bool = False) -> None:
-    """Check the run directory, load and cut the data, and check the devices, raising EightgenError on the first problem."""
+    """Check the folders and the run directory, load and cut the data, and check the devices, raising EightgenError on the first problem."""
+    writable_dir(cfg.runs_root, "--runs-root")
+    writable_dir(cfg.cache_dir, "--cache-dir")
     check_target(cfg.run_dir, cfg, overwrite)
     pick_device(cfg.train.device)
     pick_device(cfg.attack.device)

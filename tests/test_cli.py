@@ -28,6 +28,8 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
         (["--steps", "0"], "attack.steps"),
         (["--seeds", "-3"], "attack.seeds"),
         (["--method", "pgd_l2"], "needs eps"),
+        (["--lr", "inf"], "attack.lr: Input should be a finite number"),
+        (["--method", "pgd_l2", "--eps", "nan"], "attack.eps: Input should be a finite number"),
     ],
 )
 def test_bad_settings_fail_in_one_line(argv, needle, capsys, tmp_path: Path) -> None:
@@ -84,3 +86,15 @@ def test_env_mnist_dir_and_overrides_reach_the_config(monkeypatch, tmp_path: Pat
     assert cfg.dataset.mnist_dir == tmp_path
     assert cfg.attack.seeds == 3 and cfg.attack.start_digits == (2, 7) and cfg.attack.step_size == 0.5
     assert cfg.train.arch == "small_cnn"
+
+
+@pytest.mark.parametrize("option", ["--runs-root", "--cache-dir"])
+def test_a_folder_option_naming_a_file_fails_before_any_work(option: str, mnist_dir: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    where = {"--runs-root": str(tmp_path / "runs"), "--cache-dir": str(tmp_path / "cache")} | {option: str(blocker / "below")}
+    code, out = _run(["--mnist-dir", str(mnist_dir), *[x for kv in where.items() for x in kv]], capsys)
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1, out
+    assert lines[0] == f"eightgen: error: {option} {blocker / 'below'}: {blocker} is a file, not a folder; name a folder"
+    assert blocker.read_text() == "not a folder" and not (tmp_path / "runs").exists()
