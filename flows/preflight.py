@@ -7,7 +7,6 @@ from pathlib import Path
 
 from eightgen.assembly import assemble
 from eightgen.config import ExperimentConfig
-from eightgen.devices import pick_device
 from eightgen.errors import EightgenError
 from eightgen.rundir import check_target
 from eightgen.sources import load_mnist
@@ -29,8 +28,12 @@ def preflight(cfg: ExperimentConfig, overwrite: bool = False) -> None:
     writable_dir(cfg.runs_root, "--runs-root")
     writable_dir(cfg.cache_dir, "--cache-dir")
     check_target(cfg.run_dir, cfg, overwrite)
-    pick_device(cfg.train.device)
-    pick_device(cfg.attack.device)
+    explicit = {cfg.train.device, cfg.attack.device} - {"auto", "cpu"}
+    if explicit:  # only an asked-for accelerator can be missing; "auto" falls back to the CPU
+        from eightgen.devices import pick_device
+
+        for name in sorted(explicit):
+            pick_device(name)
     assembled = assemble(load_mnist(cfg.dataset), cfg.dataset)
     per_digit = min((assembled.y_pool == d).sum() for d in cfg.attack.start_digits) if cfg.attack.start_digits else None
     if per_digit is not None and per_digit < cfg.attack.seeds:

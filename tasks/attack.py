@@ -1,4 +1,7 @@
-"""Stage task: optimise one chunk of starts toward the target (content-addressed trajectories)."""
+"""Stage task: optimise one chunk of starts toward the target (content-addressed trajectories).
+
+torch and the engine load inside the task body: a cached run never pays for them.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +13,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from eightgen.artifacts import Artifact, artifact_of, staged_dir, verified
-from eightgen.assembly import load_assembled
-from eightgen.chunks import write_chunk
 from eightgen.config import AttackConfig
-from eightgen.devices import pick_device
-from eightgen.models import load_classifier
-from eightgen.optimize import optimize
-from eightgen.starts import make_starts
 from tasks.caching import STAGE_KEY, CachedStage, produced_by
 from tasks.faults import fail_once
 
@@ -42,6 +39,13 @@ def optimize_chunk(
     out, key = OPTIMIZE.here()
     if not force and produced_by(out, key):
         return artifact_of(out)
+    from eightgen.assembly import load_assembled
+    from eightgen.chunks import write_chunk
+    from eightgen.devices import pick_device
+    from eightgen.models import load_classifier
+    from eightgen.optimize import optimize
+    from eightgen.starts import make_starts
+
     device = pick_device(cfg.device)
     net, spec = load_classifier(verified(model), device)
     data = load_assembled(verified(dataset))

@@ -1,4 +1,7 @@
-"""Stage task: chunks of optimised starts -> the run directory (results, trajectories, typed record), written whole."""
+"""Stage task: chunks of optimised starts -> the run directory (results, trajectories, typed record), written whole.
+
+torch and the measurements load inside `collected`: a cached run never pays for them.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +15,6 @@ import eightgen
 from eightgen.artifacts import Artifact, read_manifest, verified
 from eightgen.chunks import Chunks, read_chunks
 from eightgen.config import ExperimentConfig
-from eightgen.devices import pick_device
-from eightgen.indicators import collapsed
-from eightgen.metrics import results_frame
-from eightgen.models import load_classifier, read_metrics
 from eightgen.rundir import DatasetRecord, ModelRecord, RunRecord, check_target, git_commit, now, write_run
 from tasks.caching import STAGE_KEY, CachedStage
 
@@ -33,6 +32,11 @@ class Collected:
 
 def collected(experiment: ExperimentConfig, chunks: list[Artifact], model: Artifact, dataset: Artifact, run_name: str) -> Collected:
     """Join verified chunks, measure every start, and make the run's record."""
+    from eightgen.devices import pick_device
+    from eightgen.indicators import collapsed
+    from eightgen.metrics import results_frame
+    from eightgen.models import load_classifier, read_metrics
+
     cfg = experiment.attack
     joined = read_chunks([verified(c) for c in chunks], [read_manifest(c.path, verify=False) for c in chunks])
     model_dir = verified(model)

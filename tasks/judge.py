@@ -1,4 +1,7 @@
-"""Stage task of the aligned experiment: one (detector, budget) run directory, every result judged by the referees."""
+"""Stage task of the aligned experiment: one (detector, budget) run directory, every result judged by the referees.
+
+torch and the referees (fastai) load inside the task body: a cached run never pays for them.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from prefect import task
 
 from eightgen.artifacts import Artifact, verified
 from eightgen.config import ExperimentConfig
-from eightgen.devices import pick_device
-from eightgen.referees import load_referees, read_info, referee_columns
 from eightgen.rundir import AlignedRecord, RefereeRecord, check_target, write_run
 from tasks.caching import STAGE_KEY, CachedStage
 from tasks.collect import collected
@@ -34,6 +34,11 @@ def collect_judged_results(
     force: bool = False,
 ) -> Artifact:
     """Collect the chunks as collect-results does, add every referee's verdict, and write the run directory once."""
+    import torch
+
+    from eightgen.devices import pick_device
+    from eightgen.referees import load_referees, read_info, referee_columns
+
     check_target(run_dir, experiment, overwrite)
     _, key = JUDGE.here()
     run = collected(experiment, chunks, model, dataset, run_name)

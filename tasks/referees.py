@@ -7,10 +7,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from eightgen.artifacts import Artifact, artifact_of, staged_dir, stamp_manifest, verified
-from eightgen.assembly import load_assembled
 from eightgen.config import RefereeConfig
-from eightgen.devices import pick_device
-from eightgen.referees import train_referees
 from tasks.caching import STAGE_KEY, CachedStage, produced_by
 
 REFEREES = CachedStage("referees")
@@ -22,6 +19,10 @@ def train_referee_models(cfg: RefereeConfig, dataset: Artifact, cache_dir: Path,
     out, key = REFEREES.here()
     if not force and produced_by(out, key):
         return artifact_of(out)
+    from eightgen.assembly import load_assembled
+    from eightgen.devices import pick_device
+    from eightgen.referees import train_referees  # fastai loads only when the referees are trained
+
     with staged_dir(out) as tmp:
         train_referees(cfg, load_assembled(verified(dataset)), tmp, pick_device(cfg.device), progress=get_run_logger().info)
         stamp_manifest(tmp, {STAGE_KEY: key})

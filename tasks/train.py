@@ -8,7 +8,6 @@ from prefect import get_run_logger, task
 
 from eightgen.artifacts import Artifact, artifact_of, stamp_manifest, verified
 from eightgen.config import TrainConfig
-from eightgen.training import train
 from tasks.caching import STAGE_KEY, CachedStage, produced_by
 
 TRAIN = CachedStage("models")
@@ -20,5 +19,7 @@ def train_classifier(cfg: TrainConfig, dataset: Artifact, cache_dir: Path, force
     out, key = TRAIN.here()
     if not force and produced_by(out, key):
         return artifact_of(out)
+    from eightgen.training import train  # fastai loads only when a detector is trained
+
     train(cfg, verified(dataset), out, progress=get_run_logger().info)
     return stamp_manifest(out, {STAGE_KEY: key})
