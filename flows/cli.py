@@ -149,12 +149,20 @@ def run_command(args: argparse.Namespace) -> int:
     if args.dask_address:
         probe_dask(args.dask_address)
     check_api(required=False)
-    from flows.preflight import preflight
+    from flows.embedded import EmbeddedServer
 
-    preflight(cfg, args.overwrite)
-    from flows.pipeline import pipeline
-    from flows.records import wait_for_records
+    server = EmbeddedServer()  # boots while the data is checked and the flows are imported
+    try:
+        from flows.preflight import preflight
 
+        preflight(cfg, args.overwrite)
+        from flows.pipeline import pipeline
+        from flows.records import wait_for_records
+
+        server.wait()
+    except BaseException:
+        server.discard()
+        raise
     state = pipeline(cfg, force=args.force, task_runner=kind, dask_address=args.dask_address, overwrite=args.overwrite, return_state=True)
     wait_for_records(state.state_details.flow_run_id)
     if not state.is_completed():
