@@ -15,7 +15,11 @@ from matplotlib.figure import Figure
 from eightgen.errors import EightgenError
 from eightgen.rundir import TRAJECTORIES, RunRecord
 from reports import figures, stats
-from reports.render import _env, _json_safe, array_img, figure_img, fmt_num, fmt_pct, load_run, warnings_of
+from reports.formatting import fmt_num, fmt_pct, json_safe
+from reports.images import array_img, figure_img
+from reports.narrative import warnings_of
+from reports.render import environment
+from reports.runs import load_run
 
 ALIGNED_HTML = "aligned.html"
 ALIGNED_JSON = "aligned.json"
@@ -318,7 +322,7 @@ def _plain(value):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    return _json_safe(value)
+    return json_safe(value)
 
 
 def render_aligned(
@@ -361,7 +365,7 @@ def render_aligned(
         "fmt_pct": fmt_pct,
         "fmt_num": fmt_num,
     }
-    html = _env().get_template("aligned.html.j2").render(**context)
+    html = environment().get_template("aligned.html.j2").render(**context)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / ALIGNED_HTML

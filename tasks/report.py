@@ -1,4 +1,7 @@
-"""Stage tasks: run directory -> self-contained report.html, and the run's key numbers published to Prefect."""
+"""Stage tasks: run directory -> self-contained report.html, and the run's key numbers published to Prefect.
+
+Heavy imports (the HTML renderer and matplotlib) load inside the task body, so a cached run never pays for them.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from eightgen.artifacts import Artifact, verified
 from eightgen.config import ReportConfig
 from eightgen.rundir import REPORT_MANIFEST, write_report
-from reports.render import digit_table, report_html, summary_markdown
+from reports.summary import digit_table, summary_markdown
 from tasks.caching import STAGE_KEY, CachedStage
 
 REPORT = CachedStage(None, manifest=REPORT_MANIFEST)
@@ -19,6 +22,8 @@ REPORT = CachedStage(None, manifest=REPORT_MANIFEST)
 @task(name="render-report", **REPORT.options)
 def render_run_report(cfg: ReportConfig, run: Artifact, run_dir: Path, force: bool = False) -> Artifact:
     """Render report.html from the verified run directory alone (never retrains or re-optimises)."""
+    from reports.render import report_html  # loads matplotlib
+
     _, key = REPORT.here()
     _, html = report_html([verified(run)], report=cfg)
     return write_report(run_dir, html, {"run_sha256": run.sha256, STAGE_KEY: key})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -15,7 +17,9 @@ import pytest
 from eightgen.errors import EightgenError
 from fixtures_report import make_run_dir, rewrite_results
 from reports import stats
-from reports.render import digit_table, load_run, read_snapshots, render_report, summary_markdown
+from reports.render import render_report
+from reports.runs import load_run, read_snapshots
+from reports.summary import digit_table, summary_markdown
 
 RUN_SECTIONS = {"headline", "answer", "dataset", "dataset-counts", "classifier", "outcomes", "outcome-table", "plots",
                 "fig-success", "fig-p-target", "fig-survival", "fig-l2", "fig-flip-scatter", "fig-confusion",
@@ -137,6 +141,13 @@ def test_summary_markdown_has_key_numbers(run_dir: Path) -> None:
     assert f"{int(results['success'].sum()):,} / {len(results):,}" in md
     assert f"{100 * results['success'].mean():.1f}%" in md
     assert "seed" in md and "small\\_cnn" in md
+
+
+def test_summary_does_not_import_matplotlib() -> None:
+    """A cached pipeline run publishes the summary and must not pay for loading matplotlib."""
+    code = "import reports.summary, sys; assert 'matplotlib' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_images_embedded_with_alt_text(page: Page) -> None:

@@ -1,0 +1,71 @@
+"""Numbers as report text: fixed decimals, percentages, probabilities, steps, and JSON-safe values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+
+def _nan(x) -> bool:
+    return x is None or x is pd.NA or (isinstance(x, float) and math.isnan(x))
+
+
+def fmt_num(x, digits: int = 2) -> str:
+    """A number with fixed decimals, an em dash when missing."""
+    return "—" if _nan(x) else f"{float(x):,.{digits}f}"
+
+
+def fmt_pct(x, digits: int = 1) -> str:
+    """A share in [0, 1] as a percentage."""
+    return "—" if _nan(x) else f"{100 * float(x):.{digits}f}%"
+
+
+def fmt_prob(x) -> str:
+    """A probability: three decimals, scientific notation below 0.001."""
+    if _nan(x):
+        return "—"
+    x = float(x)
+    return f"{x:.1e}" if 0 < x < 1e-3 else f"{x:.3f}"
+
+
+def fmt_step(x) -> str:
+    """A step number (medians may fall between steps)."""
+    if _nan(x):
+        return "—"
+    x = float(x)
+    return f"{x:.0f}" if x == int(x) else f"{x:.1f}"
+
+
+def fmt_scale(x) -> str:
+    """A colour-scale bound with two significant digits."""
+    return "—" if _nan(x) else f"{float(x):.2g}"
+
+
+def fmt_int(x) -> str:
+    """An integer with thousands separators."""
+    return "—" if _nan(x) else f"{int(x):,}"
+
+
+def fmt_raw(x) -> str:
+    """A number at full precision for a data-value attribute ("nan" when missing)."""
+    return "nan" if _nan(x) else repr(float(x))
+
+
+def json_safe(x):
+    """A plain Python value for JSON and the templates: None for missing, int/float/bool for numpy scalars."""
+    if x is None or x is pd.NA:
+        return None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        return None if math.isnan(float(x)) else float(x)
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    return x
+
+
+def table_rows(table: pd.DataFrame) -> list[dict]:
+    """A table as JSON-safe row dicts."""
+    return [{k: json_safe(v) for k, v in r.items()} for r in table.to_dict("records")]

@@ -1,0 +1,146 @@
+"""Load a verified run directory for a report: its record, results, per-step arrays and image snapshots."""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from eightgen.config import AttackConfig, ReportConfig
+from eightgen.errors import EightgenError
+from eightgen.rundir import RESULTS, TRAJECTORIES, RunRecord, load_record, verify_run
+from reports import stats
+
+REQUIRED_COLUMNS = (
+    "run_id",
+    "start_kind",
+    "start_digit",
+    "seed",
+    "steps",
+    "p_target_start",
+    "p_target_final",
+    "success",
+    "flip_step",
+    "l2_final",
+    "l2_at_flip",
+    "linf_final",
+)
+
+
+@dataclass
+class Run:
+    """What a report needs from one run directory (everything but the image snapshots)."""
+
+    path: Path
+    name: str
+    record: RunRecord
+    results: pd.DataFrame  # one row per start, with columns group and traj_row (row in trajectories.npz)
+    p_target: np.ndarray  # [n_traj, steps + 1]
+    snapshot_steps: np.ndarray
+    report: ReportConfig
+    target: int
+    table: pd.DataFrame = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.table = stats.group_table(self.results)
+
+    @property
+    def order(self) -> list[str]:
+        """Start groups in display order."""
+        return stats.group_order(self.results["group"])
+
+    @property
+    def attack(self) -> AttackConfig:
+        """The attack settings of the run."""
+        return self.record.config.attack
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read a verified run directory: its record, results.parquet and the per-step arrays of trajectories.npz."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EightgenError(f"{run_dir}: run directory not found")
+    record = load_record(run_dir)
+    verify_run(run_dir)
+    try:
+        results = pd.read_parquet(run_dir / RESULTS)
+    except (OSError, ValueError) as exc:
+        raise EightgenError(f"{run_dir / RESULTS}: unreadable ({type(exc).__name__})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in results]
+    if missing:
+        raise EightgenError(f"{run_dir / RESULTS}: missing columns {', '.join(missing)}")
+    if results.empty:
+        raise EightgenError(f"{run_dir / RESULTS}: no rows")
+    npz_path = run_dir / TRAJECTORIES
+    if not npz_path.is_file():
+        raise EightgenError(f"{run_dir}: no trajectories.npz")
+    with np.load(npz_path) as npz:
+        for key in ("p_target", "snapshot_steps", "snapshots"):
+            if key not in npz.files:
+                raise EightgenError(f"{npz_path}: no array {key!r}")
+        p_target = npz["p_target"].astype(np.float32)
+        snapshot_steps = npz["snapshot_steps"].astype(np.int64)
+        traj_ids = npz["run_id"].astype(str) if "run_id" in npz.files else None
+    results = results.reset_index(drop=True)
+    results["traj_row"] = _align(results["run_id"].astype(str).to_numpy(), traj_ids, len(p_target), npz_path)
+    results["group"] = stats.group_labels(results)
+    if 0 not in snapshot_steps:
+        raise EightgenError(f"{npz_path}: snapshot_steps lacks step 0 (the start)")
+    return Run(run_dir, record.run_name, record, results, p_target, snapshot_steps, record.config.report, record.target)
+
+
+def _align(result_ids: np.ndarray, traj_ids: np.ndarray | None, n_traj: int, where: Path) -> np.ndarray:
+    """Row of every results row in the trajectory arrays (matched by run_id)."""
+    if traj_ids is None:
+        if n_traj != len(result_ids):
+            raise EightgenError(f"{where}: {n_traj} trajectories but {len(result_ids)} results rows and no run_id")
+        return np.arange(n_traj)
+    index = pd.Index(traj_ids)
+    if not index.is_unique:
+        raise EightgenError(f"{where}: run_id values repeat")
+    rows = index.get_indexer(result_ids)
+    if (rows < 0).any():
+        raise EightgenError(f"{where}: no trajectory for run_id {result_ids[rows < 0][0]!r}")
+    return rows
+
+
+def read_snapshots(npz_path: Path, rows: Iterable[int], step0: int, *, chunk_rows: int = 256) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Snapshots [k, C, 28, 28] of the given trajectory rows, and the L2 norm of every row's start image.
+
+    Streams the compressed array in chunks so memory stays small however many trajectories the run holds.
+    """
+    wanted = sorted(set(int(r) for r in rows))
+    with zipfile.ZipFile(npz_path) as zf, zf.open("snapshots.npy") as f:
+        version = np.lib.format.read_magic(f)
+        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if reader is None:
+            return _snapshots_in_memory(npz_path, wanted, step0)
+        shape, fortran, dtype = reader(f)
+        if fortran:
+            return _snapshots_in_memory(npz_path, wanted, step0)
+        n, row_shape = shape[0], shape[1:]
+        row_bytes = int(np.prod(row_shape)) * dtype.itemsize
+        picked: dict[int, np.ndarray] = {}
+        norms = np.empty(n, np.float64)
+        queue = iter(wanted)
+        nxt = next(queue, None)
+        for start in range(0, n, chunk_rows):
+            m = min(chunk_rows, n - start)
+            block = np.frombuffer(f.read(m * row_bytes), dtype=dtype).reshape(m, *row_shape)
+            first = block[:, step0].astype(np.float32).reshape(m, -1)
+            norms[start : start + m] = np.sqrt(np.einsum("ij,ij->i", first, first))
+            while nxt is not None and nxt < start + m:
+                picked[nxt] = block[nxt - start].astype(np.float32)
+                nxt = next(queue, None)
+    return picked, norms
+
+
+def _snapshots_in_memory(npz_path: Path, wanted: list[int], step0: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    with np.load(npz_path) as npz:
+        snaps = npz["snapshots"]
+    first = snaps[:, step0].astype(np.float32).reshape(len(snaps), -1)
+    return {r: snaps[r].astype(np.float32) for r in wanted}, np.linalg.norm(first, axis=1)
