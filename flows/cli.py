@@ -15,6 +15,7 @@ from eightgen.config import PRESETS, ExperimentConfig
 from eightgen.errors import EightgenError
 from flows.aligned_cli import add_aligned_options, aligned_command
 from flows.environment import process_env
+from flows.phases import mark
 from flows.runners import absolute_paths, probe_dask
 from flows.serve import add_serve_options, check_api, serve_command
 
@@ -141,6 +142,7 @@ def _one_line(exc: ValidationError) -> str:
 
 def run_command(args: argparse.Namespace) -> int:
     """Validate everything cheap first, then run the pipeline flow and wait for its records."""
+    mark("imported")
     cfg = build_config(args)
     kind = args.task_runner or ("dask" if args.dask_address else "threads")
     if kind == "dask":
@@ -156,15 +158,21 @@ def run_command(args: argparse.Namespace) -> int:
         from flows.preflight import preflight
 
         preflight(cfg, args.overwrite)
+        mark("checked")
         from flows.pipeline import pipeline
         from flows.records import wait_for_records
 
-        server.wait()
-    except BaseException:
-        server.discard()
-        raise
-    state = pipeline(cfg, force=args.force, task_runner=kind, dask_address=args.dask_address, overwrite=args.overwrite, return_state=True)
-    wait_for_records(state.state_details.flow_run_id)
+        mark("flows imported")
+        with server.wait():
+            mark("server up")
+            state = pipeline(
+                cfg, force=args.force, task_runner=kind, dask_address=args.dask_address, overwrite=args.overwrite, return_state=True
+            )
+            mark("flow done")
+            wait_for_records(state.state_details.flow_run_id)
+            mark("recorded")
+    finally:
+        server.stop()
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
         raise EightgenError(str(exc) if isinstance(exc, BaseException) else f"pipeline ended {state.name}")

@@ -1,59 +1,104 @@
-"""Prefect's embedded (ephemeral) API server, started early in a thread so it boots while the checks run."""
+"""A local Prefect API server for one command, started at once in a subprocess so it boots while the checks run.
+
+Prefect's own ephemeral server does the same from inside the first flow call, after importing its server
+package (~5 s on 2 cores) into the command's process; this starts the same uvicorn app without that import,
+waits longer on a busy machine, and stops with one line saying what to do when it never answers.
+"""
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 from eightgen.errors import EightgenError
 
 STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-DEFAULT_STARTUP_TIMEOUT = "180"  # Prefect's 20 s is too short on a busy machine
+DEFAULT_STARTUP_TIMEOUT = 180.0  # Prefect's 20 s is too short on a busy machine
+PORT_IN_USE = 3  # uvicorn's exit code when its port is taken
 
 
-def _not_about_the_temporary_server(record: logging.LogRecord) -> bool:
-    return "temporary server" not in record.getMessage()
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class EmbeddedServer:
-    """The embedded server booting in a thread: wait() for it before the first flow, or discard() it on an early error."""
+    """The command's own Prefect API: wait() for it before the first flow, stop() it at the end."""
 
     def __init__(self) -> None:
-        os.environ.setdefault(STARTUP_TIMEOUT, DEFAULT_STARTUP_TIMEOUT)
         from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
-        self._server, self._failure, self._thread = None, [], None
+        self.process: subprocess.Popen | None = None
+        self.url: str | None = None
+        self._errors = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would stall the server
         if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
             return  # a real server is configured, or Prefect will refuse by itself
-        from prefect.server.api.server import SubprocessASGIServer
+        self._spawn()
 
-        self._server = SubprocessASGIServer()
-        self._thread = threading.Thread(target=self._start, name="eightgen-embedded-server", daemon=True)
-        self._thread.start()
+    def _spawn(self) -> None:
+        import prefect
+        from prefect.settings import get_current_settings
 
-    def _start(self) -> None:
-        try:
-            self._server.start()
-        except Exception as exc:  # wait() reports it as one line
-            self._failure.append(exc)
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}/api"
+        env = {
+            **os.environ,
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+            **get_current_settings().to_environment_variables(exclude_unset=True),
+        }
+        app_dir = str(Path(prefect.__file__).parent.parent)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory", "prefect.server.api.server:create_app",
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._errors,
+        )
 
-    def wait(self) -> None:
-        """Block until the server answers; EightgenError saying what to do if it did not start."""
-        if self._thread is None:
-            return
-        self._thread.join()
-        if self._failure:
-            self.discard()
-            raise EightgenError(
-                f"Prefect's embedded server did not start within {os.environ[STARTUP_TIMEOUT]} s (a busy machine?): "
-                f"run again, raise {STARTUP_TIMEOUT}, or start `prefect server start` and set PREFECT_API_URL"
-            )
+    def wait(self) -> AbstractContextManager:
+        """Block until the server answers; a context that points Prefect at it (EightgenError if it never does)."""
+        if self.process is None:
+            return nullcontext()
+        import httpx
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    def discard(self) -> None:
-        """Stop the server quietly (an error line should stay the only line)."""
-        if self._server is None:
-            return
-        logging.getLogger("prefect").addFilter(_not_about_the_temporary_server)
-        self._thread.join(timeout=1.0)
-        self._server.stop()
+        limit = float(os.environ.get(STARTUP_TIMEOUT) or DEFAULT_STARTUP_TIMEOUT)
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code == PORT_IN_USE:
+                self._spawn()
+                continue
+            if code is not None:
+                self._errors.seek(0)
+                err = self._errors.read().decode(errors="replace").strip().splitlines()
+                raise EightgenError(f"Prefect's embedded server exited with code {code}: {err[-1] if err else 'no message'}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return temporary_settings({PREFECT_API_URL: self.url})
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise EightgenError(
+            f"Prefect's embedded server did not answer within {limit:g} s (a busy machine?): run again, "
+            f"raise {STARTUP_TIMEOUT}, or start `prefect server start` and set PREFECT_API_URL"
+        )
+
+    def stop(self) -> None:
+        """Stop the server (if this command started one)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None

@@ -1,0 +1,1 @@
+"""Benchmarks and measurement commands: `python -m benchmarks.<name> --help`."""

@@ -1,0 +1,141 @@
+"""Where the wall time of `eightgen run` goes: a cold run, a warm (all cached) run, and a warm run against a running server.
+
+    python -m benchmarks.startup --mnist-dir ../shared/datasets/mnist [more eightgen run options]
+
+All three runs use one fresh cache dir and runs root, one after the other in this process's machine state;
+each is a real `eightgen run` subprocess. The CLI marks its phases (EIGHTGEN_PHASES); time inside task runs
+comes from the Prefect database or API afterwards. The embedded server boots in a thread while the data is
+checked and the flows are imported, so "waiting for the server" is only what is left of its start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROWS = [
+    ("python + CLI imports", "start", "imported"),
+    ("settings and data checks", "imported", "checked"),
+    ("flow imports", "checked", "flows imported"),
+    ("waiting for the server", "flows imported", "server up"),
+    ("pipeline flow", "server up", "flow done"),
+    ("records flushed", "flow done", "recorded"),
+    ("exit", "recorded", "end"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(home: Path, api: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    return env | ({"PREFECT_API_URL": api} if api else {})
+
+
+def _task_seconds_sqlite(db: Path) -> float:
+    """Seconds inside task runs (start to end, summed) recorded in an embedded Prefect database."""
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT start_time, end_time FROM task_run WHERE start_time IS NOT NULL AND end_time IS NOT NULL").fetchall()
+    return sum((_when(b) - _when(a)) for a, b in rows)
+
+
+def _when(value: str) -> float:
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+
+
+def timed_run(options: list[str], env: dict[str, str], phases: Path) -> dict[str, float]:
+    """One `eightgen run` subprocess; its phase marks as seconds since the process was started."""
+    phases.unlink(missing_ok=True)
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", *options], env=env | {"EIGHTGEN_PHASES": str(phases)}, capture_output=True, text=True
+    )
+    ended = time.time()
+    if done.returncode != 0:
+        sys.exit(f"benchmarks.startup: eightgen run failed:\n{done.stderr[-2000:]}")
+    marks = {"start": started, "end": ended}
+    for line in phases.read_text().splitlines():
+        item = json.loads(line)
+        marks[item["phase"]] = item["time"]
+    return marks
+
+
+def _start_server(home: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    import httpx
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return proc, api
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    sys.exit("benchmarks.startup: prefect server start did not answer within 180 s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run cold, warm and warm-with-server, and print the phases side by side."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.startup", description=__doc__.splitlines()[0])
+    given = parser.parse_known_args(argv)[1]  # everything else is an eightgen run option
+    options = given or ["--preset", "quick"]
+    tmp = Path(tempfile.mkdtemp(prefix="eightgen-startup-"))
+    options = [*options, "--cache-dir", str(tmp / "cache"), "--runs-root", str(tmp / "runs")]
+    home = tmp / "home"
+    # a user's machine already has a Prefect database: create one first (migrations), outside the measurement
+    boot = "from flows.embedded import EmbeddedServer; s = EmbeddedServer(); s.wait(); s.discard()"
+    subprocess.run([sys.executable, "-c", boot], env=_env(home), capture_output=True, check=True)
+    load_before = os.getloadavg()[0]
+    columns = {}
+    for label in ("cold", "warm"):
+        db_home = tmp / f"home-{label}"
+        shutil.copytree(home, db_home)
+        marks = timed_run(options, _env(db_home), tmp / "phases.jsonl")
+        marks["tasks"] = _task_seconds_sqlite(db_home / "prefect.db") if (db_home / "prefect.db").exists() else float("nan")
+        columns[label] = marks
+    proc, api = _start_server(tmp / "home-server")
+    try:
+        marks = timed_run(options, _env(tmp / "home-client", api), tmp / "phases.jsonl")
+        marks["tasks"] = float("nan")
+        columns["warm, running server"] = marks
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+    load_after = os.getloadavg()[0]
+    width = 28
+    print(f"eightgen run {' '.join(given or ['--preset', 'quick'])}  (load average {load_before:.1f} -> {load_after:.1f}, {os.cpu_count()} cores)")
+    print(f"{'phase':<{width}}" + "".join(f"{name:>24}" for name in columns))
+    for label, a, b in ROWS:
+        cells = []
+        for marks in columns.values():
+            cells.append(f"{marks[b] - marks[a]:>22.2f} s" if a in marks and b in marks else f"{'—':>24}")
+        print(f"{label:<{width}}" + "".join(cells))
+    print(f"{'  of the flow: inside tasks':<{width}}" + "".join(
+        f"{m['tasks']:>22.2f} s" if m['tasks'] == m['tasks'] else f"{'—':>24}" for m in columns.values()))
+    print(f"{'total wall':<{width}}" + "".join(f"{m['end'] - m['start']:>22.2f} s" for m in columns.values()))
+    print(json.dumps({k: {r[0]: round(v[r[2]] - v[r[1]], 3) for r in ROWS} | {"total": round(v["end"] - v["start"], 3)} for k, v in columns.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
