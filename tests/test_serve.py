@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
 import json
 import math
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +38,7 @@ from prefect.client.schemas.filters import (
 from prefect.deployments import run_deployment
 from prefect.flows import load_flow_from_entrypoint
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from websockets.asyncio.client import connect
 
 from eightgen.artifacts import MANIFEST
 from eightgen.errors import EightgenError
@@ -42,6 +46,7 @@ from eightgen.rundir import find_run, load_record, verify_run
 from flows.records import flow_tree, wait_for_records
 from flows.serve import cron_schedule
 from fixtures_report import make_run_dir
+from test_report_browser import Browser, Session
 from tiny import TINY, shared_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,8 +110,10 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     """A `prefect server start` on a free port with a throwaway database; yields its API URL."""
     tmp = tmp_path_factory.mktemp("prefect-server")
     port, log = free_port(), tmp / "server.log"
-    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], base_env(tmp / "home"), log)
     url = f"http://127.0.0.1:{port}/api"
+    # the UI's browser code calls PREFECT_UI_API_URL, which otherwise names the default port 4200
+    env = base_env(tmp / "home") | {"PREFECT_UI_API_URL": url}
+    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
 
     def healthy() -> bool:
         try:
@@ -323,6 +330,245 @@ def test_rerun_report_of_a_named_run_with_a_new_title_reuses_every_chunk(served:
     assert "train-classifier" not in states, states
     assert states["optimize-chunk"] == ["Cached"] * TINY_CHUNKS, states
     assert states["render-report"] == ["Completed"], states
+
+
+RERUN_ATTACK_LINK = re.compile(r"^eightgen: rerun-attack of the newest run: (http://\S+)$", re.M)
+# the attack form's "Steps" number input: the one input of the schema-form property labelled "Steps"
+STEPS_INPUT = """(() => {
+  const prop = Array.from(document.querySelectorAll('.schema-form-property')).find(
+    p => (p.querySelector('.schema-form-property__label')?.textContent || '').trim().replace(/ \\(Optional\\)$/, '') === 'Steps');
+  return prop ? prop.querySelector('input') : null;
+})()"""
+SUBMIT_BUTTON = "Array.from(document.querySelectorAll('button')).find(b => b.textContent.trim() === 'Submit')"
+
+
+def _link_from_log(log: Path, proc: subprocess.Popen, timeout: float = 60) -> str:
+    """The rerun-attack Custom-run link `eightgen serve` printed."""
+    wait_for(lambda: RERUN_ATTACK_LINK.search(log.read_text()) is not None, timeout, "the rerun-attack link in the serve log", proc, log)
+    return RERUN_ATTACK_LINK.search(log.read_text()).group(1)
+
+
+async def _open_tab(ws, url: str) -> Session:
+    """A fresh tab (flattened CDP session) with page, runtime, log and network events on, navigated to url."""
+    boot = Session(ws, "")
+    target = await boot.send("Target.createTarget", {"url": "about:blank"}, session=False)
+    attached = await boot.send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}, session=False)
+    page = Session(ws, attached["sessionId"])
+    page.counter = boot.counter
+    for domain in ("Runtime", "Log", "Page", "Network"):
+        await page.send(f"{domain}.enable")
+    await page.send("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 1600, "deviceScaleFactor": 1, "mobile": False})
+    await page.send("Page.navigate", {"url": url})
+    await page.wait_for("Page.loadEventFired", timeout=60)
+    return page
+
+
+async def _until(page: Session, expression: str, timeout: float, what: str):
+    """Poll a page expression until it is truthy; its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await page.evaluate(expression)
+        if value:
+            return value
+        await page.drain(0.3)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+# a count of DOM changes since the first call (nodes added or removed, text changed)
+DOM_CHANGES = """(() => {
+  if (window.__eightgenChanges === undefined) {
+    window.__eightgenChanges = 0;
+    new MutationObserver(ms => { window.__eightgenChanges += ms.length; })
+      .observe(document, {subtree: true, childList: true, characterData: true});
+  }
+  return window.__eightgenChanges;
+})()"""
+
+
+def _in_flight(events: list[dict]) -> set[str]:
+    """Ids of the page's http requests that have neither finished nor failed."""
+    started, done = set(), set()
+    for e in events:
+        method, params = e.get("method"), e.get("params", {})
+        if method == "Network.requestWillBeSent" and params["request"]["url"].startswith("http"):
+            started.add(params["requestId"])
+        elif method in ("Network.loadingFinished", "Network.loadingFailed"):
+            done.add(params["requestId"])
+    return started - done
+
+
+async def _settle(page: Session, quiet: float = 1.0, timeout: float = 30) -> None:
+    """Wait until the page is quiet, as it looks to a user about to type: no request in flight and
+    no request, response or DOM change for `quiet` seconds (the UI loads its data after the form appears)."""
+    deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
+    while time.monotonic() < deadline:
+        await page.drain(0.2)
+        now = (await page.evaluate(DOM_CHANGES), sum(1 for e in page.events if e.get("method", "").startswith("Network.")))
+        if now != last or _in_flight(page.events):
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+    raise AssertionError(f"the page did not settle within {timeout} s (requests in flight: {len(_in_flight(page.events))})")
+
+
+# after Submit: the UI leaves the form for the deployment page and toasts "<run name> scheduled to start now",
+# or it stays and toasts "Something went wrong" (e.g. when the server answers 503 while its SQLite database is busy)
+SUBMIT_OUTCOME = """(() => {
+  const text = document.body.innerText, run = text.match(/(\\S+) scheduled to start now/), error = text.indexOf('Something went wrong');
+  return run ? {run: run[1]} : error >= 0 ? {error: text.slice(Math.max(0, error - 40), error + 120)} : null;
+})()"""
+
+
+def _failed_responses(events: list[dict]) -> list[str]:
+    """'status METHOD url' of every http response of the page with a status of 400 or more."""
+    methods = {e["params"]["requestId"]: e["params"]["request"]["method"] for e in events if e.get("method") == "Network.requestWillBeSent"}
+    return [
+        f"{e['params']['response']['status']} {methods.get(e['params']['requestId'], '?')} {e['params']['response']['url']}"
+        for e in events
+        if e.get("method") == "Network.responseReceived" and e["params"]["response"]["status"] >= 400
+    ]
+
+
+async def _click(page: Session, element: str) -> None:
+    """A real left click (mouse pressed and released) at the centre of an element, scrolled into view."""
+    box = await page.evaluate(
+        f"(() => {{ const e = {element}; e.scrollIntoView({{block: 'center'}}); const r = e.getBoundingClientRect();"
+        " return {x: r.left + r.width / 2, y: r.top + r.height / 2}; })()"
+    )
+    for kind in ("mousePressed", "mouseReleased"):
+        await page.send("Input.dispatchMouseEvent", {"type": kind, "x": box["x"], "y": box["y"], "button": "left", "clickCount": 1})
+
+
+async def _submit_custom_run(
+    url: str, steps: int, shots: Path, before_click: Callable[[], None], runs_made: Callable[[], int]
+) -> dict:
+    """Open the Custom-run form, type `steps` into the attack's Steps field, click Submit; what the page showed.
+
+    If the UI answers Submit with an error toast and `runs_made()` says no run was created, Submit again (at most
+    3 times; the errors are in the result). On any failure: a screenshot in `shots` and the page's visible text
+    in the assertion message.
+    """
+    browser = Browser()
+    page: Session | None = None
+    try:
+        async with connect(browser.url, max_size=None) as ws:
+            try:
+                async with asyncio.timeout(180):
+                    page = await _open_tab(ws, url)
+                    await _until(page, f"{STEPS_INPUT} !== null", 90, "the attack form's Steps input")
+                    await _settle(page)
+                    shown = await page.evaluate(f"{STEPS_INPUT}.value")
+                    # what typing does: focus the field, select its content, type over it, leave the field
+                    await page.evaluate(
+                        f"(() => {{ const i = {STEPS_INPUT}; window.__eightgenTyped = i;"
+                        " i.scrollIntoView({block: 'center'}); i.focus(); i.select(); })()"
+                    )
+                    await page.send("Input.insertText", {"text": str(steps)})
+                    await page.evaluate(f"{STEPS_INPUT}.blur()")
+                    typed = await page.evaluate(f"{STEPS_INPUT}.value")
+                    assert typed == str(steps), f"the Steps field shows {typed!r} after typing {steps}"
+                    # the form passes an edit up through debounced (10 ms per nesting level) updates: a click right after
+                    # typing submits the old value. A user pauses; so does the test, then checks what the user would see
+                    await _settle(page, quiet=0.5)
+                    kept = await page.evaluate(f"({{value: {STEPS_INPUT}.value, same: {STEPS_INPUT} === window.__eightgenTyped}})")
+                    assert kept == {"value": str(steps), "same": True}, f"the Steps field changed after typing {steps}: {kept}"
+                    assert await page.evaluate(f"{SUBMIT_BUTTON} !== undefined"), "no Submit button"
+                    before_click()
+                    errors: list[str] = []
+                    for _ in range(3):
+                        await _click(page, SUBMIT_BUTTON)
+                        outcome = await _until(page, SUBMIT_OUTCOME, 60, "the run-scheduled toast")
+                        if "run" in outcome:
+                            location = await page.evaluate("location.href")
+                            return {"shown": shown, "typed": typed, "toast": outcome["run"], "location": location, "errors": errors}
+                        # a user reads the error, closes it and submits again, unless a run was made after all
+                        errors.append(f"{outcome['error']!r}, failed requests: {_failed_responses(page.events)}")
+                        made = await asyncio.to_thread(runs_made)
+                        assert made == 0, f"the UI showed an error, yet {made} flow run(s) were created: {errors}"
+                        await page.evaluate("Array.from(document.querySelectorAll('button')).filter(b => b.textContent.trim() === 'Close').forEach(b => b.click())")
+                        await _until(page, "!document.body.innerText.includes('Something went wrong')", 20, "the error toast to close")
+                        kept = await page.evaluate(f"{STEPS_INPUT}.value")
+                        assert kept == str(steps), f"the Steps field shows {kept!r} after a failed Submit"
+                    raise AssertionError(f"Submit failed {len(errors)} times: {errors}")
+            except (AssertionError, TimeoutError) as exc:
+                text, shot = "(no page)", shots / "custom-run-failure.png"
+                if page is not None:
+                    try:
+                        async with asyncio.timeout(20):
+                            data = await page.send("Page.captureScreenshot", {"format": "png"})
+                            shot.write_bytes(base64.b64decode(data["data"]))
+                            text = await page.evaluate("document.body ? document.body.innerText.slice(0, 2000) : ''")
+                    except Exception as inner:  # the diagnosis must not hide the failure
+                        text += f" (diagnosis failed: {inner!r})"
+                problems = (page.problems() + _failed_responses(page.events)) if page is not None else []
+                raise AssertionError(
+                    f"Custom-run form at {url}: {exc or type(exc).__name__}\nscreenshot: {shot}\nproblems: {problems}\npage text:\n{text}"
+                ) from exc
+    finally:
+        browser.close()
+
+
+def test_rerun_attack_from_the_ui_form_in_a_real_browser(served: dict, real_run: dict, server: str, tmp_path: Path) -> None:
+    # what the README promises: follow the printed link, change Steps in the pre-filled attack form, Submit
+    dep = deployment("rerun-attack/manual")
+    link = _link_from_log(served["log"], served["proc"])
+    assert link == f"{server.removesuffix('/api')}/deployments/deployment/{dep.id}/run"
+    source = find_run(served["runs"])  # "run" stays empty: the newest run, whichever test made it
+    source_record = load_record(source)
+    assert (source_record.dataset.sha256, source_record.model.sha256) == (
+        real_run["record"].dataset.sha256, real_run["record"].model.sha256
+    )
+    flow_filter = FlowFilter(name=FlowFilterName(any_=["rerun-attack"]))
+    with get_client(sync_client=True) as client:
+        known = {r.id for r in client.read_flow_runs(flow_filter=flow_filter)}
+    before = {p for p in served["runs"].iterdir() if p.is_dir()}
+    clicked: list[datetime] = []
+
+    # the flow runs made since, read through the API
+    def created() -> list:
+        with get_client(sync_client=True) as client:
+            return [r for r in client.read_flow_runs(flow_filter=flow_filter) if r.id not in known]
+
+    seen = asyncio.run(
+        _submit_custom_run(link, 200, tmp_path, lambda: clicked.append(datetime.now(timezone.utc)), lambda: len(created()))
+    )
+    assert seen["shown"] == str(dep.parameters["attack"]["steps"]), seen  # the form came pre-filled with the served settings
+
+    deadline = time.monotonic() + 30
+    while not created() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    runs = created()
+    assert len(runs) == 1, (runs, served["log"].read_text()[-3000:])
+    (flow_run,) = runs
+    assert flow_run.name == seen["toast"] and flow_run.deployment_id == dep.id, (flow_run.name, seen)
+    assert flow_run.created >= clicked[0] - timedelta(seconds=5), (flow_run.created, clicked)
+    assert flow_run.parameters["run"] == "" and flow_run.parameters["attack"]["steps"] == 200, flow_run.parameters
+    # nothing else in the form changed on the way: the other fields are the served settings
+    assert flow_run.parameters["attack"] == dep.parameters["attack"] | {"steps": 200}, flow_run.parameters
+    assert {k: flow_run.parameters[k] for k in ("runs_root", "cache_dir")} == {k: dep.parameters[k] for k in ("runs_root", "cache_dir")}
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(flow_run.id)
+        if flow_run.state is not None and flow_run.state.is_final():
+            break
+        assert served["proc"].poll() is None, served["log"].read_text()[-3000:]
+        time.sleep(1)
+    assert flow_run.state is not None and flow_run.state.is_completed(), (flow_run.state, served["log"].read_text()[-3000:])
+
+    new = _new_run(served, real_run, before)
+    results = pd.read_parquet(new / "results.parquet")
+    assert len(results) == real_run["rows"] and (results["steps"] == 200).all(), results[["run_id", "steps"]]
+    record = load_record(new)
+    assert (record.dataset.sha256, record.model.sha256) == (real_run["record"].dataset.sha256, real_run["record"].model.sha256)
+    assert record.config.attack == source_record.config.attack.model_copy(update={"steps": 200})
+    assert record.config.run_label == new.name and record.run_name == new.name
+    assert tree_hashes(real_run["dir"]) == real_run["hashes"]  # the source run is untouched
+    _check_published(flow_run, new, served["port"])
+    states = _task_states(flow_run.id)
+    assert "train-classifier" not in states and "assemble-dataset" not in states, states
+    assert states["optimize-chunk"] == ["Completed"] * TINY_CHUNKS, states
 
 
 def test_cli_runs_print_no_traceback_and_keep_every_record(server: str, mnist_dir: Path, tmp_path: Path, tmp_path_factory) -> None:
