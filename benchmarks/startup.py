@@ -63,7 +63,7 @@ def timed_run(options: list[str], env: dict[str, str], phases: Path) -> dict[str
     phases.unlink(missing_ok=True)
     started = time.time()
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", *options], env=env | {"EIGHTGEN_PHASES": str(phases)}, capture_output=True, text=True
+        [sys.executable, "-m", "cli.main", "run", *options], env=env | {"EIGHTGEN_PHASES": str(phases)}, capture_output=True, text=True
     )
     ended = time.time()
     if done.returncode != 0:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     options = [*options, "--cache-dir", str(tmp / "cache"), "--runs-root", str(tmp / "runs")]
     home = tmp / "home"
     # a user's machine already has a Prefect database: create one first (migrations), outside the measurement
-    boot = "from flows.embedded import EmbeddedServer; s = EmbeddedServer(); s.wait(); s.discard()"
+    boot = "from runtime.embedded import EmbeddedServer; s = EmbeddedServer(); s.wait(); s.discard()"
     subprocess.run([sys.executable, "-c", boot], env=_env(home), capture_output=True, check=True)
     load_before = os.getloadavg()[0]
     columns = {}

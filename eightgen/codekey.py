@@ -6,7 +6,7 @@ import ast
 import hashlib
 from pathlib import Path
 
-PROJECT_PACKAGES = ("eightgen", "tasks", "flows", "reports")
+PROJECT_PACKAGES = ("eightgen", "tasks", "flows", "reports", "cli", "runtime", "prefect_api", "benchmarks")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -10,8 +10,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from eightgen.config import AlignedConfig
 from eightgen.rundir import AlignedRecord
-from flows.httpd import report_link
 from flows.stages import assemble_flow, train_flow
+from runtime.httpd import report_link
 from tasks.aligned import render_aligned_report
 from tasks.attack import n_chunks, optimize_chunk
 from tasks.judge import collect_judged_results

@@ -9,9 +9,9 @@ from prefect import flow
 from eightgen.artifacts import Artifact, verified
 from eightgen.config import PRESETS, AttackConfig, ExperimentConfig, ReportConfig, TrainConfig
 from eightgen.rundir import REPORT, find_run, load_record
-from flows.httpd import report_link
-from flows.runners import TaskRunnerKind, attack_flow_on
-from flows.stages import DEFAULT_CACHE, assemble_flow, report_flow, train_flow
+from flows.stages import DEFAULT_CACHE, assemble_flow, attack_flow_on, report_flow, train_flow
+from runtime.httpd import report_link
+from runtime.runners import TaskRunnerKind
 from tasks.report import publish_summary
 
 RUNS_ROOT = Path("runs")

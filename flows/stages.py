@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
+from prefect import Flow, flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from eightgen.artifacts import Artifact
 from eightgen.config import DatasetConfig, ExperimentConfig, ReportConfig, TrainConfig
+from eightgen.errors import EightgenError
+from runtime.runners import TASK_RUNNERS, TaskRunnerKind, probe_dask
 from tasks.assemble import assemble_dataset, fingerprint_source
 from tasks.attack import n_chunks, optimize_chunk
 from tasks.collect import collect_results
@@ -44,3 +46,20 @@ def attack_flow(
 def report_flow(cfg: ReportConfig, run: Artifact, force: bool = False) -> Artifact:
     """Run directory -> report.html (the report manifest's Artifact)."""
     return render_run_report(cfg, run, run.path, force)
+
+
+def attack_flow_on(kind: TaskRunnerKind = "threads", dask_address: str | None = None, cache_dir: Path | None = None) -> Flow:
+    """The attack stage flow with its chunks on threads (in process) or on Dask workers."""
+    if kind == "threads":
+        if dask_address:
+            raise EightgenError("a Dask address needs the dask task runner")
+        return attack_flow
+    if kind != "dask":
+        raise EightgenError(f"unknown task runner {kind!r}: choose one of {', '.join(TASK_RUNNERS)}")
+    if dask_address and cache_dir is not None and not Path(cache_dir).is_absolute():
+        raise EightgenError(f"with a Dask cluster the cache dir must be an absolute path every worker reads, got {cache_dir}")
+    if dask_address:
+        probe_dask(dask_address)
+    from runtime.dask_runner import dask_runner
+
+    return attack_flow.with_options(task_runner=dask_runner(dask_address))

@@ -17,10 +17,12 @@ from pydantic import ValidationError
 from eightgen.config import AlignedConfig, AttackConfig, DatasetConfig, RefereeConfig, TrainConfig
 from eightgen.rundir import load_record
 from flows.aligned import aligned_flow
-from flows.aligned_cli import build_aligned_config, summary_lines
-from flows.cli import main, parser
-from flows.records import task_run_states, wait_for_records
+from cli.aligned import build_aligned_config, summary_lines
+from cli.main import main, parser
+from prefect_api.records import task_run_states, wait_for_records
 from reports.aligned import REFEREE_COLUMNS
+
+pytestmark = pytest.mark.slow  # trains models, starts servers or clusters: the full suite only
 
 BUDGETS = (1.0, 3.0)
 # The CLI options that build the same tiny config as the fixture (so a CLI run finds everything cached).

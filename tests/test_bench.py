@@ -13,7 +13,7 @@ import torch
 from nets import bn_net
 from torch import Tensor, nn
 
-from eightgen.bench import bench_starts, main, seed_loop
+from benchmarks.bench import bench_starts, main, seed_loop
 from eightgen.config import AttackConfig, TrainConfig
 from eightgen.execution import (
     ColumnConv2d,
@@ -29,8 +29,8 @@ from eightgen.execution import (
 from eightgen.losses import per_sample_loss
 from eightgen.models import load_classifier
 from eightgen.optimize import final_images, optimize
-from eightgen.tolerance import METHODS as TOLERANCE_METHODS
-from eightgen.tolerance import VARIANTS, compare, tolerance
+from benchmarks.tolerance import METHODS as TOLERANCE_METHODS
+from benchmarks.tolerance import VARIANTS, compare, tolerance
 from eightgen.training import train
 
 RATES = ("engine_rate", "engine_unrecorded_rate", "seed_loop_rate", "engine_pgd_rate", "torchattacks_pgd_rate")
@@ -88,7 +88,7 @@ def test_quick_bench_reports_every_figure_consistently(model_dir: Path, capsys: 
 
 def test_bad_settings_exit_with_a_one_line_error(model_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--quick", "--model-dir", str(model_dir), "--n", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "eightgen.bench: error: --n must be positive, got 0"
+    assert capsys.readouterr().err.strip() == "benchmarks.bench: error: --n must be positive, got 0"
     assert main(["--quick", "--model-dir", str(model_dir), "--n", "100000"]) == 2
     assert "pool of" in capsys.readouterr().err
 
@@ -305,7 +305,7 @@ def test_tolerance_runs_every_method_and_variant_and_cpu_variants_change_nothing
 
 
 def test_tolerance_command_needs_cuda(capsys: pytest.CaptureFixture) -> None:
-    from eightgen.tolerance import main as tolerance_main
+    from benchmarks.tolerance import main as tolerance_main
 
     assert tolerance_main(["--device", "cpu"]) == 2
     assert "CUDA options" in capsys.readouterr().err

@@ -47,8 +47,8 @@ def test_a_template_or_report_module_keys_only_the_reports(checkout: Path) -> No
 
 
 def test_a_module_no_stage_imports_keys_nothing(checkout: Path) -> None:
-    assert "eightgen/bench.py" not in {str(p.relative_to(checkout)) for s in STAGES for p in code_files(s, checkout)}
-    assert changed_after(checkout, "eightgen/bench.py") == set()
+    assert "benchmarks/bench.py" not in {str(p.relative_to(checkout)) for s in STAGES for p in code_files(s, checkout)}
+    assert changed_after(checkout, "benchmarks/bench.py") == set()
 
 
 def test_shared_modules_key_every_stage_that_imports_them(checkout: Path) -> None:
@@ -58,12 +58,12 @@ def test_shared_modules_key_every_stage_that_imports_them(checkout: Path) -> Non
 
 
 def test_an_import_added_by_an_edit_joins_the_key(checkout: Path) -> None:
-    assert "eightgen/bench.py" not in {str(p.relative_to(checkout)) for p in code_files("tasks.assemble", checkout)}
+    assert "benchmarks/bench.py" not in {str(p.relative_to(checkout)) for p in code_files("tasks.assemble", checkout)}
     code_digest("tasks.assemble", checkout)  # remember the closure before the edit
     with open(checkout / "tasks/assemble.py", "a") as f:
-        f.write("\nfrom eightgen import bench  # noqa\n")
+        f.write("\nfrom benchmarks import bench  # noqa\n")
     before = code_digest("tasks.assemble", checkout)
-    with open(checkout / "eightgen/bench.py", "a") as f:
+    with open(checkout / "benchmarks/bench.py", "a") as f:
         f.write("\n# edited\n")
     assert code_digest("tasks.assemble", checkout) != before
 

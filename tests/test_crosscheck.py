@@ -10,7 +10,7 @@ import torchattacks
 from nets import bn_net
 from torch import Tensor, nn
 
-from eightgen.bench import bench_starts
+from benchmarks.bench import bench_starts
 from eightgen.config import AttackConfig, TrainConfig
 from eightgen.models import load_classifier
 from eightgen.optimize import TARGET, optimize

@@ -15,13 +15,15 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
-from flows.cli import main
-from flows.dask_runner import dask_runner
+from cli.main import main
+from runtime.dask_runner import dask_runner
 from flows.pipeline import pipeline
-from flows.records import flow_tree, wait_for_records
-from flows.runners import attack_flow_on
+from prefect_api.records import flow_tree, wait_for_records
+from flows.stages import attack_flow_on
 from tasks.attack import n_chunks
 from tiny import shared_cache, tiny_config
+
+pytestmark = pytest.mark.slow  # trains models, starts servers or clusters: the full suite only
 
 FLOATS = ["p_target_start", "p_target_final", "l2_final", "linf_final", "grad_norm_final", "frac_outside_01"]
 EXACT = ["run_id", "start_kind", "start_digit", "source_index", "seed", "success", "flip_step", "stays_flipped", "censored"]

@@ -16,7 +16,7 @@ from eightgen.models import load_classifier
 from eightgen.rundir import load_record
 from eightgen.trajectory import load_trajectory
 from flows.pipeline import pipeline
-from flows.records import task_run_states, wait_for_records
+from prefect_api.records import task_run_states, wait_for_records
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,13 @@ from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, tempor
 
 from eightgen.config import ExperimentConfig
 from flows.pipeline import pipeline
-from flows.records import flow_tree, wait_for_records
+from prefect_api.records import flow_tree, wait_for_records
 from flows.stages import assemble_flow
 from tasks.attack import n_chunks
 from tasks.faults import FAIL_ONCE, FAIL_ONCE_MARKER
 from tiny import shared_cache, tiny_config
+
+pytestmark = pytest.mark.slow  # trains models, starts servers or clusters: the full suite only
 
 ROOT = Path(__file__).resolve().parents[1]
 

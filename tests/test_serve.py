@@ -43,11 +43,13 @@ from websockets.asyncio.client import connect
 from eightgen.artifacts import MANIFEST
 from eightgen.errors import EightgenError
 from eightgen.rundir import find_run, load_record, verify_run
-from flows.records import flow_tree, wait_for_records
-from flows.serve import cron_schedule
+from prefect_api.records import flow_tree, wait_for_records
+from cli.serve import cron_schedule
 from fixtures_report import make_run_dir
 from test_report_browser import Browser, Session
 from tiny import TINY, shared_cache
+
+pytestmark = pytest.mark.slow  # trains models, starts servers or clusters: the full suite only
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -20,9 +20,9 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from eightgen.codekey import PROJECT_PACKAGES
 from eightgen.rundir import REPORT, REPORT_MANIFEST, RESULTS, load_record, verify_run, write_run
 from eightgen.trajectory import load_trajectory
-from flows.cli import main
+from cli.main import main
 from flows.pipeline import pipeline
-from flows.records import task_run_states, wait_for_records
+from prefect_api.records import task_run_states, wait_for_records
 from tiny import TINY, shared_cache, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def test_code_edits_rerun_exactly_the_stages_that_import_them(mnist_dir: Path, t
 
     def run(label: str) -> dict[str, list[str]]:
         home = tmp_path / f"home-{label}"
-        cmd = [sys.executable, "-m", "flows.cli", "run", *TINY, "--steps", "9", *where]
+        cmd = [sys.executable, "-m", "cli.main", "run", *TINY, "--steps", "9", *where]
         done = subprocess.run(cmd, cwd=checkout, env=env | {"PREFECT_HOME": str(home)}, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
         return _sqlite_states(home)
@@ -193,7 +193,7 @@ def test_code_edits_rerun_exactly_the_stages_that_import_them(mnist_dir: Path, t
     assert template["render-report"] == ["Completed"], template
     assert set(template["optimize-chunk"]) == {"Cached"} and template["collect-results"] == ["Cached"], template
     assert template["train-classifier"] == ["Cached"] and template["assemble-dataset"] == ["Cached"], template
-    edit("eightgen/bench.py", "\n# a module no stage imports\n")
+    edit("benchmarks/bench.py", "\n# a module no stage imports\n")
     unused = run("unused")
     assert {s for v in unused.values() for s in v if s != "Completed"} == {"Cached"}
     assert {k for k, v in unused.items() if "Completed" in v} <= {"fingerprint-source", "publish-summary"}, unused

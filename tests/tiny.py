@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from eightgen.config import ExperimentConfig
-from flows.cli import build_config, parser
+from cli.main import build_config, parser
 
 # 2 start digits + noise, 2 seeds each, 2 starts per chunk -> 3 optimisation chunks.
 TINY = ["--preset", "quick", "--seeds", "2", "--digits", "1,3", "--steps", "5", "--epochs", "1", "--max-train", "2000", "--chunk-size", "2"]

@@ -1,6 +1,6 @@
 """How much of a pipeline run is orchestration rather than compute.
 
-    python -m flows.overhead [eightgen run options]      e.g. --preset quick --mnist-dir ../shared/datasets/mnist
+    python -m benchmarks.overhead [eightgen run options]      e.g. --preset quick --mnist-dir ../shared/datasets/mnist
 
 Runs the pipeline once on cold caches (a temporary cache dir and runs root unless --cache-dir is given),
 after the Prefect API is up (server start-up is not counted), then reads its task runs back from the API:
@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Sequence
 
 from eightgen.errors import EightgenError
-from flows.environment import process_env
+from runtime.environment import process_env
 
 
 def _noop_task_cost(n: int = 50) -> float:
     """Seconds one call of a no-op task takes inside a flow (task-run creation, states, records), mean of n."""
     from prefect import flow, task
 
-    from flows.records import wait_for_records
+    from prefect_api.records import wait_for_records
 
     @task(name="noop")
     def noop() -> None:
@@ -45,7 +45,7 @@ def _noop_task_cost(n: int = 50) -> float:
 
 def measure(argv: Sequence[str]) -> dict:
     """Run the pipeline with `eightgen run` options and return the timing split."""
-    from flows.cli import build_config, parser
+    from cli.main import build_config, parser
 
     args = parser().parse_args(["run", *argv])
     cfg = build_config(args)
@@ -53,14 +53,14 @@ def measure(argv: Sequence[str]) -> dict:
     if args.cache_dir is None:
         cfg = cfg.model_copy(update={"cache_dir": Path(tmp.name) / "cache", "runs_root": Path(tmp.name) / "runs"})
     process_env(cfg.cache_dir)
-    from flows.preflight import preflight
+    from runtime.preflight import preflight
 
     preflight(cfg)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 
     from flows.pipeline import pipeline
-    from flows.records import flow_tree, wait_for_records
+    from prefect_api.records import flow_tree, wait_for_records
 
     with get_client(sync_client=True) as client:
         client.api_healthcheck()  # starts the ephemeral API if there is no server: not part of the run

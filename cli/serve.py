@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from cli.options import build_config
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
-from flows.environment import process_env
-from flows.httpd import ReportServer
-from flows.runners import TaskRunnerKind, absolute_paths, probe_dask
+from prefect_api.server import check_api
+from runtime.environment import process_env
+from runtime.httpd import ReportServer
+from runtime.runners import TaskRunnerKind, absolute_paths, probe_dask
 
 if TYPE_CHECKING:  # prefect is imported only after the CLI has set its environment
     from prefect.deployments.runner import RunnerDeployment
@@ -41,29 +43,6 @@ def cron_schedule(cron: str, timezone: str) -> Schedule:
     except ValidationError as exc:
         raise EightgenError("; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())) from None
     return Cron(cron, timezone=timezone)
-
-
-def check_api(required: bool = True, timeout: float = 5.0) -> str | None:
-    """The URL of the configured Prefect API once it answers; None if none is set and none is `required`."""
-    import httpx
-    from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
-
-    url, key = PREFECT_API_URL.value(), PREFECT_API_KEY.value()
-    if not url and not required:
-        return None  # the embedded (ephemeral) API
-    if not url:
-        raise EightgenError(
-            "serving needs a Prefect server: start one with `prefect server start` "
-            "and set PREFECT_API_URL=http://127.0.0.1:4200/api"
-        )
-    try:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        answer = httpx.get(f"{url.rstrip('/')}/health", headers=headers, timeout=timeout)
-    except httpx.HTTPError as exc:
-        raise EightgenError(f"no Prefect API reachable at {url} ({type(exc).__name__}); is `prefect server start` running?") from None
-    if answer.status_code != 200:
-        raise EightgenError(f"the Prefect API at {url} answered HTTP {answer.status_code} to a health check")
-    return url
 
 
 def deployments(
@@ -137,8 +116,6 @@ def _announce() -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     """Check everything first (settings, schedule, data, Dask, API, port), then register and serve."""
-    from flows.cli import build_config
-
     cfg = absolute_paths(build_config(args))
     process_env(cfg.cache_dir)
     schedule = cron_schedule(args.cron, args.timezone)
@@ -148,7 +125,7 @@ def serve_command(args: argparse.Namespace) -> int:
     url = check_api()
     reports = ReportServer(cfg.runs_root, args.reports_port)  # binds the port now: a busy one fails before any work
     try:
-        from flows.preflight import preflight
+        from runtime.preflight import preflight
 
         preflight(cfg, args.overwrite)
         served = deployments(cfg, schedule, kind, args.dask_address, force=args.force, overwrite=args.overwrite)

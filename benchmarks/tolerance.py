@@ -3,7 +3,7 @@
 Each variant runs the same methods on the same real pool starts (every non-target digit) and noise starts as
 the plain float32 engine; the figures say how many starts changed success, and how far flip steps moved.
 
-    python -m eightgen.tolerance [--arch small_cnn] [--seeds 32] [--steps 50] [--device cuda]
+    python -m benchmarks.tolerance [--arch small_cnn] [--seeds 32] [--steps 50] [--device cuda]
                                  [--mnist-dir DIR | --model-dir DIR]
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.bench import model_for
 from eightgen.assembly import load_assembled
-from eightgen.bench import model_for
 from eightgen.config import AttackConfig
 from eightgen.devices import pick_device
 from eightgen.errors import EightgenError
@@ -65,7 +65,7 @@ def tolerance(model_dir: Path, dataset_dir: Path, seeds: int, steps: int, device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eightgen.tolerance", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tolerance", description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=("small_cnn", "resnet18", "resnet34"), default="small_cnn")
     p.add_argument("--seeds", type=int, default=32, help="starts per digit and noise starts (32: 320 in all)")
     p.add_argument("--steps", type=int, default=50)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir, dataset_dir = model_for(args, args.arch)
         rows = tolerance(model_dir, dataset_dir, args.seeds, args.steps, device)
     except EightgenError as exc:
-        sys.stderr.write(f"eightgen.tolerance: error: {exc}\n")
+        sys.stderr.write(f"benchmarks.tolerance: error: {exc}\n")
         return 2
     for row in rows:
         sys.stdout.write(json.dumps(row) + "\n")

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
-
-if TYPE_CHECKING:
-    from prefect import Flow
 
 TaskRunnerKind = Literal["threads", "dask"]
 TASK_RUNNERS: tuple[str, ...] = get_args(TaskRunnerKind)
@@ -28,25 +24,6 @@ def probe_dask(address: str, timeout: float = 5.0) -> int:
     if workers == 0:
         raise EightgenError(f"the Dask scheduler at {address!r} has no workers")
     return workers
-
-
-def attack_flow_on(kind: TaskRunnerKind = "threads", dask_address: str | None = None, cache_dir: Path | None = None) -> Flow:
-    """The attack stage flow with its chunks on threads (in process) or on Dask workers."""
-    from flows.stages import attack_flow
-
-    if kind == "threads":
-        if dask_address:
-            raise EightgenError("a Dask address needs the dask task runner")
-        return attack_flow
-    if kind != "dask":
-        raise EightgenError(f"unknown task runner {kind!r}: choose one of {', '.join(TASK_RUNNERS)}")
-    if dask_address and cache_dir is not None and not Path(cache_dir).is_absolute():
-        raise EightgenError(f"with a Dask cluster the cache dir must be an absolute path every worker reads, got {cache_dir}")
-    if dask_address:
-        probe_dask(dask_address)
-    from flows.dask_runner import dask_runner
-
-    return attack_flow.with_options(task_runner=dask_runner(dask_address))
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:

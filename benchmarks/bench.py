@@ -4,7 +4,7 @@ Every figure is measured in one process on one trained detector, one batch of re
 one device, with the same torch thread count; the timed contenders run interleaved, round after round, and
 each keeps its best round (on a shared machine the best round is the least disturbed one).
 
-    python -m eightgen.bench [--arch small_cnn|resnet18|resnet34] [--n 256] [--steps 20] [--device auto]
+    python -m benchmarks.bench [--arch small_cnn|resnet18|resnet34] [--n 256] [--steps 20] [--device auto]
                              [--mnist-dir DIR | --model-dir DIR] [--quick]
 """
 
@@ -364,7 +364,7 @@ def run_bench(cfg: BenchConfig, model_dir: Path, dataset_dir: Path) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eightgen.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=("small_cnn", "resnet18", "resnet34"), default="small_cnn")
     p.add_argument("--n", type=int, default=None, help="starts in the batch (256)")
     p.add_argument("--steps", type=int, default=None, help="optimisation steps per contender (20)")
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         malloc = keep_freed_memory()
         result = run_bench(cfg, model_dir, dataset_dir)
     except EightgenError as exc:
-        sys.stderr.write(f"eightgen.bench: error: {exc}\n")
+        sys.stderr.write(f"benchmarks.bench: error: {exc}\n")
         return 2
     result["malloc_tuned"] = malloc
     # A median over mostly failed attacks is infinite: JSON null.

@@ -1,23 +1,14 @@
-"""The `eightgen` command: run the pipeline, re-render reports, serve deployments."""
+"""The options that make an ExperimentConfig, shared by `eightgen run` and `eightgen serve`."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-import warnings
 from pathlib import Path
-from typing import Any, Sequence
-
-from pydantic import ValidationError
+from typing import Any
 
 from eightgen.config import PRESETS, ExperimentConfig
 from eightgen.errors import EightgenError
-from flows.aligned_cli import add_aligned_options, aligned_command
-from flows.environment import process_env
-from flows.phases import mark
-from flows.runners import absolute_paths, probe_dask
-from flows.serve import add_serve_options, check_api, serve_command
 
 OVERRIDES: dict[str, tuple[str, str]] = {
     # option dest -> (config section, field)
@@ -95,27 +86,6 @@ def experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dask-address", help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (default with --task-runner dask: a local cluster, one 1-thread worker per core)")
 
 
-def parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
-    top = argparse.ArgumentParser(prog="eightgen", description=__doc__)
-    sub = top.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="assemble -> train -> optimise -> results -> report, as a Prefect flow run")
-    experiment_options(run)
-
-    srv = sub.add_parser("serve", help="serve the pipeline (nightly and on demand) and each stage as Prefect deployments")
-    experiment_options(srv)
-    add_serve_options(srv)
-
-    rep = sub.add_parser("report", help="re-render report.html from run directories (several: a comparison)")
-    rep.add_argument("run_dirs", nargs="+", type=Path)
-    rep.add_argument("-o", "--out", type=Path, help="output file (default: RUN_DIR/report.html, or compare.html)")
-
-    aligned = sub.add_parser("aligned", help="standard vs robust detector over L2 budgets, judged by referees: aligned.html")
-    add_aligned_options(aligned)
-    return top
-
-
 def build_config(args: argparse.Namespace) -> ExperimentConfig:
     """Preset + command-line overrides + $EIGHTGEN_MNIST_DIR, validated as one ExperimentConfig."""
     if args.preset not in PRESETS:
@@ -129,84 +99,3 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     if env_dir and data["dataset"]["mnist_dir"] is None and data["dataset"]["local_path"] is None:
         data["dataset"]["mnist_dir"] = Path(env_dir)
     return ExperimentConfig.model_validate(data)
-
-
-def _one_line(exc: ValidationError) -> str:
-    """A pydantic validation error as one line naming each bad field."""
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        parts.append(f"{where}: {err['msg']}")
-    return "invalid settings: " + "; ".join(parts)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """Validate everything cheap first, then run the pipeline flow and wait for its records."""
-    mark("imported")
-    cfg = build_config(args)
-    kind = args.task_runner or ("dask" if args.dask_address else "threads")
-    if kind == "dask":
-        cfg = absolute_paths(cfg)  # workers may run elsewhere: every path they get must be absolute
-    process_env(cfg.cache_dir)
-    if args.dask_address:
-        probe_dask(args.dask_address)
-    check_api(required=False)
-    from flows.embedded import EmbeddedServer
-
-    server = EmbeddedServer()  # boots while the data is checked and the flows are imported
-    try:
-        from flows.preflight import preflight
-
-        preflight(cfg, args.overwrite)
-        mark("checked")
-        from flows.pipeline import pipeline
-        from flows.records import wait_for_records
-
-        mark("flows imported")
-        with server.wait():
-            mark("server up")
-            state = pipeline(
-                cfg, force=args.force, task_runner=kind, dask_address=args.dask_address, overwrite=args.overwrite, return_state=True
-            )
-            mark("flow done")
-            wait_for_records(state.state_details.flow_run_id)
-            mark("recorded")
-    finally:
-        server.stop()
-    if not state.is_completed():
-        exc = state.result(raise_on_failure=False)
-        raise EightgenError(str(exc) if isinstance(exc, BaseException) else f"pipeline ended {state.name}")
-    report = state.result()
-    print(f"report: {Path(report).resolve()}")
-    return 0
-
-
-def report_command(args: argparse.Namespace) -> int:
-    """Re-render reports from run directories only."""
-    from reports.render import render_report
-
-    path = render_report(list(args.run_dirs), out=args.out)
-    print(f"report: {path.resolve()}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `eightgen` command."""
-    # fastai's import-time torch.jit.script call and pandas-option use warn on every run; they are not ours to fix.
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"The 'mode\.chained_assignment' option is deprecated")
-    args = parser().parse_args(argv)
-    commands = {"run": run_command, "report": report_command, "serve": serve_command, "aligned": aligned_command}
-    try:
-        return commands[args.command](args)
-    except ValidationError as exc:
-        print(f"eightgen: error: {_one_line(exc)}", file=sys.stderr)
-    except EightgenError as exc:
-        print(f"eightgen: error: {exc}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("eightgen: interrupted", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ from typing import Any
 
 from eightgen.config import AlignedConfig
 from eightgen.errors import EightgenError
-from flows.environment import process_env
+from runtime.environment import process_env
 
 OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
     # option dest -> (config sections it sets, field)
@@ -135,14 +135,14 @@ def aligned_command(args: argparse.Namespace) -> int:
     cfg = build_aligned_config(args)
     process_env(cfg.cache_dir)
     from eightgen.rundir import check_target
-    from flows.preflight import preflight
+    from runtime.preflight import preflight
 
     preflight(cfg.experiment("standard", cfg.budgets[0]), args.overwrite)
     for detector in cfg.detectors:
         for budget in cfg.budgets:
             check_target(cfg.experiment(detector, budget).run_dir, cfg.experiment(detector, budget), args.overwrite)
     from flows.aligned import aligned_flow
-    from flows.records import wait_for_records
+    from prefect_api.records import wait_for_records
 
     state = aligned_flow(cfg, force=args.force, overwrite=args.overwrite, return_state=True)
     wait_for_records(state.state_details.flow_run_id)

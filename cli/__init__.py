@@ -1,0 +1,1 @@
+"""The `eightgen` command: options, subcommands, and the one-line errors."""

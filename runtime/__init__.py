@@ -1,0 +1,1 @@
+"""What commands and flows need from the process and the machine: environment, checks, servers, task runners."""
