@@ -49,14 +49,19 @@ def pipeline(
 
 
 def _from_run(run: str, runs_root: Path, cache_dir: Path, **changes: object) -> tuple[ExperimentConfig, Artifact, Artifact]:
-    """A source run's settings with `changes`, named from those settings, and its verified dataset and model."""
+    """A source run's settings with `changes`, named from those settings, and its verified model and dataset.
+
+    The model is verified only when the settings keep the detector (a train re-run makes its own).
+    """
     record = load_record(find_run(runs_root, run))
     update = {k: v for k, v in changes.items() if v is not None}
     cfg = record.config.model_copy(update={**update, "run_name": None, "runs_root": runs_root, "cache_dir": cache_dir})
     cfg = ExperimentConfig.model_validate(cfg.model_dump())  # validate the combination
     dataset, model = record.dataset.artifact(), record.model.artifact()
     verified(dataset)
-    return cfg, dataset, model
+    if cfg.train == record.config.train:
+        verified(model)
+    return cfg, model, dataset
 
 
 @flow(name="rerun-train")
@@ -64,7 +69,7 @@ def rerun_train(
     run: str = "", train: TrainConfig | None = None, runs_root: Path = RUNS_ROOT, cache_dir: Path = DEFAULT_CACHE, force: bool = False
 ) -> Path:
     """Retrain the detector of an existing run (default: the newest) with these settings, then attack and report."""
-    cfg, dataset, _ = _from_run(run, runs_root, cache_dir, train=train)
+    cfg, _, dataset = _from_run(run, runs_root, cache_dir, train=train)
     model = train_flow(cfg.train, dataset, cfg.cache_dir, force)
     return attack_and_report(cfg, model, dataset, force=force)
 
@@ -74,9 +79,7 @@ def rerun_attack(
     run: str = "", attack: AttackConfig | None = None, runs_root: Path = RUNS_ROOT, cache_dir: Path = DEFAULT_CACHE, force: bool = False
 ) -> Path:
     """Optimise again from an existing run's dataset and detector (default: the newest run) with these attack settings."""
-    cfg, dataset, model = _from_run(run, runs_root, cache_dir, attack=attack)
-    verified(model)
-    return attack_and_report(cfg, model, dataset, force=force)
+    return attack_and_report(*_from_run(run, runs_root, cache_dir, attack=attack), force=force)
 
 
 @flow(name="rerun-report")
@@ -84,6 +87,4 @@ def rerun_report(
     run: str = "", report: ReportConfig | None = None, runs_root: Path = RUNS_ROOT, cache_dir: Path = DEFAULT_CACHE, force: bool = False
 ) -> Path:
     """Render an existing run's report (default: the newest run) with these report settings."""
-    cfg, dataset, model = _from_run(run, runs_root, cache_dir, report=report)
-    verified(model)
-    return attack_and_report(cfg, model, dataset, force=force)
+    return attack_and_report(*_from_run(run, runs_root, cache_dir, report=report), force=force)

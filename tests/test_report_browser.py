@@ -130,7 +130,7 @@ class Session:
         return out
 
 
-async def open_page(ws, url: str, width: int = 1280, height: int = 900) -> Session:
+async def open_page(ws, url: str, width: int = 1280, height: int = 900, load_timeout: float = 30) -> Session:
     """A fresh tab with console, log, network and page events on, loaded with url."""
     boot = Session(ws, "")
     target = await boot.send("Target.createTarget", {"url": "about:blank"}, session=False)
@@ -141,7 +141,7 @@ async def open_page(ws, url: str, width: int = 1280, height: int = 900) -> Sessi
         await page.send(f"{domain}.enable")
     await page.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
     await page.send("Page.navigate", {"url": url})
-    await page.wait_for("Page.loadEventFired")
+    await page.wait_for("Page.loadEventFired", timeout=load_timeout)
     return page
 
 

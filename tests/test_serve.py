@@ -46,7 +46,7 @@ from eightgen.rundir import find_run, load_record, verify_run
 from prefect_api.records import flow_tree, wait_for_records
 from cli.serve import cron_schedule
 from fixtures_report import make_run_dir
-from test_report_browser import Browser, Session
+from test_report_browser import Browser, Session, open_page
 from tiny import TINY, shared_cache
 
 pytestmark = pytest.mark.slow  # trains models, starts servers or clusters: the full suite only
@@ -350,21 +350,6 @@ def _link_from_log(log: Path, proc: subprocess.Popen, timeout: float = 60) -> st
     return RERUN_ATTACK_LINK.search(log.read_text()).group(1)
 
 
-async def _open_tab(ws, url: str) -> Session:
-    """A fresh tab (flattened CDP session) with page, runtime, log and network events on, navigated to url."""
-    boot = Session(ws, "")
-    target = await boot.send("Target.createTarget", {"url": "about:blank"}, session=False)
-    attached = await boot.send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}, session=False)
-    page = Session(ws, attached["sessionId"])
-    page.counter = boot.counter
-    for domain in ("Runtime", "Log", "Page", "Network"):
-        await page.send(f"{domain}.enable")
-    await page.send("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 1600, "deviceScaleFactor": 1, "mobile": False})
-    await page.send("Page.navigate", {"url": url})
-    await page.wait_for("Page.loadEventFired", timeout=60)
-    return page
-
-
 async def _until(page: Session, expression: str, timeout: float, what: str):
     """Poll a page expression until it is truthy; its value."""
     deadline = time.monotonic() + timeout
@@ -456,7 +441,7 @@ async def _submit_custom_run(
         async with connect(browser.url, max_size=None) as ws:
             try:
                 async with asyncio.timeout(180):
-                    page = await _open_tab(ws, url)
+                    page = await open_page(ws, url, height=1600, load_timeout=60)
                     await _until(page, f"{STEPS_INPUT} !== null", 90, "the attack form's Steps input")
                     await _settle(page)
                     shown = await page.evaluate(f"{STEPS_INPUT}.value")
