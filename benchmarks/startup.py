@@ -50,7 +50,10 @@ def _env(home: Path, api: str | None = None) -> dict[str, str]:
 def _task_seconds_sqlite(db: Path) -> float:
     """Seconds inside task runs (start to end, summed) recorded in an embedded Prefect database."""
     with sqlite3.connect(db) as con:
-        rows = con.execute("SELECT start_time, end_time FROM task_run WHERE start_time IS NOT NULL AND end_time IS NOT NULL").fetchall()
+        rows = con.execute(
+            "SELECT start_time, end_time FROM task_run WHERE start_time IS NOT NULL AND end_time IS NOT NULL AND id NOT IN "
+            "(SELECT parent_task_run_id FROM flow_run WHERE parent_task_run_id IS NOT NULL)"  # subflow stand-ins
+        ).fetchall()
     return sum((_when(b) - _when(a)) for a, b in rows)
 
 
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     options = [*options, "--cache-dir", str(tmp / "cache"), "--runs-root", str(tmp / "runs")]
     home = tmp / "home"
     # a user's machine already has a Prefect database: create one first (migrations), outside the measurement
-    boot = "from runtime.embedded import EmbeddedServer; s = EmbeddedServer(); s.wait(); s.discard()"
+    boot = "from runtime.embedded import EmbeddedServer; s = EmbeddedServer(); s.wait(); s.stop()"
     subprocess.run([sys.executable, "-c", boot], env=_env(home), capture_output=True, check=True)
     load_before = os.getloadavg()[0]
     columns = {}
