@@ -32,16 +32,23 @@ def flow_tree(client, root: UUID) -> list[UUID]:
     return ids
 
 
-def task_run_states(flow_run_id: UUID) -> dict[str, list[str]]:
-    """Task-run name prefix -> state names, for every task run of a flow-run tree, read from the API."""
+def task_states_of(flow_run_ids: list[UUID]) -> dict[str, list[str]]:
+    """Task-run name prefix -> state names, for the task runs of these flow runs (subflow stand-ins left out)."""
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=flow_tree(client, flow_run_id)))
-        )
+        stand_ins = {client.read_flow_run(i).parent_task_run_id for i in flow_run_ids}
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=list(flow_run_ids))))
     states: dict[str, list[str]] = {}
     for r in runs:
-        states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
+        if r.id not in stand_ins:
+            states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name if r.state else "none")
     return states
+
+
+def task_run_states(flow_run_id: UUID) -> dict[str, list[str]]:
+    """Task-run name prefix -> state names, for every task run of a flow-run tree (subflow stand-ins left out)."""
+    with get_client(sync_client=True) as client:
+        tree = flow_tree(client, flow_run_id)
+    return task_states_of(tree)
 
 
 def wait_for_records(flow_run_id: UUID, timeout: float = 60.0, settle_polls: int = 4) -> int:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from prefect import flow, task
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterFlowRunId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from eightgen.config import ExperimentConfig
@@ -18,10 +18,10 @@ from eightgen.errors import EightgenError
 from cli.main import main
 from runtime.dask_runner import dask_runner
 from flows.pipeline import pipeline
-from prefect_api.records import flow_tree, wait_for_records
+from prefect_api.records import flow_tree, task_run_states, wait_for_records
 from flows.stages import attack_flow_on
 from tasks.attack import n_chunks
-from tiny import shared_cache, tiny_config
+from helpers import shared_cache, tiny_config
 
 pytestmark = pytest.mark.slow  # trains models, starts servers or clusters: the full suite only
 
@@ -48,10 +48,7 @@ def cfg(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Experiment
 def _chunk_states(flow_run_id) -> list[str]:
     """States of the optimize-chunk task runs of a pipeline run, read from the API."""
     wait_for_records(flow_run_id)
-    with get_client(sync_client=True) as client:
-        tree = flow_tree(client, flow_run_id)
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=tree)))
-    return [r.state.name for r in runs if r.name.startswith("optimize-chunk")]
+    return task_run_states(flow_run_id)["optimize-chunk"]
 
 
 def test_dask_chunks_match_thread_chunks(prefect_harness, cluster, cfg: ExperimentConfig) -> None:

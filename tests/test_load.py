@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import TINY, shared_cache
+from helpers import TINY, shared_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,26 +11,20 @@ import pytest
 import torch
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-from eightgen.config import AttackConfig, DatasetConfig, ExperimentConfig, TrainConfig
+from eightgen.config import ExperimentConfig
 from eightgen.models import load_classifier
 from eightgen.rundir import load_record
 from eightgen.trajectory import load_trajectory
 from flows.pipeline import pipeline
+from helpers import shared_cache, tiny_config
 from prefect_api.records import task_run_states, wait_for_records
 
 
 @pytest.fixture(scope="module")
 def tiny_cfg(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
-    """A pipeline config small enough for CI: 2,000 training images, 1 epoch, 3 start kinds x 3 seeds."""
-    root = tmp_path_factory.mktemp("pipeline")
-    return ExperimentConfig(
-        name="tiny",
-        dataset=DatasetConfig(source="idx", mnist_dir=mnist_dir, pool_per_digit=4, max_train=2000),
-        train=TrainConfig(epochs=1),
-        attack=AttackConfig(start_digits=(1, 3), seeds=3, steps=12, record_every=4, chunk_size=4),
-        runs_root=root / "runs",
-        cache_dir=root / "cache",
-    )
+    """The session's tiny config (its detector shared with the other pipeline tests), 3 start kinds x 3 seeds."""
+    options = ["--seeds", "3", "--steps", "12", "--record-every", "4", "--chunk-size", "4"]
+    return tiny_config(mnist_dir, shared_cache(tmp_path_factory), tmp_path_factory.mktemp("pipeline") / "runs", *options)
 
 
 def _run(cfg: ExperimentConfig):

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from eightgen.config import ExperimentConfig
 from flows.pipeline import pipeline
-from prefect_api.records import flow_tree, wait_for_records
+from prefect_api.records import flow_tree, task_states_of, wait_for_records
 from flows.stages import assemble_flow
 from tasks.attack import n_chunks
 from tasks.faults import FAIL_ONCE, FAIL_ONCE_MARKER
-from tiny import shared_cache, tiny_config
+from helpers import shared_cache, tiny_config
 
 pytestmark = pytest.mark.slow  # trains models, starts servers or clusters: the full suite only
 
@@ -29,18 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def cfg(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
     """A tiny pipeline with three attack chunks, its attack settings used by no other test."""
     return tiny_config(mnist_dir, shared_cache(tmp_path_factory), tmp_path_factory.mktemp("retry"), "--steps", "6")
-
-
-def _task_runs(flow_run_ids: list) -> dict[str, list[str]]:
-    """Task name -> state names of the task runs of the given flow runs (subflow stand-ins left out)."""
-    with get_client(sync_client=True) as client:
-        stand_ins = {client.read_flow_run(i).parent_task_run_id for i in flow_run_ids}
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=flow_run_ids)))
-    states: dict[str, list[str]] = {}
-    for r in runs:
-        if r.id not in stand_ins:
-            states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
-    return states
 
 
 def _tree(flow_run_id) -> list:
@@ -77,8 +64,8 @@ def failed_then_retried(prefect_harness, cfg: ExperimentConfig, tmp_path_factory
         after = client.read_flow_run(root)
     retry_tree = [i for i in _tree(root) if i not in first_tree]
     return {
-        "state": state, "marker": marker, "first": _task_runs(first_tree[1:]), "retry": retry,
-        "after": after, "retried": _task_runs(retry_tree), "storage": storage,
+        "state": state, "marker": marker, "first": task_states_of(first_tree[1:]), "retry": retry,
+        "after": after, "retried": task_states_of(retry_tree), "storage": storage,
     }
 
 
@@ -109,7 +96,7 @@ def test_force_recomputes_a_cached_stage(failed_then_retried: dict, cfg: Experim
     states = []
     for state in runs:
         wait_for_records(state.state_details.flow_run_id)
-        states.append(_task_runs([state.state_details.flow_run_id])["assemble-dataset"])
+        states.append(task_states_of([state.state_details.flow_run_id])["assemble-dataset"])
     assert states == [["Cached"], ["Completed"], ["Cached"]]
     artifacts = [state.result() for state in runs]
     assert artifacts[0] == artifacts[1] == artifacts[2]  # same content, same sha256: assembly is deterministic

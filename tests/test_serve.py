@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -32,8 +31,6 @@ from prefect.client.schemas.filters import (
     FlowFilterName,
     FlowRunFilter,
     FlowRunFilterId,
-    TaskRunFilter,
-    TaskRunFilterFlowRunId,
 )
 from prefect.deployments import run_deployment
 from prefect.flows import load_flow_from_entrypoint
@@ -43,11 +40,11 @@ from websockets.asyncio.client import connect
 from eightgen.artifacts import MANIFEST
 from eightgen.errors import EightgenError
 from eightgen.rundir import find_run, load_record, verify_run
-from prefect_api.records import flow_tree, wait_for_records
+from prefect_api.records import task_run_states, wait_for_records
 from cli.serve import cron_schedule
 from fixtures_report import make_run_dir
 from test_report_browser import Browser, Session, open_page
-from tiny import TINY, shared_cache
+from helpers import TINY, embedded_task_states, shared_cache
 
 pytestmark = pytest.mark.slow  # trains models, starts servers or clusters: the full suite only
 
@@ -247,17 +244,9 @@ def test_serve_registers_nightly_manual_rerun_and_aligned_deployments(served: di
 
 
 def _task_states(flow_run_id) -> dict[str, list[str]]:
-    """Task name -> state names over a flow-run tree, read from the API (subflow stand-ins left out)."""
+    """Task name -> state names over a flow-run tree, once the API has them all."""
     wait_for_records(flow_run_id)  # a deployment's run reports Completed before its last task states arrive
-    with get_client(sync_client=True) as client:
-        tree = flow_tree(client, flow_run_id)
-        stand_ins = {client.read_flow_run(i).parent_task_run_id for i in tree[1:]}
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=tree)))
-    states: dict[str, list[str]] = {}
-    for r in runs:
-        if r.id not in stand_ins:
-            states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name if r.state else "none")
-    return states
+    return task_run_states(flow_run_id)
 
 
 def _new_run(served: dict, real: dict, before: set[Path]) -> Path:
@@ -581,17 +570,10 @@ def test_cli_runs_print_no_traceback_and_keep_every_record(server: str, mnist_di
     assert {k: len(v) for k, v in states.items()} == expected, states
     assert all(s in ("Completed", "Cached") for v in states.values() for s in v), states
     # the embedded run: its API is gone with the process, its database holds every task run, final
-    with sqlite3.connect(ephemeral_home / "prefect.db") as db:
-        rows = db.execute(
-            "SELECT name, state_name FROM task_run WHERE id NOT IN "
-            "(SELECT parent_task_run_id FROM flow_run WHERE parent_task_run_id IS NOT NULL)"
-        ).fetchall()
-    counts: dict[str, int] = {}
-    for name, _ in rows:
-        counts[name.rsplit("-", 1)[0]] = counts.get(name.rsplit("-", 1)[0], 0) + 1
-    assert counts == expected, rows
-    assert {state for _, state in rows} <= {"Completed", "Cached"}, rows
-    assert {state for name, state in rows if name.startswith(("train-classifier", "optimize-chunk"))} == {"Cached"}, rows
+    recorded = embedded_task_states(ephemeral_home)
+    assert {k: len(v) for k, v in recorded.items()} == expected, recorded
+    assert {s for v in recorded.values() for s in v} <= {"Completed", "Cached"}, recorded
+    assert set(recorded["train-classifier"] + recorded["optimize-chunk"]) == {"Cached"}, recorded
 
 
 def test_prefect_yaml_deploys_the_same_flows_to_a_work_pool() -> None:

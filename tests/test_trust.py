@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from eightgen.trajectory import load_trajectory
 from cli.main import main
 from flows.pipeline import pipeline
 from prefect_api.records import task_run_states, wait_for_records
-from tiny import TINY, shared_cache, tiny_config
+from helpers import TINY, embedded_task_states, shared_cache, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMBERS = ["run_id", "success", "flip_step", "p_target_final", "l2_final"]
@@ -152,19 +151,6 @@ def test_a_corrupt_model_or_edited_report_is_rebuilt(finished) -> None:
     assert load_record(cfg.run_dir).config.attack.steps == 7
 
 
-def _sqlite_states(home: Path) -> dict[str, list[str]]:
-    """Task name -> states in an embedded Prefect database (subflow stand-ins left out)."""
-    with sqlite3.connect(home / "prefect.db") as db:
-        rows = db.execute(
-            "SELECT name, state_name FROM task_run WHERE id NOT IN "
-            "(SELECT parent_task_run_id FROM flow_run WHERE parent_task_run_id IS NOT NULL)"
-        ).fetchall()
-    states: dict[str, list[str]] = {}
-    for name, state in rows:
-        states.setdefault(name.rsplit("-", 1)[0], []).append(state)
-    return states
-
-
 @pytest.mark.slow
 def test_code_edits_rerun_exactly_the_stages_that_import_them(mnist_dir: Path, tmp_path: Path, tmp_path_factory) -> None:
     checkout = tmp_path / "checkout"
@@ -178,7 +164,7 @@ def test_code_edits_rerun_exactly_the_stages_that_import_them(mnist_dir: Path, t
         cmd = [sys.executable, "-m", "cli.main", "run", *TINY, "--steps", "9", *where]
         done = subprocess.run(cmd, cwd=checkout, env=env | {"PREFECT_HOME": str(home)}, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-        return _sqlite_states(home)
+        return embedded_task_states(home)
 
     def edit(path: str, text: str) -> None:
         with open(checkout / path, "a") as f:

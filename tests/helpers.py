@@ -1,4 +1,4 @@
-"""A tiny real pipeline config for the serving, retry and Dask tests, sharing one cache per test session.
+"""Test helpers: the one tiny real pipeline config (one cache per test session) and task states of embedded runs.
 
 Every config here has the same dataset and training settings as `eightgen run TINY`, and one cache
 dir, so the 8-detector is trained once per session and comes back Cached everywhere else.
@@ -6,6 +6,7 @@ dir, so the 8-detector is trained once per session and comes back Cached everywh
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,16 @@ def tiny_config(mnist_dir: Path, cache_dir: Path, runs_root: Path, *options: str
     """The config `eightgen run TINY --mnist-dir ... <options>` builds (options override TINY)."""
     argv = ["run", *TINY, "--mnist-dir", str(mnist_dir), "--cache-dir", str(cache_dir), "--runs-root", str(runs_root), *options]
     return build_config(parser().parse_args(argv))
+
+
+def embedded_task_states(home: Path) -> dict[str, list[str]]:
+    """Task name -> states recorded in the database of an embedded Prefect API (PREFECT_HOME; subflow stand-ins left out)."""
+    with sqlite3.connect(home / "prefect.db") as db:
+        rows = db.execute(
+            "SELECT name, state_name FROM task_run WHERE id NOT IN "
+            "(SELECT parent_task_run_id FROM flow_run WHERE parent_task_run_id IS NOT NULL)"
+        ).fetchall()
+    states: dict[str, list[str]] = {}
+    for name, state in rows:
+        states.setdefault(name.rsplit("-", 1)[0], []).append(state)
+    return states
