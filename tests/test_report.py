@@ -314,3 +314,12 @@ def test_fixture_agrees_with_the_pipeline_results(run_dir: Path) -> None:
                 "grad_zero_final", "saturated_start", "steps", "steps_run"):
         assert real[col].astype(object).equals(fixture[col].astype(object)), col
     assert np.allclose(real["l2_final"], fixture["l2_final"], rtol=1e-2)
+
+
+def test_a_report_aimed_at_a_folder_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    run_dir = make_run_dir(tmp_path, "aimed", seeds=2, digits=(1,))
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    with pytest.raises(EightgenError, match="is a directory: give a file name for the report"):
+        render_report([run_dir], folder)
+    assert list(folder.iterdir()) == [] and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
