@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+
+from runtime.embedded import free_port
 
 ROWS = [
     ("python + CLI imports", "start", "imported"),
@@ -33,12 +34,6 @@ ROWS = [
     ("records flushed", "flow done", "recorded"),
     ("exit", "recorded", "end"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(home: Path, api: str | None = None) -> dict[str, str]:
@@ -79,7 +74,7 @@ def timed_run(options: list[str], env: dict[str, str], phases: Path) -> dict[str
 
 
 def _start_server(home: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

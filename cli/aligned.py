@@ -140,7 +140,8 @@ def aligned_command(args: argparse.Namespace) -> int:
     preflight(cfg.experiment("standard", cfg.budgets[0]), args.overwrite)
     for detector in cfg.detectors:
         for budget in cfg.budgets:
-            check_target(cfg.experiment(detector, budget).run_dir, cfg.experiment(detector, budget), args.overwrite)
+            run = cfg.experiment(detector, budget)
+            check_target(run.run_dir, run, args.overwrite)
     from flows.aligned import aligned_flow
     from prefect_api.records import wait_for_records
 

@@ -40,24 +40,30 @@ def sha256_json(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def write_text_atomically(target: Path, text: str) -> None:
+    """Write a text file through a hidden sibling renamed over it, so readers never see half of it."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _put_manifest(directory: Path, manifest: dict, name: str) -> Artifact:
+    target = directory / name
+    write_text_atomically(target, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    return Artifact(path=directory, sha256=sha256_file(target))
+
+
 def write_manifest(directory: Path, meta: dict, files: list[str], name: str = MANIFEST) -> Artifact:
     """Write a manifest (meta + sha256 of each file) into directory; return its Artifact."""
-    manifest = dict(meta, files={f: sha256_file(directory / f) for f in files})
-    target = directory / name
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    tmp.replace(target)
-    return Artifact(path=directory, sha256=sha256_file(target))
+    return _put_manifest(directory, dict(meta, files={f: sha256_file(directory / f) for f in files}), name)
 
 
 def stamp_manifest(directory: Path, fields: dict, name: str = MANIFEST) -> Artifact:
     """Add fields to a directory's verified manifest (its files unchanged); return the new Artifact."""
-    manifest = dict(read_manifest(directory, name=name), **fields)
-    target = directory / name
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    tmp.replace(target)
-    return Artifact(path=directory, sha256=sha256_file(target))
+    return _put_manifest(directory, dict(read_manifest(directory, name=name), **fields), name)
 
 
 def read_manifest(directory: Path, verify: bool = True, name: str = MANIFEST) -> dict:
@@ -85,11 +91,15 @@ def artifact_of(directory: Path, name: str = MANIFEST) -> Artifact:
     return Artifact(path=directory, sha256=sha256_file(directory / name))
 
 
+def check_unchanged(artifact: Artifact, current_sha256: str) -> None:
+    """EightgenError unless a directory's current manifest hash is the one handed over with it."""
+    if current_sha256 != artifact.sha256:
+        raise EightgenError(f"{artifact.path}: content changed since it was produced (sha256 differs)")
+
+
 def verified(artifact: Artifact) -> Path:
     """The artifact's directory, after checking its files still match what was handed over."""
-    current = artifact_of(artifact.path)
-    if current.sha256 != artifact.sha256:
-        raise EightgenError(f"{artifact.path}: content changed since it was produced (sha256 differs)")
+    check_unchanged(artifact, artifact_of(artifact.path).sha256)
     return artifact.path
 
 

@@ -74,26 +74,27 @@ def _package_data(package: Path) -> list[Path]:
     ]
 
 
-_CLOSURES: dict[tuple[str, Path], tuple[tuple[Path, ...], tuple[int, ...]]] = {}
+# (module, root) -> (closure files, their mtimes, digest): a key is asked for twice per task call, per chunk.
+_DIGESTS: dict[tuple[str, Path], tuple[tuple[Path, ...], tuple[int, ...], str]] = {}
 
 
 def _stamps(files: tuple[Path, ...]) -> tuple[int, ...]:
     return tuple(p.stat().st_mtime_ns if p.exists() else -1 for p in files)
 
 
-def _closure(module: str, root: Path) -> tuple[Path, ...]:
-    """code_files, remembered until one of its files changes (an edit may add an import)."""
-    cached = _CLOSURES.get((module, root))
-    if cached is None or _stamps(cached[0]) != cached[1]:
-        files = tuple(code_files(module, root))
-        cached = _CLOSURES[(module, root)] = (files, _stamps(files))
-    return cached[0]
-
-
 def code_digest(module: str, root: Path = ROOT) -> str:
-    """Hex sha256 of the code a module runs: every file of its closure, by path relative to root and content."""
+    """Hex sha256 of the code a module runs: every file of its closure, by path relative to root and content.
+
+    Remembered until one of the closure's files changes (an edit may also add an import).
+    """
+    cached = _DIGESTS.get((module, root))
+    if cached is not None and _stamps(cached[0]) == cached[1]:
+        return cached[2]
+    files = tuple(code_files(module, root))
+    stamps = _stamps(files)
     h = hashlib.sha256()
-    for path in _closure(module, root):
+    for path in files:
         h.update(str(path.relative_to(root)).encode() + b"\0")
         h.update(hashlib.sha256(path.read_bytes()).digest())
+    _DIGESTS[(module, root)] = (files, stamps, h.hexdigest())
     return h.hexdigest()

@@ -11,7 +11,16 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from eightgen.artifacts import MANIFEST, Artifact, artifact_of, fresh_sibling, read_manifest, swap_in, write_manifest
+from eightgen.artifacts import (
+    MANIFEST,
+    Artifact,
+    artifact_of,
+    fresh_sibling,
+    read_manifest,
+    swap_in,
+    write_manifest,
+    write_text_atomically,
+)
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
 from eightgen.trajectory import Trajectory, save_trajectory
@@ -192,12 +201,9 @@ def write_run(
 
 def write_report(run_dir: Path, html: str, stamp: dict[str, Any]) -> Artifact:
     """Write report.html into a run directory (atomically) with its own manifest; return that manifest's Artifact."""
-    run_dir = Path(run_dir)
-    tmp = run_dir / f".{REPORT}.tmp"
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(run_dir / REPORT)
-    write_manifest(run_dir, stamp, [REPORT], name=REPORT_MANIFEST)
-    return artifact_of(run_dir, name=REPORT_MANIFEST)
+    write_text_atomically(Path(run_dir) / REPORT, html)
+    write_manifest(Path(run_dir), stamp, [REPORT], name=REPORT_MANIFEST)
+    return artifact_of(Path(run_dir), name=REPORT_MANIFEST)
 
 
 def find_run(runs_root: Path, name: str = "") -> Path:

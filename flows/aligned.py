@@ -12,10 +12,11 @@ from eightgen.config import AlignedConfig
 from eightgen.rundir import AlignedRecord
 from flows.stages import assemble_flow, train_flow
 from runtime.httpd import report_link
-from tasks.aligned import render_aligned_report
+from tasks.aligned import ALIGNED_HTML, render_aligned_report
 from tasks.attack import n_chunks, optimize_chunk
 from tasks.judge import collect_judged_results
 from tasks.referees import train_referee_models
+from tasks.report import artifact_key
 
 
 # One chunk at a time: each chunk already uses every core through torch.
@@ -38,13 +39,12 @@ def aligned_flow(cfg: AlignedConfig = AlignedConfig(), force: bool = False, over
                 )
             )
     report = render_aligned_report(cfg, runs, cfg.root_dir, force)
-    html = report.path / "aligned.html"
+    html = report.path / ALIGNED_HTML
+    key = f"aligned-{artifact_key(report.path)}"
     create_markdown_artifact(
-        f"## {cfg.run_label}\n\naligned report: `{html.resolve()}`\n",
-        key=f"aligned-{''.join(c if c.isalnum() else '-' for c in cfg.run_label.lower())[:50]}",
-        description="eightgen aligned experiment: where its report is",
+        f"## {cfg.run_label}\n\naligned report: `{html.resolve()}`\n", key=key, description="eightgen aligned experiment: where its report is"
     )
-    link = report_link(report.path)
+    link = report_link(report.path, ALIGNED_HTML)
     if link:
-        create_link_artifact(link.removesuffix("report.html") + "aligned.html", link_text="aligned.html", description="the aligned report")
+        create_link_artifact(link, link_text=ALIGNED_HTML, description="the aligned report")
     return html

@@ -19,7 +19,7 @@ from reports.formatting import fmt_num, fmt_pct, json_safe
 from reports.images import array_img, figure_img
 from reports.narrative import warnings_of
 from reports.render import environment
-from reports.runs import load_run
+from reports.runs import Run, load_run
 
 ALIGNED_HTML = "aligned.html"
 ALIGNED_JSON = "aligned.json"
@@ -49,10 +49,15 @@ class AlignedRun:
     path: Path
     detector: str
     budget: float
-    record: RunRecord
+    run: Run
     results: pd.DataFrame
     x0: np.ndarray  # [n, C, 28, 28] (from the step-0 snapshot)
     x_final: np.ndarray  # [n, C, 28, 28]
+
+    @property
+    def record(self) -> RunRecord:
+        """The run's record."""
+        return self.run.record
 
 
 def load_aligned_run(run_dir: Path) -> AlignedRun:
@@ -70,7 +75,7 @@ def load_aligned_run(run_dir: Path) -> AlignedRun:
         x0 = npz["snapshots"][:, step0].astype(np.float32)
         x_final = npz["x_final"].astype(np.float32)
     rows = run.results["traj_row"].to_numpy()
-    return AlignedRun(run_dir, aligned.detector, aligned.budget, run.record, run.results, x0[rows], x_final[rows])
+    return AlignedRun(run_dir, aligned.detector, aligned.budget, run, run.results, x0[rows], x_final[rows])
 
 
 def _share_ci(flags: np.ndarray, label: str) -> dict:
@@ -311,7 +316,7 @@ def _referee_facts(runs: Sequence[AlignedRun]) -> dict:
 def _warnings(runs: Sequence[AlignedRun]) -> list[dict]:
     out = []
     for r in sorted(runs, key=lambda r: (DETECTORS.index(r.detector), r.budget)):
-        for w in warnings_of(load_run(r.path)):
+        for w in warnings_of(r.run):
             if w["id"] in ("warn-collapse", "warn-dead-units", "note-dead-units", "note-outside"):
                 out.append(dict(w, id=f"{w['id']}-{r.path.name}", text=f"{r.detector} detector, budget {r.budget:g}: {w['text']}"))
     return out
@@ -326,12 +331,11 @@ def _plain(value):
 
 
 def render_aligned(
-    run_dirs: Sequence[Path], out_dir: Path, *, matched_budget: float, title: str = "eightgen: does it become an 8?", grid_seeds: int = 2
+    runs: Sequence[AlignedRun], out_dir: Path, *, matched_budget: float, title: str = "eightgen: does it become an 8?", grid_seeds: int = 2
 ) -> tuple[Path, dict]:
-    """Write aligned.html and aligned.json into out_dir from the judged run directories; return the html path and the summary."""
-    if not run_dirs:
-        raise EightgenError("render_aligned: no run directories given")
-    runs = [load_aligned_run(d) for d in run_dirs]
+    """Write aligned.html and aligned.json into out_dir from the loaded judged runs; return the html path and the summary."""
+    if not runs:
+        raise EightgenError("render_aligned: no runs given")
     summary = aligned_summary(runs, matched_budget)
     budgets = summary["budgets"]
     fig = budget_figure(summary)

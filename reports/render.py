@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from eightgen.artifacts import write_text_atomically
 from eightgen.config import ReportConfig
 from eightgen.errors import EightgenError
 from eightgen.rundir import REPORT, TRAJECTORIES, is_run_dir, write_report
@@ -226,6 +227,11 @@ def compare_context(runs: list[Run], out: Path) -> dict:
 # ---------------------------------------------------------------- entry points
 
 
+def run_html(run: Run, report: ReportConfig | None = None) -> str:
+    """The self-contained report page of one loaded run."""
+    return environment().get_template("run.html.j2").render(**run_context(run, report))
+
+
 def report_html(run_dirs: Sequence[Path] | Path, out: Path | None = None, *, report: ReportConfig | None = None) -> tuple[Path, str]:
     """The report of one run directory, or the comparison of several, and the file it belongs in."""
     dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(d) for d in run_dirs]
@@ -233,7 +239,7 @@ def report_html(run_dirs: Sequence[Path] | Path, out: Path | None = None, *, rep
         raise EightgenError("no run directories given")
     if len(dirs) == 1:
         target = Path(out) if out is not None else dirs[0] / REPORT
-        return target, environment().get_template("run.html.j2").render(**run_context(load_run(dirs[0]), report))
+        return target, run_html(load_run(dirs[0]), report)
     target = Path(out) if out is not None else dirs[0].resolve().parent / "compare.html"
     return target, environment().get_template("compare.html.j2").render(**compare_context([load_run(d) for d in dirs], target))
 
@@ -247,10 +253,5 @@ def render_report(run_dirs: Sequence[Path] | Path, out: Path | None = None, *, r
     if target.is_dir():
         raise EightgenError(f"{target} is a directory: give a file name for the report")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.write_text(html, encoding="utf-8")
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomically(target, html)
     return target

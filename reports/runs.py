@@ -43,6 +43,7 @@ class Run:
     snapshot_steps: np.ndarray
     report: ReportConfig
     target: int
+    sha256: str  # of the run's verified manifest: which output this is
     table: pd.DataFrame = field(init=False)
 
     def __post_init__(self) -> None:
@@ -65,7 +66,7 @@ def load_run(run_dir: Path) -> Run:
     if not run_dir.is_dir():
         raise EightgenError(f"{run_dir}: run directory not found")
     record = load_record(run_dir)
-    verify_run(run_dir)
+    sha256 = verify_run(run_dir).sha256
     try:
         results = pd.read_parquet(run_dir / RESULTS)
     except (OSError, ValueError) as exc:
@@ -90,7 +91,7 @@ def load_run(run_dir: Path) -> Run:
     results["group"] = stats.group_labels(results)
     if 0 not in snapshot_steps:
         raise EightgenError(f"{npz_path}: snapshot_steps lacks step 0 (the start)")
-    return Run(run_dir, record.run_name, record, results, p_target, snapshot_steps, record.config.report, record.target)
+    return Run(run_dir, record.run_name, record, results, p_target, snapshot_steps, record.config.report, record.target, sha256)
 
 
 def _align(result_ids: np.ndarray, traj_ids: np.ndarray | None, n_traj: int, where: Path) -> np.ndarray:

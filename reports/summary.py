@@ -5,16 +5,14 @@ Kept free of matplotlib so a cached pipeline run can publish them without loadin
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from reports.formatting import fmt_num, fmt_pct, fmt_step, table_rows
 from reports.narrative import headline, warnings_of
-from reports.runs import load_run
+from reports.runs import Run
 
 
-def digit_table(run_dir: Path) -> list[dict]:
+def digit_table(run: Run) -> list[dict]:
     """Per start group summary rows (noise, digits, then "all"), JSON-safe, for a table artifact."""
-    return table_rows(load_run(run_dir).table)
+    return table_rows(run.table)
 
 
 def _md(text: object) -> str:
@@ -25,9 +23,8 @@ def _md(text: object) -> str:
     return s
 
 
-def summary_markdown(run_dir: Path) -> str:
+def summary_markdown(run: Run) -> str:
     """The run's key numbers as Markdown, for a markdown artifact."""
-    run = load_run(run_dir)
     h = headline(run)
     a = h["all"]
     plabel = f"p({run.target})"

@@ -23,7 +23,8 @@ DEFAULT_STARTUP_TIMEOUT = 180.0  # Prefect's 20 s is too short on a busy machine
 PORT_IN_USE = 3  # uvicorn's exit code when its port is taken
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -46,7 +47,7 @@ class EmbeddedServer:
         import prefect
         from prefect.settings import get_current_settings
 
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}/api"
         env = {
             **os.environ,

@@ -64,8 +64,8 @@ class ReportServer:
         self.stop()
 
 
-def report_link(run_dir: Path) -> str | None:
-    """The http:// URL of run_dir/report.html when a report server publishes the folder holding it, else None."""
+def report_link(run_dir: Path, page: str = REPORT) -> str | None:
+    """The http:// URL of run_dir/page (report.html) when a report server publishes the folder holding it, else None."""
     base, root = os.environ.get(REPORTS_URL), os.environ.get(REPORTS_ROOT)
     if not base or not root:
         return None
@@ -73,4 +73,4 @@ def report_link(run_dir: Path) -> str | None:
         relative = Path(run_dir).resolve().relative_to(Path(root).resolve())
     except ValueError:
         return None
-    return f"{base.rstrip('/')}/{quote(relative.as_posix())}/{REPORT}"
+    return f"{base.rstrip('/')}/{quote(relative.as_posix())}/{page}"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prefect import task
 
-from eightgen.artifacts import Artifact, artifact_of, verified, write_manifest
+from eightgen.artifacts import Artifact, artifact_of, check_unchanged, write_manifest
 from eightgen.config import AlignedConfig
-from reports.aligned import ALIGNED_HTML, ALIGNED_JSON, render_aligned
+from reports.aligned import ALIGNED_HTML, ALIGNED_JSON, load_aligned_run, render_aligned
 from tasks.caching import STAGE_KEY, CachedStage
 
 ALIGNED_MANIFEST = "aligned.manifest.json"
@@ -19,6 +19,9 @@ ALIGNED_REPORT = CachedStage(None, manifest=ALIGNED_MANIFEST)
 def render_aligned_report(cfg: AlignedConfig, runs: list[Artifact], run_dir: Path, force: bool = False) -> Artifact:
     """Write aligned.html and aligned.json (per budget and detector, the targets) from the judged run directories."""
     _, key = ALIGNED_REPORT.here()
-    render_aligned([verified(r) for r in runs], run_dir, matched_budget=cfg.matched_budget, title=cfg.report.title, grid_seeds=cfg.grid_seeds)
+    loaded = [load_aligned_run(r.path) for r in runs]
+    for artifact, run in zip(runs, loaded):
+        check_unchanged(artifact, run.run.sha256)
+    render_aligned(loaded, run_dir, matched_budget=cfg.matched_budget, title=cfg.report.title, grid_seeds=cfg.grid_seeds)
     write_manifest(run_dir, {"kind": "aligned-report", STAGE_KEY: key}, [ALIGNED_HTML, ALIGNED_JSON], name=ALIGNED_MANIFEST)
     return artifact_of(run_dir, name=ALIGNED_MANIFEST)

@@ -51,7 +51,7 @@ def collected(experiment: ExperimentConfig, chunks: list[Artifact], model: Artif
         version=eightgen.__version__,
         git_commit=git_commit(),
         config=experiment,
-        dataset=DatasetRecord(path=dataset.path, sha256=dataset.sha256, manifest=read_manifest(verified(dataset))),
+        dataset=DatasetRecord(path=dataset.path, sha256=dataset.sha256, manifest=read_manifest(verified(dataset), verify=False)),
         model=ModelRecord(
             path=model.path, sha256=model.sha256, spec=spec.model_dump(mode="json"), metrics=read_metrics(model_dir)
         ),

@@ -10,23 +10,30 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from eightgen.artifacts import Artifact, verified
+from eightgen.artifacts import Artifact, check_unchanged
 from eightgen.config import ReportConfig
-from eightgen.rundir import REPORT_MANIFEST, write_report
+from eightgen.rundir import REPORT, REPORT_MANIFEST, write_report
+from reports.runs import Run, load_run
 from reports.summary import digit_table, summary_markdown
 from tasks.caching import STAGE_KEY, CachedStage
 
-REPORT = CachedStage(None, manifest=REPORT_MANIFEST)
+RENDER = CachedStage(None, manifest=REPORT_MANIFEST)
 
 
-@task(name="render-report", **REPORT.options)
+def loaded(run: Artifact) -> Run:
+    """The run directory read once, verified against its manifest and against the hash it was handed over with."""
+    loaded_run = load_run(run.path)
+    check_unchanged(run, loaded_run.sha256)
+    return loaded_run
+
+
+@task(name="render-report", **RENDER.options)
 def render_run_report(cfg: ReportConfig, run: Artifact, run_dir: Path, force: bool = False) -> Artifact:
     """Render report.html from the verified run directory alone (never retrains or re-optimises)."""
-    from reports.render import report_html  # loads matplotlib
+    from reports.render import run_html  # loads matplotlib
 
-    _, key = REPORT.here()
-    _, html = report_html([verified(run)], report=cfg)
-    return write_report(run_dir, html, {"run_sha256": run.sha256, STAGE_KEY: key})
+    _, key = RENDER.here()
+    return write_report(run_dir, run_html(loaded(run), cfg), {"run_sha256": run.sha256, STAGE_KEY: key})
 
 
 def artifact_key(run_dir: Path) -> str:
@@ -37,14 +44,14 @@ def artifact_key(run_dir: Path) -> str:
 @task(name="publish-summary")
 def publish_summary(run: Artifact, report_url: str | None = None) -> None:
     """Publish the key numbers, the per-digit table and the report link as Prefect artifacts of the calling flow run."""
-    run_dir = verified(run)
+    summary, run_dir = loaded(run), run.path
     key = artifact_key(run_dir)
     create_markdown_artifact(
-        summary_markdown(run_dir) + f"\nreport: `{(run_dir / 'report.html').resolve()}`\n",
+        summary_markdown(summary) + f"\nreport: `{(run_dir / REPORT).resolve()}`\n",
         key=f"summary-{key}",
         description=f"eightgen run {run_dir.name}: the key numbers",
     )
-    create_table_artifact(digit_table(run_dir), key=f"digits-{key}", description=f"eightgen run {run_dir.name}: results per start digit")
+    create_table_artifact(digit_table(summary), key=f"digits-{key}", description=f"eightgen run {run_dir.name}: results per start digit")
     if report_url:
         create_link_artifact(
             report_url, link_text="report.html", key=f"report-{key}", description=f"eightgen run {run_dir.name}: the HTML report"

@@ -126,7 +126,7 @@ def test_table_equals_recomputed_numbers(page: Page, run_dir: Path) -> None:
 
 
 def test_digit_table_is_json_safe_and_matches(run_dir: Path) -> None:
-    rows = digit_table(run_dir)
+    rows = digit_table(load_run(run_dir))
     json.dumps(rows, allow_nan=False)
     expected = expected_rows(pd.read_parquet(run_dir / "results.parquet"))
     assert [r["group"] for r in rows] == ["noise", "0", "1", "2", "3", "4", "5", "6", "7", "9", "all"]
@@ -137,7 +137,7 @@ def test_digit_table_is_json_safe_and_matches(run_dir: Path) -> None:
 
 def test_summary_markdown_has_key_numbers(run_dir: Path) -> None:
     results = pd.read_parquet(run_dir / "results.parquet")
-    md = summary_markdown(run_dir)
+    md = summary_markdown(load_run(run_dir))
     assert f"{int(results['success'].sum()):,} / {len(results):,}" in md
     assert f"{100 * results['success'].mean():.1f}%" in md
     assert "seed" in md and "small\\_cnn" in md
@@ -180,7 +180,7 @@ def test_script_in_run_name_is_escaped(runs_root: Path) -> None:
     assert evil not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert html.count("<script") == 2
-    assert "<script>" not in summary_markdown(run_dir)
+    assert "<script>" not in summary_markdown(load_run(run_dir))
 
 
 def test_comparison_of_two_runs(runs_root: Path, run_dir: Path) -> None:
