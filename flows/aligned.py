@@ -11,6 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from eightgen.config import AlignedConfig
 from eightgen.rundir import AlignedRecord
 from flows.stages import assemble_flow, train_flow
+from prefect_api.subflows import nested_stages
 from runtime.httpd import report_link
 from tasks.aligned import ALIGNED_HTML, render_aligned_report
 from tasks.attack import n_chunks, optimize_chunk
@@ -23,8 +24,9 @@ from tasks.report import artifact_key
 @flow(name="aligned", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def aligned_flow(cfg: AlignedConfig = AlignedConfig(), force: bool = False, overwrite: bool = False) -> Path:
     """Standard vs robust 8-detector, identical starts and L2 budgets, every result judged by independent referees."""
-    dataset = assemble_flow(cfg.dataset, cfg.cache_dir)
-    models = {name: train_flow(tcfg, dataset, cfg.cache_dir) for name, tcfg in cfg.detectors.items()}
+    with nested_stages():
+        dataset = assemble_flow(cfg.dataset, cfg.cache_dir)
+        models = {name: train_flow(tcfg, dataset, cfg.cache_dir) for name, tcfg in cfg.detectors.items()}
     referees = train_referee_models(cfg.referees, dataset, cfg.cache_dir)
     runs = []
     for name, model in models.items():

@@ -10,6 +10,7 @@ from eightgen.artifacts import Artifact, verified
 from eightgen.config import PRESETS, AttackConfig, ExperimentConfig, ReportConfig, TrainConfig
 from eightgen.rundir import REPORT, find_run, load_record
 from flows.stages import DEFAULT_CACHE, assemble_flow, attack_flow_on, report_flow, train_flow
+from prefect_api.subflows import nested_stages
 from runtime.httpd import report_link
 from runtime.runners import TaskRunnerKind
 from tasks.report import publish_summary
@@ -28,8 +29,9 @@ def attack_and_report(
 ) -> Path:
     """The attack and report stages, then the summary and report link on the calling flow run's Artifacts tab."""
     attack = attack_flow_on(task_runner, dask_address, cfg.cache_dir)
-    run = attack(cfg, model, dataset, overwrite, force)
-    report_flow(cfg.report, run, force)
+    with nested_stages():
+        run = attack(cfg, model, dataset, overwrite, force)
+        report_flow(cfg.report, run, force)
     publish_summary(run, report_link(run.path))
     return run.path / REPORT
 
@@ -43,8 +45,9 @@ def pipeline(
     overwrite: bool = False,
 ) -> Path:
     """MNIST -> 8-detector -> pixel optimisation -> results -> HTML report."""
-    dataset = assemble_flow(cfg.dataset, cfg.cache_dir)
-    model = train_flow(cfg.train, dataset, cfg.cache_dir)
+    with nested_stages():
+        dataset = assemble_flow(cfg.dataset, cfg.cache_dir)
+        model = train_flow(cfg.train, dataset, cfg.cache_dir)
     return attack_and_report(cfg, model, dataset, overwrite, force, task_runner, dask_address)
 
 
@@ -70,7 +73,8 @@ def rerun_train(
 ) -> Path:
     """Retrain the detector of an existing run (default: the newest) with these settings, then attack and report."""
     cfg, _, dataset = _from_run(run, runs_root, cache_dir, train=train)
-    model = train_flow(cfg.train, dataset, cfg.cache_dir, force)
+    with nested_stages():
+        model = train_flow(cfg.train, dataset, cfg.cache_dir, force)
     return attack_and_report(cfg, model, dataset, force=force)
 
 

@@ -51,7 +51,7 @@ def task_run_states(flow_run_id: UUID) -> dict[str, list[str]]:
     return task_states_of(tree)
 
 
-def wait_for_records(flow_run_id: UUID, timeout: float = 60.0, settle_polls: int = 4) -> int:
+def wait_for_records(flow_run_id: UUID, timeout: float = 60.0, settle_polls: int = 5) -> int:
     """Block until every task run of the flow-run tree is recorded in a final state; return the count."""
     flush_workers()
     deadline, last, stable = time.monotonic() + timeout, -1, 0
@@ -65,5 +65,5 @@ def wait_for_records(flow_run_id: UUID, timeout: float = 60.0, settle_polls: int
             if stable >= settle_polls:
                 return len(runs)
             last = len(runs)
-            time.sleep(0.25)
+            time.sleep(0.1)
     return last

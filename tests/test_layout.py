@@ -15,7 +15,7 @@ ALLOWED = {
     "eightgen": {"eightgen"},
     "tasks": {"eightgen", "tasks", "reports"},
     "reports": {"eightgen", "reports"},
-    "flows": {"eightgen", "tasks", "flows", "runtime"},
+    "flows": {"eightgen", "tasks", "flows", "runtime", "prefect_api"},
     "runtime": {"eightgen", "runtime"},
     "prefect_api": {"eightgen", "prefect_api"},
     "cli": {"eightgen", "cli", "flows", "reports", "runtime", "prefect_api"},
