@@ -1,11 +1,12 @@
-"""Where the wall time of `eightgen run` goes: a cold run, a warm (all cached) run, and a warm run against a running server.
+"""Where the wall time of `eightgen run` goes: cold, warm (all cached) with the local server kept from the cold run,
+warm with a fresh local server, and warm against a running `prefect server start`.
 
     python -m benchmarks.startup --mnist-dir ../shared/datasets/mnist [more eightgen run options]
 
-All three runs use one fresh cache dir and runs root, one after the other in this process's machine state;
-each is a real `eightgen run` subprocess. The CLI marks its phases (EIGHTGEN_PHASES); time inside task runs
-comes from the Prefect database or API afterwards. The embedded server boots in a thread while the data is
-checked and the flows are imported, so "waiting for the server" is only what is left of its start-up.
+All runs use one fresh cache dir and runs root, one after the other; each is a real `eightgen run`
+subprocess. The CLI marks its phases (EIGHTGEN_PHASES); time inside task runs comes from the Prefect
+database afterwards. A local server boots in its own process while the data is checked and the flows are
+imported, so "waiting for the server" is only what is left of its start-up; a kept one is not waited for.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from runtime.embedded import free_port
+from runtime.embedded import IDLE, STATE, free_port
 
 ROWS = [
     ("python + CLI imports", "start", "imported"),
@@ -36,20 +37,29 @@ ROWS = [
 ]
 
 
-def _env(home: Path, api: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+def _env(home: Path, api: str | None = None, idle: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != IDLE}
     env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    return env | ({"PREFECT_API_URL": api} if api else {})
+    return env | ({"PREFECT_API_URL": api} if api else {}) | ({IDLE: idle} if idle is not None else {})
 
 
-def _task_seconds_sqlite(db: Path) -> float:
-    """Seconds inside task runs (start to end, summed) recorded in an embedded Prefect database."""
+def _stop_kept_server(home: Path) -> None:
+    """Stop the local server a run left running for the next command in this Prefect home."""
+    try:
+        os.kill(int(json.loads((home / STATE).read_text())["pid"]), signal.SIGTERM)
+    except (OSError, ValueError, KeyError):
+        pass
+
+
+def _task_seconds_sqlite(db: Path, marks: dict[str, float]) -> float:
+    """Seconds inside the task runs (start to end, summed) of one timed run, from a local Prefect database."""
     with sqlite3.connect(db) as con:
         rows = con.execute(
             "SELECT start_time, end_time FROM task_run WHERE start_time IS NOT NULL AND end_time IS NOT NULL AND id NOT IN "
             "(SELECT parent_task_run_id FROM flow_run WHERE parent_task_run_id IS NOT NULL)"  # subflow stand-ins
         ).fetchall()
-    return sum((_when(b) - _when(a)) for a, b in rows)
+    spans = [(_when(a), _when(b)) for a, b in rows]
+    return sum(b - a for a, b in spans if marks["start"] <= a and b <= marks["end"])
 
 
 def _when(value: str) -> float:
@@ -94,7 +104,7 @@ def _start_server(home: Path) -> tuple[subprocess.Popen, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run cold, warm and warm-with-server, and print the phases side by side."""
+    """Run cold, warm (kept server), warm (fresh server) and warm against a running server; print the phases side by side."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.startup", description=__doc__.splitlines()[0])
     given = parser.parse_known_args(argv)[1]  # everything else is an eightgen run option
     options = given or ["--preset", "quick"]
@@ -103,15 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     home = tmp / "home"
     # a user's machine already has a Prefect database: create one first (migrations), outside the measurement
     boot = "from runtime.embedded import EmbeddedServer; s = EmbeddedServer(); s.wait(); s.stop()"
-    subprocess.run([sys.executable, "-c", boot], env=_env(home), capture_output=True, check=True)
+    subprocess.run([sys.executable, "-c", boot], env=_env(home, idle="0"), capture_output=True, check=True)
     load_before = os.getloadavg()[0]
     columns = {}
-    for label in ("cold", "warm"):
-        db_home = tmp / f"home-{label}"
-        shutil.copytree(home, db_home)
-        marks = timed_run(options, _env(db_home), tmp / "phases.jsonl")
-        marks["tasks"] = _task_seconds_sqlite(db_home / "prefect.db") if (db_home / "prefect.db").exists() else float("nan")
-        columns[label] = marks
+    kept, fresh = tmp / "home-kept", tmp / "home-fresh"
+    shutil.copytree(home, kept)
+    shutil.copytree(home, fresh)
+    try:
+        # cold starts the local server and leaves it up; the warm run after it reuses it
+        for label, db_home, idle in (("cold", kept, None), ("warm", kept, None), ("warm, fresh server", fresh, "0")):
+            columns[label] = timed_run(options, _env(db_home, idle=idle), tmp / "phases.jsonl")
+    finally:
+        _stop_kept_server(kept)
+    time.sleep(2)  # the kept server's last writes
+    for label, db_home in (("cold", kept), ("warm", kept), ("warm, fresh server", fresh)):
+        columns[label]["tasks"] = _task_seconds_sqlite(db_home / "prefect.db", columns[label])
     proc, api = _start_server(tmp / "home-server")
     try:
         marks = timed_run(options, _env(tmp / "home-client", api), tmp / "phases.jsonl")

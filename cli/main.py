@@ -13,9 +13,11 @@ from pydantic import ValidationError
 from cli.aligned import add_aligned_options, aligned_command
 from cli.options import build_config, experiment_options
 from cli.serve import add_serve_options, serve_command
+from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
 from prefect_api.server import check_api
 from runtime.environment import process_env
+from runtime.errorlog import ErrorLog, describe
 from runtime.phases import mark
 from runtime.runners import absolute_paths, probe_dask
 
@@ -67,7 +69,8 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         from runtime.preflight import preflight
 
-        preflight(cfg, args.overwrite)
+        for line in preflight(cfg, args.overwrite):
+            print(f"eightgen: warning: {line}", file=sys.stderr, flush=True)
         mark("checked")
         from flows.pipeline import pipeline
         from prefect_api.records import flush_workers, wait_for_records
@@ -79,7 +82,7 @@ def run_command(args: argparse.Namespace) -> int:
                 cfg, force=args.force, task_runner=kind, dask_address=args.dask_address, overwrite=args.overwrite, return_state=True
             )
             mark("flow done")
-            if server.process is not None:  # its database goes with it: wait until it has every record
+            if not server.outlives_command:  # it stops with this command: wait until it has every record
                 wait_for_records(state.state_details.flow_run_id)
             else:  # a running server records what it was sent after this process is gone
                 flush_workers()
@@ -88,7 +91,9 @@ def run_command(args: argparse.Namespace) -> int:
         server.stop()
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
-        raise EightgenError(str(exc) if isinstance(exc, BaseException) else f"pipeline ended {state.name}")
+        if isinstance(exc, Exception):
+            raise exc  # an EightgenError stays one line; anything else is logged with its traceback
+        raise EightgenError(f"pipeline ended {state.name}")
     report = state.result()
     print(f"report: {Path(report).resolve()}")
     return 0
@@ -103,21 +108,37 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def error_log(args: argparse.Namespace, argv: Sequence[str]) -> ErrorLog:
+    """The command's error log: under its cache dir (`report` has none: the temp dir), created only if needed."""
+    cache_dir = getattr(args, "cache_dir", None)
+    if cache_dir is None and args.command != "report":
+        cache_dir = ExperimentConfig.model_fields["cache_dir"].default
+    return ErrorLog(cache_dir, header=f"eightgen {' '.join(argv)}\ncwd: {Path.cwd()}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `eightgen` command."""
+    """Entry point of the `eightgen` command: 0 on success, 2 with one line on stderr on any failure."""
     # fastai's import-time torch.jit.script call and pandas-option use warn on every run; they are not ours to fix.
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"The 'mode\.chained_assignment' option is deprecated")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     commands = {"run": run_command, "report": report_command, "serve": serve_command, "aligned": aligned_command}
-    try:
-        return commands[args.command](args)
-    except ValidationError as exc:
-        print(f"eightgen: error: {_one_line(exc)}", file=sys.stderr)
-    except EightgenError as exc:
-        print(f"eightgen: error: {exc}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("eightgen: interrupted", file=sys.stderr)
+    log = error_log(args, argv)
+    with log.prefect_tracebacks():
+        try:
+            return commands[args.command](args)
+        except ValidationError as exc:
+            problem = _one_line(exc)
+        except EightgenError as exc:
+            problem = str(exc)
+        except KeyboardInterrupt:
+            print("eightgen: interrupted", file=sys.stderr)
+            return 2
+        except Exception as exc:  # anything else (a full disk, a failed task, a bug): one line here, the traceback in the log
+            log.exception(exc)
+            problem = describe(exc)
+    print(log.line(problem), file=sys.stderr)
     return 2
 
 

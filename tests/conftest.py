@@ -10,6 +10,8 @@ import pytest
 from eightgen.config import DatasetConfig
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# every command stops its own local Prefect server (tests/test_embedded.py checks the kept one)
+os.environ.setdefault("EIGHTGEN_SERVER_IDLE_SECONDS", "0")
 ROOT = Path(__file__).resolve().parents[1]
 
 

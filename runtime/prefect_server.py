@@ -1,0 +1,63 @@
+"""The process runtime/embedded.py starts: Prefect's API app under uvicorn, stopping once no command has used it a while.
+
+    python -m runtime.prefect_server --port PORT --home PREFECT_HOME --idle SECONDS
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from pathlib import Path
+
+from runtime.embedded import STATE, live_leases, locked
+
+POLL_SECONDS = 1.0
+
+
+def watch(server, home: Path, idle: float) -> None:
+    """Ask uvicorn to exit once no live command has held a lease for `idle` seconds, or another server took over."""
+    quiet_since = None
+    while not server.should_exit:
+        time.sleep(POLL_SECONDS)
+        with locked(home):  # a command starting now either sees this server's state or none at all
+            superseded = _recorded_pid(home) not in (None, os.getpid())
+            if live_leases(home) and not superseded:
+                quiet_since = None
+                continue
+            quiet_since = quiet_since or time.monotonic()
+            if superseded or time.monotonic() - quiet_since >= idle:
+                if not superseded:
+                    (home / STATE).unlink(missing_ok=True)
+                server.should_exit = True
+
+
+def _recorded_pid(home: Path) -> int | None:
+    import json
+
+    try:
+        return int(json.loads((home / STATE).read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def main() -> None:
+    """Serve Prefect's API on 127.0.0.1:PORT until idle."""
+    import uvicorn
+
+    p = argparse.ArgumentParser(prog="python -m runtime.prefect_server", description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--home", type=Path, required=True)
+    p.add_argument("--idle", type=float, required=True)
+    args = p.parse_args()
+    config = uvicorn.Config(
+        "prefect.server.api.server:create_app", factory=True, host="127.0.0.1", port=args.port, log_level="error", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    threading.Thread(target=watch, args=(server, args.home, args.idle), daemon=True).start()
+    server.run()
+
+
+if __name__ == "__main__":
+    main()
