@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,11 +138,11 @@ def aligned_command(args: argparse.Namespace) -> int:
     from eightgen.rundir import check_target
     from runtime.preflight import preflight
 
-    preflight(cfg.experiment("standard", cfg.budgets[0]), args.overwrite)
-    for detector in cfg.detectors:
-        for budget in cfg.budgets:
-            run = cfg.experiment(detector, budget)
-            check_target(run.run_dir, run, args.overwrite)
+    runs = [cfg.experiment(detector, budget) for detector in cfg.detectors for budget in cfg.budgets]
+    for line in preflight(runs[0], args.overwrite, runs=runs):
+        print(f"eightgen: warning: {line}", file=sys.stderr, flush=True)
+    for run in runs:
+        check_target(run.run_dir, run, args.overwrite)
     from flows.aligned import aligned_flow
     from prefect_api.records import wait_for_records
 
@@ -149,7 +150,9 @@ def aligned_command(args: argparse.Namespace) -> int:
     wait_for_records(state.state_details.flow_run_id)
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
-        raise EightgenError(str(exc) if isinstance(exc, BaseException) else f"aligned experiment ended {state.name}")
+        if isinstance(exc, Exception):
+            raise exc  # an EightgenError stays one line; anything else is logged with its traceback
+        raise EightgenError(f"aligned experiment ended {state.name}")
     report = Path(state.result())
     summary = json.loads((report.parent / "aligned.json").read_text())
     print("\n".join(summary_lines(summary)))

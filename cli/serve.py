@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 from cli.options import build_config
@@ -127,7 +128,8 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         from runtime.preflight import preflight
 
-        preflight(cfg, args.overwrite)
+        for line in preflight(cfg, args.overwrite):
+            print(f"eightgen: warning: {line}", file=sys.stderr, flush=True)
         served = deployments(cfg, schedule, kind, args.dask_address, force=args.force, overwrite=args.overwrite)
         reports.start()
         print(f"eightgen: API {url}; reports of {reports.root} at {reports.url}", flush=True)
