@@ -118,7 +118,11 @@ class EmbeddedServer:
     """The command's Prefect API: wait() for it before the first flow, stop() at the end (releases the lease)."""
 
     def __init__(self) -> None:
-        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_SERVER_EPHEMERAL_ENABLED,
+            get_current_settings,
+        )
 
         self.url: str | None = None
         self.pid: int | None = None

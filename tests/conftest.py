@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from eightgen.config import DatasetConfig
+
+if TYPE_CHECKING:
+    from helpers import Trained
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # every command stops its own local Prefect server (tests/test_embedded.py checks the kept one)
@@ -38,6 +44,24 @@ def dataset_dir(small_dataset_cfg: DatasetConfig, tmp_path_factory: pytest.TempP
     out = tmp_path_factory.mktemp("dataset")
     save_assembled(assemble(load_mnist(small_dataset_cfg), small_dataset_cfg), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_cnn(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """The session's one trained small CNN: one epoch on the real assembled fixture (batches of 32, seed 0)."""
+    from helpers import Trained
+
+    from eightgen.config import TrainConfig
+    from eightgen.training import train
+
+    # Batches of 32 give one epoch on the 3,000-image fixture enough optimiser steps to learn the task.
+    cfg = TrainConfig(arch="small_cnn", epochs=1, batch_size=32, seed=0, device="cpu")
+    out = tmp_path_factory.mktemp("models") / "small"
+    lines: list[str] = []
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        artifact = train(cfg, dataset_dir, out, progress=lines.append)
+    return Trained(cfg, artifact, lines, buffer.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -6,16 +6,27 @@ dir, so the 8-detector is trained once per session and comes back Cached everywh
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from eightgen.config import ExperimentConfig
 from cli.main import build_config, parser
+from eightgen.config import ExperimentConfig
 
 # 2 start digits + noise, 2 seeds each, 2 starts per chunk -> 3 optimisation chunks.
 TINY = ["--preset", "quick", "--seeds", "2", "--digits", "1,3", "--steps", "5", "--epochs", "1", "--max-train", "2000", "--chunk-size", "2"]
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained model artifact with the progress lines and stdout of its training (conftest's small_cnn)."""
+
+    cfg: object
+    artifact: object
+    lines: list[str]
+    stdout: str
 
 
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

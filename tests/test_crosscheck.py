@@ -11,20 +11,17 @@ from nets import bn_net
 from torch import Tensor, nn
 
 from benchmarks.bench import bench_starts
-from eightgen.config import AttackConfig, TrainConfig
+from eightgen.config import AttackConfig
 from eightgen.models import load_classifier
 from eightgen.optimize import TARGET, optimize
-from eightgen.training import train
 
 STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def trained(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> nn.Module:
-    """A small CNN freshly trained for one epoch on real MNIST."""
-    out = tmp_path_factory.mktemp("crosscheck") / "model"
-    train(TrainConfig(arch="small_cnn", epochs=1, device="cpu", seed=3), dataset_dir, out)
-    return load_classifier(out, torch.device("cpu"))[0].requires_grad_(False)
+def trained(small_cnn) -> nn.Module:
+    """The session's small CNN, trained for one epoch on real MNIST."""
+    return load_classifier(small_cnn.artifact.path, torch.device("cpu"))[0].requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,15 @@ import httpx
 import pytest
 
 from eightgen.errors import EightgenError
-from runtime.embedded import IDLE, LEASES, STATE, alive, idle_seconds, live_leases, read_state
+from runtime.embedded import (
+    IDLE,
+    LEASES,
+    STATE,
+    alive,
+    idle_seconds,
+    live_leases,
+    read_state,
+)
 from runtime.prefect_server import watch
 
 ROOT = Path(__file__).resolve().parents[1]
