@@ -71,7 +71,8 @@ def test_pool_prefix_is_stable_when_it_grows(data: MnistData, mnist_dir: Path) -
     small = assemble(data, cfg_for(mnist_dir, pool_per_digit=8))
     large = assemble(data, cfg_for(mnist_dir, pool_per_digit=16))
     for d in range(10):
-        assert np.array_equal(large.i_pool[large.y_pool == d][:8], small.i_pool[small.y_pool == d])
+        prefix = small.i_pool[small.y_pool == d]
+        assert len(prefix) == 8 and np.array_equal(large.i_pool[large.y_pool == d][:8], prefix)
 
 
 def test_stratification_keeps_digit_shares(data: MnistData, mnist_dir: Path) -> None:
@@ -99,6 +100,7 @@ def test_balance_equalises_train_only(data: MnistData, mnist_dir: Path, mode: st
         assert keys(a, "train") == keys(natural, "train")
         # Repeats are spread evenly: each 8 occurs floor or ceil(n8 / n_natural8) times.
         _, reps = np.unique(a.i_train[a.y_train == 8], return_counts=True)
+        assert len(reps) == n_natural8 and n8 > n_natural8  # every natural 8 is kept, and some repeat
         assert set(reps.tolist()) <= {n8 // n_natural8, -(-n8 // n_natural8)}
     assert same_part(a, natural, "valid") and same_part(a, natural, "pool")
 
