@@ -65,7 +65,9 @@ def test_missing_mnist_labels_are_named(mnist_dir: Path, tmp_path: Path, capsys)
     bad = _copy_mnist(mnist_dir, tmp_path / "mnist")
     (bad / "t10k-labels-idx1-ubyte.gz").unlink()
     code, out = _run(["--mnist-dir", str(bad), "--runs-root", str(tmp_path / "runs")], capsys)
-    assert code == 2 and "labels" in out and len(out.strip().splitlines()) == 1, out
+    assert code == 2 and len(out.strip().splitlines()) == 1, out
+    assert "has no partner t10k-labels-idx1-ubyte[.gz]" in out and "Traceback" not in out, out
+    assert not (tmp_path / "runs").exists()
 
 
 def test_dataset_without_eights_is_refused(mnist_dir: Path, tmp_path: Path, capsys) -> None:
@@ -76,7 +78,8 @@ def test_dataset_without_eights_is_refused(mnist_dir: Path, tmp_path: Path, caps
     y[y == 8] = 3
     labels.write_bytes(gzip.compress(bytes(raw[:8]) + y.tobytes()))
     code, out = _run(["--mnist-dir", str(bad), "--runs-root", str(tmp_path / "runs")], capsys)
-    assert code == 2 and "8" in out and "Traceback" not in out, out
+    assert code == 2 and len(out.strip().splitlines()) == 1 and "Traceback" not in out, out
+    assert "no images of digit 8 in" in out, out
 
 
 def test_env_mnist_dir_and_overrides_reach_the_config(monkeypatch, tmp_path: Path) -> None:
