@@ -69,9 +69,9 @@ def test_small_cnn_is_small() -> None:
 
 
 def test_unknown_arch_and_channels_are_rejected() -> None:
-    with pytest.raises(EightgenError, match="vgg"):
+    with pytest.raises(EightgenError, match=r"unknown arch 'vgg' \(use small_cnn, resnet18 or resnet34\)"):
         build_network("vgg", 1)
-    with pytest.raises(EightgenError, match="channels"):
+    with pytest.raises(EightgenError, match="channels must be 1 or 3, got 2"):
         build_network("small_cnn", 2)
 
 
@@ -154,10 +154,15 @@ def test_to_model_input_scales_and_repeats_grey() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [np.zeros((2, 28, 28), np.float32), np.zeros((2, 28, 27), np.uint8), np.zeros((28, 28), np.uint8)]
+    ("bad", "message"),
+    [
+        (np.zeros((2, 28, 28), np.float32), "images must be a uint8 numpy array, got float32"),
+        (np.zeros((2, 28, 27), np.uint8), r"images must have shape \[N, 28, 28\], got \[2, 28, 27\]"),
+        (np.zeros((28, 28), np.uint8), r"images must have shape \[N, 28, 28\], got \[28, 28\]"),
+    ],
 )
-def test_to_model_input_rejects_other_arrays(bad: np.ndarray) -> None:
-    with pytest.raises(EightgenError, match="images must"):
+def test_to_model_input_rejects_other_arrays(bad: np.ndarray, message: str) -> None:
+    with pytest.raises(EightgenError, match=message):
         to_model_input(bad, 1)
 
 
@@ -246,7 +251,7 @@ def test_load_classifier_rejects_a_bad_spec(tmp_path: Path) -> None:
 
 
 def test_load_classifier_needs_an_existing_directory(tmp_path: Path) -> None:
-    with pytest.raises(EightgenError, match="not found"):
+    with pytest.raises(EightgenError, match="nowhere: model directory not found"):
         load_classifier(tmp_path / "nowhere", CPU)
     with pytest.raises(EightgenError, match=f"{SPEC_FILE}.*missing"):
         load_classifier(tmp_path, CPU)
