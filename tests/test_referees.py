@@ -98,9 +98,12 @@ def test_knn_vote_on_hand_made_images() -> None:
     assert share[0] == 1.0 and share[1] == 0.0
     assert share[2] == 0.0  # against 3s only: the 1s do not vote, the 3s are nearer than the 8s
     assert share[3] == 0.0  # noise-style vote among every digit: five 1s
-    mixed = torch.from_numpy(((eight + three) / 2)[None, None])
-    share, _ = knn_vote(mixed, np.array([3]), ref_x, ref_y, target=8, k=4)
-    assert share[0] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    # Nearer the 8s than the 3s (squared distances 25.6 and 57.6): k = 8 takes all five 8s, then three 3s.
+    mixed = torch.from_numpy((0.6 * eight + 0.4 * three)[None, None])
+    share, vote = knn_vote(mixed, np.array([3]), ref_x, ref_y, target=8, k=8)
+    assert share[0] == 5 / 8 and vote.tolist() == [True]
+    share, vote = knn_vote(torch.from_numpy((0.4 * eight + 0.6 * three)[None, None]), np.array([3]), ref_x, ref_y, target=8, k=8)
+    assert share[0] == 3 / 8 and vote.tolist() == [False]
     with pytest.raises(EightgenError, match="k = 16"):
         knn_vote(queries, np.array([3, 3, 3, -1]), ref_x, ref_y, target=8, k=16)
 
@@ -116,7 +119,10 @@ def test_referee_columns_are_present_and_consistent(referees_dir: Path, ref_data
     assert len(cols) == len(pick)
     for name in ("cnn", "robust"):
         assert np.array_equal(cols[f"ref_{name}_is8"], cols[f"ref_{name}_pred"] == 8)
-        assert cols[f"ref_{name}_p8"].between(0, 1).all()
+        with torch.no_grad():
+            p = getattr(refs, name)(x_final).softmax(dim=1).double().numpy()
+        np.testing.assert_allclose(cols[f"ref_{name}_p8"], p[:, 8], rtol=1e-5, atol=1e-7)
+        assert np.array_equal(cols[f"ref_{name}_pred"], p.argmax(axis=1))
         assert not cols.loc[start < 0, f"ref_{name}_is_start"].any()
         assert np.array_equal(cols[f"ref_{name}_is_start_start"], (cols[f"ref_{name}_pred_start"] == start) & (start >= 0))
     assert np.array_equal(cols["knn_is8"], cols["knn_share8"] > 0.5)
