@@ -99,6 +99,21 @@ def measure(argv: Sequence[str]) -> dict:
     return result
 
 
+def summary(m: dict) -> str:
+    """The timing split of one run as the lines the command prints."""
+    lines = [
+        f"pipeline ({m['preset']} preset, cold cache)",
+        f"  wall time of the flow call   {m['wall_s']:8.2f} s   (API's own start-to-end: {m['flow_run_s']:.2f} s)",
+        f"  inside {m['task_runs']:3d} task runs         {m['tasks_s']:8.2f} s",
+    ]
+    lines += [f"    {name:26s} {seconds:8.2f} s" for name, seconds in sorted(m["per_task_s"].items(), key=lambda kv: -kv[1])]
+    lines += [
+        f"  orchestration                {m['orchestration_s']:8.2f} s = {100 * m['share']:.1f} % of wall time (target < 10 %)",
+        f"  cost of one no-op task       {1000 * m['noop_task_s']:8.1f} ms",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the timing split of one pipeline run."""
     try:
@@ -106,13 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EightgenError as exc:
         print(f"eightgen: error: {exc}", file=sys.stderr)
         return 2
-    print(f"pipeline ({m['preset']} preset, cold cache)")
-    print(f"  wall time of the flow call   {m['wall_s']:8.2f} s   (API's own start-to-end: {m['flow_run_s']:.2f} s)")
-    print(f"  inside {m['task_runs']:3d} task runs         {m['tasks_s']:8.2f} s")
-    for name, seconds in sorted(m["per_task_s"].items(), key=lambda kv: -kv[1]):
-        print(f"    {name:26s} {seconds:8.2f} s")
-    print(f"  orchestration                {m['orchestration_s']:8.2f} s = {100 * m['share']:.1f} % of wall time (target < 10 %)")
-    print(f"  cost of one no-op task       {1000 * m['noop_task_s']:8.1f} ms")
+    print(summary(m))
     return 0
 
 

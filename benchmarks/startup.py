@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -103,6 +104,22 @@ def _start_server(home: Path) -> tuple[subprocess.Popen, str]:
     sys.exit("benchmarks.startup: prefect server start did not answer within 180 s")
 
 
+def table(columns: dict[str, dict[str, float]], title: str) -> str:
+    """The phases of each timed run side by side (seconds), then the same as one JSON line."""
+    width, lines = 28, [title, f"{'phase':<28}" + "".join(f"{name:>24}" for name in columns)]
+    for label, a, b in ROWS:
+        cells = [f"{m[b] - m[a]:>22.2f} s" if a in m and b in m else f"{'—':>24}" for m in columns.values()]
+        lines.append(f"{label:<{width}}" + "".join(cells))
+    lines.append(f"{'  of the flow: inside tasks':<{width}}" + "".join(
+        f"{m['tasks']:>22.2f} s" if m.get("tasks", math.nan) == m.get("tasks", math.nan) else f"{'—':>24}" for m in columns.values()))
+    lines.append(f"{'total wall':<{width}}" + "".join(f"{m['end'] - m['start']:>22.2f} s" for m in columns.values()))
+    lines.append(json.dumps({
+        k: {r[0]: round(v[r[2]] - v[r[1]], 3) for r in ROWS if r[1] in v and r[2] in v} | {"total": round(v["end"] - v["start"], 3)}
+        for k, v in columns.items()
+    }))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run cold, warm (kept server), warm (fresh server) and warm against a running server; print the phases side by side."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.startup", description=__doc__.splitlines()[0])
@@ -136,18 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
     load_after = os.getloadavg()[0]
-    width = 28
-    print(f"eightgen run {' '.join(given or ['--preset', 'quick'])}  (load average {load_before:.1f} -> {load_after:.1f}, {os.cpu_count()} cores)")
-    print(f"{'phase':<{width}}" + "".join(f"{name:>24}" for name in columns))
-    for label, a, b in ROWS:
-        cells = []
-        for marks in columns.values():
-            cells.append(f"{marks[b] - marks[a]:>22.2f} s" if a in marks and b in marks else f"{'—':>24}")
-        print(f"{label:<{width}}" + "".join(cells))
-    print(f"{'  of the flow: inside tasks':<{width}}" + "".join(
-        f"{m['tasks']:>22.2f} s" if m['tasks'] == m['tasks'] else f"{'—':>24}" for m in columns.values()))
-    print(f"{'total wall':<{width}}" + "".join(f"{m['end'] - m['start']:>22.2f} s" for m in columns.values()))
-    print(json.dumps({k: {r[0]: round(v[r[2]] - v[r[1]], 3) for r in ROWS} | {"total": round(v["end"] - v["start"], 3)} for k, v in columns.items()}))
+    title = f"eightgen run {' '.join(given or ['--preset', 'quick'])}  (load average {load_before:.1f} -> {load_after:.1f}, {os.cpu_count()} cores)"
+    print(table(columns, title))
     return 0
 
 
