@@ -96,16 +96,29 @@ def split_resnet(model: PixelClassifier) -> list:
 
 
 class EpochReport(Callback):
-    """Collects each epoch's losses and error rate and passes a one-line summary to `report`."""
+    """Collects each epoch's losses and error rate and passes a one-line summary to `report`.
+
+    `batches(done, total)`, if given, hears of every training batch, counted over all `total` epochs.
+    """
 
     order = Recorder.order + 1
 
-    def __init__(self, history: list[dict], total: int, report: Callable[[str], None] | None) -> None:
-        self.history, self.total, self.report = history, total, report
+    def __init__(
+        self,
+        history: list[dict],
+        total: int,
+        report: Callable[[str], None] | None,
+        batches: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.history, self.total, self.report, self.batches = history, total, report, batches
         self.started = time.perf_counter()
 
     def before_epoch(self) -> None:
         self.started = time.perf_counter()
+
+    def after_batch(self) -> None:
+        if self.batches is not None and self.training:
+            self.batches(len(self.history) * self.n_iter + self.iter + 1, self.total * self.n_iter)
 
     def after_epoch(self) -> None:
         names = [n for n in self.recorder.metric_names[1:] if n != "time"]
@@ -168,8 +181,12 @@ def train(
     dataset_dir: Path,
     out_dir: Path,
     progress: Callable[[str], None] | None = None,
+    batches: Callable[[int, int], None] | None = None,
 ) -> Artifact:
-    """Train the detector on an assembled dataset; write learner.pkl, model.pt, spec.json, metrics.json, manifest."""
+    """Train the detector on an assembled dataset; write learner.pkl, model.pt, spec.json, metrics.json, manifest.
+
+    `progress` gets one line per epoch; `batches(done, total)` hears of every training batch of all epochs.
+    """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     data = load_assembled(dataset_dir)
     target = int(data.target)
@@ -185,7 +202,7 @@ def train(
     history: list[dict] = []
     total = cfg.epochs + (1 if cfg.fine_tune else 0)
     started = time.perf_counter()
-    with learn.no_bar(), learn.no_logging(), learn.added_cbs([EpochReport(history, total, progress), *adversarial_callbacks(cfg)]):
+    with learn.no_bar(), learn.no_logging(), learn.added_cbs([EpochReport(history, total, progress, batches), *adversarial_callbacks(cfg)]):
         if cfg.fine_tune:
             learn.fine_tune(cfg.epochs, base_lr=cfg.lr)
         else:

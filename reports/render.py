@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -34,8 +35,10 @@ def environment() -> Environment:
 
 # ---------------------------------------------------------------- single run
 
+RUN_PARTS = 11  # what run_html reports to `progress`: snapshots, animations, classifier, 5 figures, strips, galleries, page
 
-def _figure_imgs(run: Run) -> dict[str, Img]:
+
+def _figure_imgs(run: Run, part: Callable[[], None] = lambda: None) -> dict[str, Img]:
     res, table, order, plabel = run.results, run.table, run.order, f"p({run.target})"
     groups = res["group"].to_numpy()
     per_group = table[table["group"] != ALL]
@@ -54,8 +57,13 @@ def _figure_imgs(run: Run) -> dict[str, Img]:
     def listing(values: dict[str, str]) -> str:
         return "; ".join(f"{'noise' if g == NOISE else 'digit ' + g}: {v}" for g, v in values.items())
 
+    def img(*args: object) -> Img:  # each figure is one part of the page
+        made = figure_img(*args)
+        part()
+        return made
+
     return {
-        "success": figure_img(
+        "success": img(
             figures.success_figure(table),
             "Bar chart of the success rate per start group with 95% bootstrap intervals. "
             + listing({r.group: f"{fmt_pct(r.success_rate)} ({fmt_pct(r.success_lo, 0)}–{fmt_pct(r.success_hi, 0)})" for r in per_group.itertuples()}),
@@ -63,14 +71,14 @@ def _figure_imgs(run: Run) -> dict[str, Img]:
             "(fixed RNG); the dashed line is the rate over all starts.",
             "fig-success",
         ),
-        "bands": figure_img(
+        "bands": img(
             figures.p_bands_figure(bands, run.target),
             f"Small multiples, one per start group, of the median {plabel} against step with a 10–90% band. Median {plabel} "
             "at the last step: " + listing({g: fmt_prob(b[1, -1]) for g, b in bands.items()}),
             f"{plabel} of every start at every step: line = median over the group's starts, band = 10th to 90th percentile.",
             "fig-p-target",
         ),
-        "survival": figure_img(
+        "survival": img(
             figures.survival_figure(curves, overall),
             "Small multiples of Kaplan-Meier curves: share of starts not yet classified as the target against step. Share "
             "never flipped at the end: " + listing({g: fmt_pct(c[-1]) for g, c in curves.items()}),
@@ -78,7 +86,7 @@ def _figure_imgs(run: Run) -> dict[str, Img]:
             "as censored at their last step. Grey: all starts.",
             "fig-survival",
         ),
-        "l2": figure_img(
+        "l2": img(
             figures.l2_box_figure(l2_flip, l2_final),
             "Box plots per start group of the L2 change at the flip and at the end. Median final L2: "
             + listing({r.group: fmt_num(r.l2_final_median) for r in per_group.itertuples()}),
@@ -86,7 +94,7 @@ def _figure_imgs(run: Run) -> dict[str, Img]:
             "(flipped starts only); filled: after the last step (all starts). Boxes span the quartiles; whiskers 1.5 IQR.",
             "fig-l2",
         ),
-        "scatter": figure_img(
+        "scatter": img(
             figures.flip_scatter_figure(flip, l2f, groups, order),
             f"Scatter plot of the L2 change at the flip against the flip step for {int(ok.sum())} flipped starts, "
             f"coloured by start group; correlation {fmt_num(corr)}.",
@@ -122,8 +130,8 @@ def _classifier_imgs(run: Run) -> dict[str, Img]:
     return out
 
 
-def run_context(run: Run, cfg: ReportConfig | None = None) -> dict:
-    """Everything the single-run template shows."""
+def run_context(run: Run, cfg: ReportConfig | None = None, part: Callable[[], None] = lambda: None) -> dict:
+    """Everything the single-run template shows (`part()` after each of its parts: all but the page of RUN_PARTS)."""
     if cfg is not None:
         run.report = cfg
     plabel = f"p({run.target})"
@@ -133,7 +141,16 @@ def run_context(run: Run, cfg: ReportConfig | None = None) -> dict:
     traj_rows = run.results.loc[[i for rows in chosen.values() for i in rows] + most + least + anim_rows, "traj_row"]
     step0 = int(np.flatnonzero(run.snapshot_steps == 0)[0])
     snaps, x0_norms = read_snapshots(run.path / TRAJECTORIES, traj_rows, step0)
+    part()
     anims = animations(run, anim_rows, snaps, plabel)
+    part()
+    classifier = _classifier_imgs(run)
+    part()
+    figs = _figure_imgs(run, part)
+    strips = film_strips(run, chosen, snaps, plabel)
+    part()
+    most_imgs, least_imgs = gallery(run, most, snaps, plabel), gallery(run, least, snaps, plabel)
+    part()
     return {
         "title": run.report.title,
         "run": run,
@@ -142,15 +159,15 @@ def run_context(run: Run, cfg: ReportConfig | None = None) -> dict:
         "head": headline(run, x0_norms),
         "warnings": warnings_of(run),
         "dataset": dataset_table(run),
-        "classifier": _classifier_imgs(run),
+        "classifier": classifier,
         "table": table_rows(run.table),
-        "figs": _figure_imgs(run),
-        "strips": film_strips(run, chosen, snaps, plabel),
+        "figs": figs,
+        "strips": strips,
         "frames_per_strip": run.report.frames_per_strip,
         "animations": anims,
         "anim_data": [a["data"] for a in anims],
-        "most": gallery(run, most, snaps, plabel),
-        "least": gallery(run, least, snaps, plabel),
+        "most": most_imgs,
+        "least": least_imgs,
         "key": figures.diverging_stops(),
         "config_json": json.dumps(run.record.config.model_dump(mode="json"), indent=2, sort_keys=True),
         "model_facts": model_facts(run),
@@ -227,9 +244,13 @@ def compare_context(runs: list[Run], out: Path) -> dict:
 # ---------------------------------------------------------------- entry points
 
 
-def run_html(run: Run, report: ReportConfig | None = None) -> str:
-    """The self-contained report page of one loaded run."""
-    return environment().get_template("run.html.j2").render(**run_context(run, report))
+def run_html(run: Run, report: ReportConfig | None = None, progress: Callable[[int, int], None] | None = None) -> str:
+    """The self-contained report page of one loaded run; `progress(done, RUN_PARTS)` after each part, if given."""
+    done = itertools.count(1)
+    part = (lambda: progress(next(done), RUN_PARTS)) if progress is not None else (lambda: None)
+    html = environment().get_template("run.html.j2").render(**run_context(run, report, part))
+    part()
+    return html
 
 
 def report_html(run_dirs: Sequence[Path] | Path, out: Path | None = None, *, report: ReportConfig | None = None) -> tuple[Path, str]:

@@ -16,6 +16,7 @@ from eightgen.artifacts import Artifact, artifact_of, staged_dir, verified
 from eightgen.config import AttackConfig
 from tasks.caching import STAGE_KEY, CachedStage, produced_by
 from tasks.faults import fail_once
+from tasks.progress import meter
 
 OPTIMIZE = CachedStage("attacks")
 
@@ -54,15 +55,19 @@ def optimize_chunk(
     x0, meta = starts.x0[rows], starts.meta.iloc[rows].reset_index(drop=True)
     progress_id = create_progress_artifact(progress=0.0, description=f"optimisation, chunk {chunk}: {len(meta)} starts")
     every = max(1, cfg.steps // 20)
-
-    def report(step: int) -> None:
-        if step % every == 0 or step == cfg.steps:
-            update_progress_artifact(progress_id, 100.0 * step / cfg.steps)
+    log = get_run_logger().info
 
     started = time.perf_counter()
-    traj = optimize(net, x0.to(device), cfg, progress=report)
+    with meter(f"chunk {chunk}", log, cfg.steps) as shown:
+
+        def report(step: int) -> None:
+            shown.update(step)
+            if step % every == 0 or step == cfg.steps:
+                update_progress_artifact(progress_id, 100.0 * step / cfg.steps)
+
+        traj = optimize(net, x0.to(device), cfg, progress=report)
     seconds = time.perf_counter() - started
-    get_run_logger().info(
+    log(
         "chunk %d: %d starts x %d steps on %s in %.1f s (%.0f image-steps/s)",
         chunk, len(meta), cfg.steps, device, seconds, len(meta) * cfg.steps / max(seconds, 1e-9),
     )

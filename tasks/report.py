@@ -5,9 +5,10 @@ Heavy imports (the HTML renderer and matplotlib) load inside the task body, so a
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from eightgen.artifacts import Artifact, check_unchanged
@@ -16,6 +17,7 @@ from eightgen.rundir import REPORT, REPORT_MANIFEST, write_report
 from reports.runs import Run, load_run
 from reports.summary import digit_table, summary_markdown
 from tasks.caching import STAGE_KEY, CachedStage
+from tasks.progress import meter
 
 RENDER = CachedStage(None, manifest=REPORT_MANIFEST)
 
@@ -33,7 +35,12 @@ def render_run_report(cfg: ReportConfig, run: Artifact, run_dir: Path, force: bo
     from reports.render import run_html  # loads matplotlib
 
     _, key = RENDER.here()
-    return write_report(run_dir, run_html(loaded(run), cfg), {"run_sha256": run.sha256, STAGE_KEY: key})
+    log = get_run_logger().info
+    started = time.perf_counter()
+    with meter("report", log, unit="parts") as shown:
+        html = run_html(loaded(run), cfg, progress=shown.update)
+    log(f"report.html rendered in {time.perf_counter() - started:.1f} s")
+    return write_report(run_dir, html, {"run_sha256": run.sha256, STAGE_KEY: key})
 
 
 def artifact_key(run_dir: Path) -> str:

@@ -9,6 +9,7 @@ from prefect import get_run_logger, task
 from eightgen.artifacts import Artifact, artifact_of, stamp_manifest, verified
 from eightgen.config import TrainConfig
 from tasks.caching import STAGE_KEY, CachedStage, produced_by
+from tasks.progress import meter
 
 TRAIN = CachedStage("models")
 
@@ -21,5 +22,12 @@ def train_classifier(cfg: TrainConfig, dataset: Artifact, cache_dir: Path, force
         return artifact_of(out)
     from eightgen.training import train  # fastai loads only when a detector is trained
 
-    train(cfg, verified(dataset), out, progress=get_run_logger().info)
+    log = get_run_logger().info
+    epochs = cfg.epochs + int(cfg.fine_tune)
+    with meter("training", log, unit="batches") as shown:
+
+        def batches(done: int, total: int) -> None:
+            shown.update(done, total, detail=f"epoch {min(epochs, (done - 1) * epochs // total + 1)}/{epochs}")
+
+        train(cfg, verified(dataset), out, progress=log, batches=batches)
     return stamp_manifest(out, {STAGE_KEY: key})
