@@ -90,6 +90,6 @@ def test_short_pools_and_bad_inputs_are_errors(pool) -> None:
 def test_meta_frame_is_plain_pandas(pool) -> None:
     x, y, index = pool
     meta = make_starts(AttackConfig(start_digits=(5,), seeds=2), x, y, index, 1, *ONE).meta
-    assert isinstance(meta, pd.DataFrame)
+    assert type(meta) is pd.DataFrame  # not a subclass
     assert meta.columns.tolist() == ["run_id", "start_kind", "start_digit", "source_index", "seed"]
     assert meta.index.tolist() == list(range(4))
