@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -47,8 +48,9 @@ def _one_line(exc: ValidationError) -> str:
     """A pydantic validation error as one line naming each bad field."""
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        parts.append(f"{where}: {err['msg']}")
+        where = ".".join(str(p) for p in err["loc"])
+        message = str(err["msg"]).removeprefix("Value error, ")  # a validator's own message says what is wrong
+        parts.append(f"{where}: {message}" if where else message)
     return "invalid settings: " + "; ".join(parts)
 
 
@@ -102,7 +104,12 @@ def run_command(args: argparse.Namespace) -> int:
 def report_command(args: argparse.Namespace) -> int:
     """Re-render reports from run directories only."""
     from reports.render import render_report
+    from runtime.preflight import writable_dir
 
+    if args.out is not None:  # before seconds of rendering
+        if args.out.is_dir():
+            raise EightgenError(f"-o {args.out} is a directory: give a file name for the report")
+        writable_dir(args.out.parent, "-o")
     path = render_report(list(args.run_dirs), out=args.out)
     print(f"report: {path.resolve()}")
     return 0
@@ -113,7 +120,11 @@ def error_log(args: argparse.Namespace, argv: Sequence[str]) -> ErrorLog:
     cache_dir = getattr(args, "cache_dir", None)
     if cache_dir is None and args.command != "report":
         cache_dir = ExperimentConfig.model_fields["cache_dir"].default
-    return ErrorLog(cache_dir, header=f"eightgen {' '.join(argv)}\ncwd: {Path.cwd()}")
+    try:
+        cwd = os.getcwd()
+    except OSError:  # a deleted working directory
+        cwd = "?"
+    return ErrorLog(cache_dir, header=f"eightgen {' '.join(argv)}\ncwd: {cwd}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,8 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("eightgen: interrupted", file=sys.stderr)
             return 2
-        except Exception as exc:  # anything else (a full disk, a failed task, a bug): one line here, the traceback in the log
-            log.exception(exc)
+        except Exception as exc:  # noqa: BLE001  anything else (a full disk, a failed task, a bug): one line, the traceback in the log
+            log.write_traceback(exc)
             problem = describe(exc)
     print(log.line(problem), file=sys.stderr)
     return 2

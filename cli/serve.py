@@ -117,6 +117,10 @@ def _announce() -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     """Check everything first (settings, schedule, data, Dask, API, port), then register and serve."""
+    if not 0 <= args.reports_port <= 65535:
+        raise EightgenError(f"--reports-port {args.reports_port}: a port is 0-65535 (0: any free port)")
+    if args.limit is not None and args.limit < 1:
+        raise EightgenError(f"--limit {args.limit}: at least 1 flow run must be allowed at a time")
     cfg = absolute_paths(build_config(args))
     process_env(cfg.cache_dir)
     schedule = cron_schedule(args.cron, args.timezone)

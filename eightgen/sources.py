@@ -109,7 +109,7 @@ def _idx_file(directory: Path, stem: str) -> Path | None:
 def _idx_pairs(directory: Path) -> dict[str, tuple[Path, Path]]:
     """The complete (images, labels) file pairs in directory, by split; error on none or a half pair."""
     if not directory.is_dir():
-        raise EightgenError(f"MNIST directory {directory} does not exist")
+        raise EightgenError(f"MNIST directory {directory} {'is a file, not a folder' if directory.exists() else 'does not exist'}")
     pairs: dict[str, tuple[Path, Path]] = {}
     for split, (image_stem, label_stem) in IDX_FILES.items():
         images, labels = _idx_file(directory, image_stem), _idx_file(directory, label_stem)
@@ -200,12 +200,11 @@ def _load_hub(name: str) -> MnistData:
 
 
 def _load_local(path: Path) -> MnistData:
-    import datasets
-
     if not path.exists():
         raise EightgenError(f"local dataset {path} does not exist")
     if path.is_file() and path.suffix != ".parquet":
         raise EightgenError(f"local dataset {path}: expected a .parquet file, a folder of them or a save_to_disk folder")
+    import datasets  # seconds to import: only once the path is plausible
     try:
         if path.is_file():
             loaded = datasets.load_dataset("parquet", data_files={_split_name(path.stem): str(path)})

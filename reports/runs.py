@@ -64,7 +64,7 @@ def load_run(run_dir: Path) -> Run:
     """Read a verified run directory: its record, results.parquet and the per-step arrays of trajectories.npz."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise EightgenError(f"{run_dir}: run directory not found")
+        raise EightgenError(f"{run_dir}: {'a file, not a run directory' if run_dir.exists() else 'run directory not found'}")
     record = load_record(run_dir)
     sha256 = verify_run(run_dir).sha256
     try:

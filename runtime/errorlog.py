@@ -79,7 +79,7 @@ class ErrorLog:
             self.lost = True
             return None
 
-    def exception(self, exc: BaseException) -> Path | None:
+    def write_traceback(self, exc: BaseException) -> Path | None:
         """Append the exception's full traceback; the log's path, or None if no folder takes it."""
         return self.write("".join(traceback.format_exception(exc)))
 
@@ -117,10 +117,9 @@ class _ToLog(logging.Filter):
         self.formatter = logging.Formatter("%(asctime)s | %(levelname)s | %(name)s - %(message)s")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info or record.exc_text:
-            if self.log.write(self.formatter.format(record)) is not None:
-                setattr(record, LOGGED, True)
-                _NO_TRACEBACK.install()
+        if (record.exc_info or record.exc_text) and self.log.write(self.formatter.format(record)) is not None:
+            setattr(record, LOGGED, True)
+            _NO_TRACEBACK.install()
         return True
 
 
