@@ -66,7 +66,7 @@ def test_auto_source_resolution(mnist_dir: Path, tmp_path: Path) -> None:
     assert resolve_source(DatasetConfig(local_path=tmp_path)) == "local"
     assert resolve_source(DatasetConfig()) == "hub"
     assert resolve_source(DatasetConfig(source="hub", mnist_dir=mnist_dir)) == "hub"
-    with pytest.raises(EightgenError, match="mnist_dir"):
+    with pytest.raises(EightgenError, match="source 'idx' needs mnist_dir"):
         load_mnist(DatasetConfig(source="idx"))
 
 
@@ -215,10 +215,10 @@ def test_local_other_split_names(real, tmp_path: Path) -> None:
 
 
 def test_local_bad_inputs(real, tmp_path: Path) -> None:
-    with pytest.raises(EightgenError, match="does not exist"):
+    with pytest.raises(EightgenError, match="local dataset .*nowhere does not exist"):
         local(tmp_path / "nowhere")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(EightgenError, match="parquet"):
+    with pytest.raises(EightgenError, match=r"notes\.txt: expected a \.parquet file, a folder of them or a save_to_disk folder"):
         local(tmp_path / "notes.txt")
     wrong = datasets.Dataset.from_dict({"img": [Image.fromarray(real.images[0])], "label": [1]})
     wrong.to_parquet(tmp_path / "wrong.parquet")
