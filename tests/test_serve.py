@@ -267,8 +267,10 @@ def _check_published(flow_run, new: Path, port: int) -> None:
     assert all(a.key.endswith(new.name.lower()) for a in by_key.values()), [a.key for a in artifacts]
     table = by_key["digits"]
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert table.type == "table" and len(rows) >= 3  # noise, digit 1, digit 3 (and possibly a total row)
-    assert by_key["summary"].type == "markdown" and "%" in by_key["summary"].data
+    assert table.type == "table" and [r["group"] for r in rows] == ["noise", "1", "3", "all"], rows
+    success = pd.read_parquet(new / "results.parquet")["success"]
+    assert by_key["summary"].type == "markdown", by_key["summary"]
+    assert f"- **success** {int(success.sum()):,} / {len(success):,} = " in by_key["summary"].data, by_key["summary"].data
     # the UI renders link artifacts as markdown and drops file:// targets: the report comes over http
     link = re.fullmatch(r"\[report\.html\]\((http://[^)]+)\)", by_key["report"].data).group(1)
     assert link == f"http://127.0.0.1:{port}/{new.name}/report.html"
