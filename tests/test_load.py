@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from eightgen.rundir import find_run, verify_run
 from helpers import TINY, shared_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,4 +43,6 @@ def test_a_run_on_saturated_cores_finishes_cleanly(mnist_dir: Path, tmp_path: Pa
     assert done.returncode == 0, output[-3000:]
     assert "Traceback" not in output and "Timed out" not in output, output[-3000:]
     assert load > (os.cpu_count() or 2), f"the cores were not saturated (load {load:.1f})"
-    assert (tmp_path / "runs").is_dir() and any((tmp_path / "runs").iterdir())
+    run_dir = find_run(tmp_path / "runs")  # the run it made, complete: every file matches its manifest
+    verify_run(run_dir)
+    assert (run_dir / "report.html").is_file() and len(pd.read_parquet(run_dir / "results.parquet")) == (2 + 1) * 2
