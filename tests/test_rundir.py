@@ -51,7 +51,7 @@ def test_a_run_directory_of_other_settings_or_other_files_is_refused(tmp_path: P
         check_target(stray, held)
     check_target(tmp_path / "new", held)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(EightgenError, match="is a file"):
+    with pytest.raises(EightgenError, match="file is a file, not a run directory: choose another --run-name or --runs-root"):
         check_target(tmp_path / "file", held)
 
 
