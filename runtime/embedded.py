@@ -5,9 +5,10 @@ Prefect's own ephemeral server starts inside the first flow call, after importin
 app at once in a detached process (runtime/prefect_server.py), so it boots while the checks run, and the
 next command in the same Prefect home reuses it: a second run does not wait for a server at all.
 
-Each command holds a lease (a file named by its pid) while it uses the server; the server exits after
-$EIGHTGEN_SERVER_IDLE_SECONDS (default 600) with no live lease, at once when that is 0. Concurrent commands
-share one server, so one process writes the Prefect database.
+Each command holds a lease on the server it uses (a file named by its pid, in a folder named by the server's
+pid); the server exits after $EIGHTGEN_SERVER_IDLE_SECONDS (default 600) with no live lease, at once when that
+is 0, and as soon as it has none once another server has taken its place. Concurrent commands share one
+server, so one process writes the Prefect database.
 """
 
 from __future__ import annotations
@@ -83,10 +84,15 @@ def locked(home: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def live_leases(home: Path) -> list[int]:
-    """The pids of the commands using the server now (leases of dead processes are removed)."""
+def lease_dir(home: Path, server_pid: int) -> Path:
+    """The folder holding the leases on one server."""
+    return home / LEASES / str(server_pid)
+
+
+def live_leases(leases: Path) -> list[int]:
+    """The pids of the commands holding a lease in this folder now (leases of dead processes are removed)."""
     found = []
-    for lease in (home / LEASES).glob("*") if (home / LEASES).is_dir() else []:
+    for lease in leases.glob("*") if leases.is_dir() else []:
         pid = int(lease.name) if lease.name.isdigit() else -1
         if pid > 0 and alive(pid):
             found.append(pid)
@@ -96,10 +102,10 @@ def live_leases(home: Path) -> list[int]:
 
 
 def _identity() -> dict[str, str]:
-    """What a reusable server must share with this command: the interpreter and Prefect's version."""
+    """What a reusable server must share with this command: the Python environment and Prefect's version."""
     import prefect
 
-    return {"python": sys.executable, "prefect": prefect.__version__}
+    return {"python": sys.prefix, "prefect": prefect.__version__}
 
 
 def read_state(home: Path) -> dict | None:
@@ -137,8 +143,17 @@ class EmbeddedServer:
                 self._spawn()
             else:
                 self.pid, self.url = state["pid"], state["url"]
-            (self.home / LEASES).mkdir(exist_ok=True)
-            (self.home / LEASES / str(os.getpid())).touch()
+            self._lease()
+
+    def _lease(self) -> None:
+        """Hold a lease on the server (with the lock held)."""
+        leases = lease_dir(self.home, self.pid)
+        leases.mkdir(parents=True, exist_ok=True)
+        (leases / str(os.getpid())).touch()
+
+    def _release(self) -> None:
+        """Give up the lease on the server (with the lock held)."""
+        (lease_dir(self.home, self.pid) / str(os.getpid())).unlink(missing_ok=True)
 
     @property
     def outlives_command(self) -> bool:
@@ -190,11 +205,13 @@ class EmbeddedServer:
                 if not respawned:  # its port was taken meanwhile, or it stopped as we came: start one more
                     respawned = True
                     with locked(self.home):
+                        self._release()
                         state = read_state(self.home)
                         if state is None:
                             self._spawn()
                         else:
                             self.pid, self.url = state["pid"], state["url"]
+                        self._lease()
                     continue
                 raise EightgenError(f"Prefect's local server exited: {self._exit_line()} (log: {self.home / LOG})")
             try:
@@ -214,8 +231,8 @@ class EmbeddedServer:
         if self.pid is None:
             return
         with locked(self.home):
-            (self.home / LEASES / str(os.getpid())).unlink(missing_ok=True)
-            if (force or self.idle == 0) and not live_leases(self.home):
+            self._release()
+            if (force or self.idle == 0) and not live_leases(lease_dir(self.home, self.pid)):
                 _terminate(self.pid, self.child)
                 state = read_state(self.home)
                 if state is None or state["pid"] == self.pid:

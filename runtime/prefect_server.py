@@ -11,25 +11,29 @@ import threading
 import time
 from pathlib import Path
 
-from runtime.embedded import STATE, live_leases, locked
+import shutil
+
+from runtime.embedded import STATE, lease_dir, live_leases, locked
 
 POLL_SECONDS = 1.0
 
 
 def watch(server, home: Path, idle: float) -> None:
-    """Ask uvicorn to exit once no live command has held a lease for `idle` seconds, or another server took over."""
-    quiet_since = None
+    """Ask uvicorn to exit once no live command has held a lease on it for `idle` seconds, or at once when none
+    does and another server has taken its place."""
+    leases, quiet_since = lease_dir(home, os.getpid()), None
     while not server.should_exit:
         time.sleep(POLL_SECONDS)
         with locked(home):  # a command starting now either sees this server's state or none at all
-            superseded = _recorded_pid(home) not in (None, os.getpid())
-            if live_leases(home) and not superseded:
+            if live_leases(leases):
                 quiet_since = None
                 continue
             quiet_since = quiet_since or time.monotonic()
+            superseded = _recorded_pid(home) not in (None, os.getpid())
             if superseded or time.monotonic() - quiet_since >= idle:
                 if not superseded:
                     (home / STATE).unlink(missing_ok=True)
+                shutil.rmtree(leases, ignore_errors=True)
                 server.should_exit = True
 
 
