@@ -1,11 +1,15 @@
 """Engine benchmark: image-steps/s of the engine vs the seed loop and torchattacks, roofline, min_l2 quality.
 
 Every figure is measured in one process on one trained detector, one batch of real non-8 pool images and
-one device, with the same torch thread count; the timed contenders run interleaved, round after round, and
-each keeps its best round (on a shared machine the best round is the least disturbed one).
+one device, with the same torch thread count. The timed contenders run in rounds: each runs once per round,
+those compared with each other back to back, and every other round in reverse order (ABBA) to cancel drift.
+Each ratio is taken per round from that round's timings; the figure is the median over the rounds, with its
+spread (interquartile range / median), its range and a flag, false when the spread is over 0.3 or the rounds
+fewer than 5. Rates are the medians of the rounds' rates. On a machine with more runnable threads than CPUs,
+--threads 1 keeps torch's threads from waiting for each other.
 
     python -m benchmarks.bench [--arch small_cnn|resnet18|resnet34] [--n 256] [--steps 20] [--device auto]
-                             [--mnist-dir DIR | --model-dir DIR] [--quick]
+                             [--threads N] [--repeats 9] [--mnist-dir DIR | --model-dir DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -42,6 +46,13 @@ NOT_TARGET = (0, 1, 2, 3, 4, 5, 6, 7, 9)
 PGD_EPS, PGD_ALPHA = 2.0, 0.25  # L2 budget and step of the PGD the engine and torchattacks both run
 RECORD_EVERY = 5
 MATMUL_REPS = 10  # products per timed matmul round: about a second, like the model contenders, not a lucky instant
+# A ratio is trusted when the middle half of its per-round values spans at most 30% of their median (with 9
+# rounds the median's own standard error is then about 9%), over at least 5 rounds.
+TRUST_SPREAD = 0.3
+TRUST_ROUNDS = 5
+HEADLINE = ("speedup_vs_seed_loop", "ratio_vs_torchattacks", "recording_overhead", "early_stop_gain", "roofline")
+# The round's running order: contenders whose timings are divided by each other stand next to each other.
+ROUND = ("engine_pgd", "torchattacks_pgd", "seed_loop", "engine", "engine_unrecorded", "matmul", "full_budget", "early_stop")
 
 
 @dataclass(frozen=True)
@@ -53,14 +64,14 @@ class BenchConfig:
     steps: int = 20
     device: str = "auto"
     threads: int | None = None
-    repeats: int = 5
+    repeats: int = 9
     seed_loop_n: int = 16
     quality_steps: int = 100
     matmul_size: int = 2048
     epochs: int = 2
 
 
-QUICK = dict(n=8, steps=3, repeats=1, seed_loop_n=2, quality_steps=5, matmul_size=256)
+QUICK = dict(n=8, steps=3, repeats=3, seed_loop_n=2, quality_steps=5, matmul_size=256)
 
 
 # --- the detector and the starts ---------------------------------------------------------------------------
@@ -200,15 +211,49 @@ def _seconds(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def best_seconds(contenders: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Each contender's fastest of `repeats` rounds; the rounds run every contender in turn (after one warm-up)."""
+def round_seconds(contenders: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, np.ndarray]:
+    """Each contender's seconds in each of `rounds` rounds (after one warm-up); odd rounds run in reverse order."""
     for fn in contenders.values():
         fn()
-    best = {name: math.inf for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            best[name] = min(best[name], _seconds(fn, device))
-    return best
+    seconds = {name: np.empty(rounds) for name in contenders}
+    order = list(contenders)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            seconds[name][r] = _seconds(contenders[name], device)
+    return seconds
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """The median over rounds of scale * numerator / denominator, taken round by round, and its spread."""
+
+    median: float
+    spread: float  # interquartile range / median
+    low: float
+    high: float
+    rounds: int
+
+    @property
+    def trusted(self) -> bool:
+        """Whether enough rounds agree closely enough for the median to be reported as a figure."""
+        return self.rounds >= TRUST_ROUNDS and self.spread <= TRUST_SPREAD
+
+
+def paired_ratio(numerator: np.ndarray, denominator: np.ndarray, scale: float = 1.0) -> PairedRatio:
+    """Median and spread of the per-round ratios scale * numerator[i] / denominator[i]."""
+    ratios = scale * np.asarray(numerator, dtype=float) / np.asarray(denominator, dtype=float)
+    q1, median, q3 = np.quantile(ratios, [0.25, 0.5, 0.75])
+    return PairedRatio(float(median), float((q3 - q1) / median), float(ratios.min()), float(ratios.max()), len(ratios))
+
+
+def ratio_fields(name: str, ratio: PairedRatio, shift: float = 0.0) -> dict[str, object]:
+    """name: the median (plus shift), with its _spread, _range [min, max] (plus shift) and _trusted."""
+    return {
+        name: ratio.median + shift,
+        f"{name}_spread": ratio.spread,
+        f"{name}_range": [ratio.low + shift, ratio.high + shift],
+        f"{name}_trusted": ratio.trusted,
+    }
 
 
 def _agree(a: Tensor, b: Tensor, atol: float = 1e-4) -> float:
@@ -266,7 +311,7 @@ def keep_freed_memory() -> bool:
 
 
 def run_bench(cfg: BenchConfig, model_dir: Path, dataset_dir: Path) -> dict:
-    """Every benchmark figure as one flat dict (rates in image-steps/s, ratios computed from those rates)."""
+    """Every benchmark figure as one flat dict (rates in image-steps/s, ratios the medians of per-round ratios)."""
     device = pick_device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -284,27 +329,32 @@ def run_bench(cfg: BenchConfig, model_dir: Path, dataset_dir: Path) -> dict:
     def keep(name: str, fn: Callable[[], object]) -> Callable[[], object]:
         return lambda: runs.__setitem__(name, fn())
 
-    seconds = best_seconds(
-        {
-            "matmul": lambda: [torch.mm(a, b) for _ in range(MATMUL_REPS)],
-            "engine": keep("engine", lambda: optimize(model, x0, seed_cfg)),
-            "engine_unrecorded": keep("engine_unrecorded", lambda: final_images(model, x0, seed_cfg)),
-            "seed_loop": keep("seed_loop", lambda: seed_loop(model, loop_x0, steps)),
-            "engine_pgd": keep("engine_pgd", lambda: optimize(model, x0, pgd_cfg)),
-            "torchattacks_pgd": keep("torchattacks_pgd", lambda: torchattacks_pgd(model, x0, steps)),
-            "full_budget": keep("full_budget", lambda: optimize(model, x0, full_cfg)),
-            "early_stop": keep("early_stop", lambda: optimize(model, x0, early_cfg)),
-        },
-        cfg.repeats,
-        device,
-    )
-    rate = {k: n * steps / s for k, s in seconds.items() if k not in ("matmul", "seed_loop")}
-    rate["seed_loop"] = len(loop_x0) * steps / seconds["seed_loop"]
-    matmul = MATMUL_REPS * 2 * cfg.matmul_size**3 / seconds["matmul"]
+    contenders = {
+        "matmul": lambda: [torch.mm(a, b) for _ in range(MATMUL_REPS)],
+        "engine": keep("engine", lambda: optimize(model, x0, seed_cfg)),
+        "engine_unrecorded": keep("engine_unrecorded", lambda: final_images(model, x0, seed_cfg)),
+        "seed_loop": keep("seed_loop", lambda: seed_loop(model, loop_x0, steps)),
+        "engine_pgd": keep("engine_pgd", lambda: optimize(model, x0, pgd_cfg)),
+        "torchattacks_pgd": keep("torchattacks_pgd", lambda: torchattacks_pgd(model, x0, steps)),
+        "full_budget": keep("full_budget", lambda: optimize(model, x0, full_cfg)),
+        "early_stop": keep("early_stop", lambda: optimize(model, x0, early_cfg)),
+    }
+    seconds = round_seconds({name: contenders[name] for name in ROUND}, cfg.repeats, device)
+    work = {name: n * steps for name in ROUND} | {"seed_loop": len(loop_x0) * steps, "matmul": MATMUL_REPS * 2 * cfg.matmul_size**3}
+    rate = {name: float(np.median(work[name] / s)) for name, s in seconds.items()}
+    median_seconds = {name: float(np.median(s)) for name, s in seconds.items()}
     flops = model_flops_per_image_step(model, x0)
     # The plan the engine runs drops kernel taps that only ever read padding: FLOPs it actually executes.
     with frozen_eval(model):
         plan_flops = model_flops_per_image_step(execution_model(model, x0, seed_cfg), x0)
+    # Equal work on both sides except against the seed loop (fewer images) and the matmul (FLOPs, not steps).
+    ratios = {
+        "speedup_vs_seed_loop": paired_ratio(seconds["seed_loop"], seconds["engine"], n / len(loop_x0)),
+        "ratio_vs_torchattacks": paired_ratio(seconds["torchattacks_pgd"], seconds["engine_pgd"]),
+        "recording_overhead": paired_ratio(seconds["engine"], seconds["engine_unrecorded"]),
+        "early_stop_gain": paired_ratio(seconds["full_budget"], seconds["early_stop"]),
+        "roofline": paired_ratio(seconds["matmul"], seconds["engine"], flops * n * steps / work["matmul"]),
+    }
     engine, full, early = runs["engine"], runs["full_budget"], runs["early_stop"]
     engine_final, loop_final = torch.from_numpy(engine.x_final).to(device), runs["seed_loop"]
     pgd_final, ta_final = torch.from_numpy(runs["engine_pgd"].x_final).to(device), runs["torchattacks_pgd"]
@@ -333,15 +383,16 @@ def run_bench(cfg: BenchConfig, model_dir: Path, dataset_dir: Path) -> dict:
         "repeats": cfg.repeats,
         "engine_rate": rate["engine"],
         "engine_unrecorded_rate": rate["engine_unrecorded"],
-        "recording_overhead": rate["engine_unrecorded"] / rate["engine"] - 1.0,
+        # Its spread is that of the rate ratio unrecorded / recorded, not of the few-percent difference.
+        **ratio_fields("recording_overhead", ratios["recording_overhead"], shift=-1.0),
         "seed_loop_n": len(loop_x0),
         "seed_loop_rate": rate["seed_loop"],
-        "speedup_vs_seed_loop": rate["engine"] / rate["seed_loop"],
+        **ratio_fields("speedup_vs_seed_loop", ratios["speedup_vs_seed_loop"]),
         "seed_loop_max_abs_diff": float((loop_final - engine_final[: len(loop_x0)]).abs().max()),
         "seed_loop_same_class": float((_classes(model, loop_final) == _classes(model, engine_final[: len(loop_x0)])).float().mean()),
         "engine_pgd_rate": rate["engine_pgd"],
         "torchattacks_pgd_rate": rate["torchattacks_pgd"],
-        "ratio_vs_torchattacks": rate["engine_pgd"] / rate["torchattacks_pgd"],
+        **ratio_fields("ratio_vs_torchattacks", ratios["ratio_vs_torchattacks"]),
         # The same attack by an independent implementation: starts whose final images agree to 1e-4, and classes.
         # Trajectories part where rounding decides a near-tie in a ReLU or max-pool, more often the deeper the net.
         "torchattacks_pgd_agree": _agree(pgd_final, ta_final),
@@ -349,13 +400,13 @@ def run_bench(cfg: BenchConfig, model_dir: Path, dataset_dir: Path) -> dict:
         # Its yardstick: torchattacks against itself on the first half of the batch (other kernels, other rounding).
         "torchattacks_self_agree": _agree(torchattacks_pgd(model, x0[: max(1, n // 2)], steps), ta_final[: max(1, n // 2)]),
         "flops_per_image_step": flops,
-        "matmul_flops_per_s": matmul,
-        "roofline": flops * rate["engine"] / matmul,
+        "matmul_flops_per_s": rate["matmul"],
+        **ratio_fields("roofline", ratios["roofline"]),
         "executed_flops_per_image_step": plan_flops,
-        "executed_roofline": plan_flops * rate["engine"] / matmul,
-        "full_budget_seconds": seconds["full_budget"],
-        "early_stop_seconds": seconds["early_stop"],
-        "early_stop_gain": seconds["full_budget"] / seconds["early_stop"],
+        "executed_roofline": ratios["roofline"].median * plan_flops / flops,
+        "full_budget_seconds": median_seconds["full_budget"],
+        "early_stop_seconds": median_seconds["early_stop"],
+        **ratio_fields("early_stop_gain", ratios["early_stop_gain"]),
         "early_stop_flipped": float(np.mean(early.flip_step >= 0)),
         "early_stop_same_flip_steps": bool(np.array_equal(early.flip_step, full.flip_step)),
         "quality_steps": cfg.quality_steps,
@@ -370,12 +421,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="optimisation steps per contender (20)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (torch's default)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds; each contender keeps its best (5)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds; figures are medians over them (9)")
     p.add_argument("--quality-steps", type=int, default=None, help="steps of min_l2, FMN and DDN (100)")
     p.add_argument("--mnist-dir", type=Path, default=None, help="MNIST IDX files to train the detector on")
     p.add_argument("--model-dir", type=Path, default=None, help="a trained model directory to use instead")
     p.add_argument("--cache-dir", type=Path, default=Path(".eightgen-cache/bench"))
-    p.add_argument("--quick", action="store_true", help="smallest run: a handful of starts and steps, one round")
+    p.add_argument("--quick", action="store_true", help="smallest run: a handful of starts and steps, three rounds")
     return p.parse_args(argv)
 
 
@@ -399,6 +450,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"benchmarks.bench: error: {exc}\n")
         return 2
     result["malloc_tuned"] = malloc
+    wide = [f"{k} {result[k + '_spread']:.2f}" for k in HEADLINE if not result[f"{k}_trusted"]]
+    if wide:
+        cpus, load = os.cpu_count() or 1, result["load_average_1m"]
+        # More runnable threads than CPUs: each of torch's parallel regions waits for its last thread to be scheduled.
+        hint = f"; load average {load} on {cpus} CPUs: try --threads 1" if result["threads"] > 1 and load > cpus else ""
+        sys.stderr.write(
+            f"benchmarks.bench: warning: not to be trusted (IQR/median > {TRUST_SPREAD}, or {cfg.repeats} rounds"
+            f" < {TRUST_ROUNDS}): {', '.join(wide)}{hint}\n"
+        )
     # A median over mostly failed attacks is infinite: JSON null.
     result = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}
     sys.stdout.write(json.dumps(result, allow_nan=False) + "\n")

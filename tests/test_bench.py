@@ -13,7 +13,7 @@ import torch
 from nets import bn_net
 from torch import Tensor, nn
 
-from benchmarks.bench import bench_starts, main, seed_loop
+from benchmarks.bench import HEADLINE, TRUST_SPREAD, bench_starts, main, paired_ratio, seed_loop
 from eightgen.config import AttackConfig, TrainConfig
 from eightgen.execution import (
     ColumnConv2d,
@@ -43,6 +43,7 @@ FIELDS = {
     "early_stop_gain", "early_stop_flipped", "early_stop_same_flip_steps", "quality_steps", "min_l2_seconds",
     "min_l2_median_l2", "min_l2_success", "fmn_median_l2", "fmn_success", "ddn_median_l2", "ddn_success",
     "reference", "min_l2_vs_reference", "malloc_tuned",
+    *(f"{k}_{suffix}" for k in HEADLINE for suffix in ("spread", "range", "trusted")),
 }  # fmt: skip
 
 
@@ -58,21 +59,31 @@ def model_dir(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def test_quick_bench_reports_every_figure_consistently(model_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["--quick", "--model-dir", str(model_dir), "--threads", "1"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
     assert len(lines) == 1
     r = json.loads(lines[0])
     assert set(r) == FIELDS
-    assert r["arch"] == "small_cnn" and r["threads"] == 1 and r["device"] == "cpu"
+    assert r["arch"] == "small_cnn" and r["threads"] == 1 and r["device"] == "cpu" and r["repeats"] == 3
     assert all(r[k] > 0 for k in (*RATES, "flops_per_image_step", "matmul_flops_per_s"))
+    for k in HEADLINE:
+        low, high = r[f"{k}_range"]
+        assert all(math.isfinite(v) for v in (r[k], r[f"{k}_spread"], low, high))
+        assert low <= r[k] <= high and r[f"{k}_spread"] >= 0
+        assert r[f"{k}_trusted"] is False  # three rounds are too few to trust a median
+    assert err.startswith("benchmarks.bench: warning: not to be trusted") and all(k in err for k in HEADLINE)
+    # Medians of per-round ratios, and medians of rates: a ratio of median rates lies within the rounds' range.
+    within = lambda k, v: r[f"{k}_range"][0] * (1 - 1e-9) <= v <= r[f"{k}_range"][1] * (1 + 1e-9)  # noqa: E731
+    assert within("speedup_vs_seed_loop", r["engine_rate"] / r["seed_loop_rate"])
+    assert within("ratio_vs_torchattacks", r["engine_pgd_rate"] / r["torchattacks_pgd_rate"])
+    assert within("roofline", r["flops_per_image_step"] * r["engine_rate"] / r["matmul_flops_per_s"])
+    assert within("early_stop_gain", r["full_budget_seconds"] / r["early_stop_seconds"])
+    low, high = r["recording_overhead_range"]
+    assert low - 1e-9 <= r["engine_unrecorded_rate"] / r["engine_rate"] - 1 <= high + 1e-9
     close = lambda a, b: math.isclose(a, b, rel_tol=1e-9)  # noqa: E731
-    assert close(r["speedup_vs_seed_loop"], r["engine_rate"] / r["seed_loop_rate"])
-    assert close(r["ratio_vs_torchattacks"], r["engine_pgd_rate"] / r["torchattacks_pgd_rate"])
-    assert close(r["recording_overhead"], r["engine_unrecorded_rate"] / r["engine_rate"] - 1)
-    assert close(r["roofline"], r["flops_per_image_step"] * r["engine_rate"] / r["matmul_flops_per_s"])
-    assert close(r["executed_roofline"], r["executed_flops_per_image_step"] * r["engine_rate"] / r["matmul_flops_per_s"])
+    assert close(r["executed_roofline"], r["roofline"] * r["executed_flops_per_image_step"] / r["flops_per_image_step"])
     # The small CNN's 28x28 and 14x14 maps leave no kernel tap dead: the plan executes every counted FLOP.
     assert r["executed_flops_per_image_step"] == r["flops_per_image_step"]
-    assert close(r["early_stop_gain"], r["full_budget_seconds"] / r["early_stop_seconds"])
     assert r["reference"] in ("fmn", "ddn")
     ref = r[f"{r['reference']}_median_l2"]
     if r["min_l2_median_l2"] is not None and ref is not None:
@@ -84,6 +95,21 @@ def test_quick_bench_reports_every_figure_consistently(model_dir: Path, capsys: 
     assert all(0 <= r[k] <= 1 for k in ("min_l2_success", "fmn_success", "ddn_success", "early_stop_flipped", "seed_loop_same_class"))
     # The engine's seed method is the notebook's loop, batched: same images after the same steps.
     assert r["seed_loop_max_abs_diff"] < 1e-4 and r["seed_loop_same_class"] == 1.0
+
+
+def test_paired_ratios_take_the_median_of_each_rounds_ratio() -> None:
+    # Nine rounds; in the last, a burst of load slows the numerator's run tenfold: the median ignores it.
+    disturbed = paired_ratio(np.array([2.0] * 8 + [20.0]), np.ones(9))
+    assert (disturbed.median, disturbed.spread, disturbed.low, disturbed.high) == (2.0, 0.0, 2.0, 20.0)
+    assert disturbed.rounds == 9 and disturbed.trusted
+    # Load that slows both runs of a round alike leaves its ratio as it is.
+    both = paired_ratio(np.array([3.0, 30.0, 6.0, 3.0, 9.0]), np.array([1.0, 10.0, 2.0, 1.0, 3.0]), scale=0.5)
+    assert (both.median, both.spread, both.trusted) == (1.5, 0.0, True)
+    # Ratios 1..9: quartiles 3 and 7 around the median 5, an IQR of 0.8 of the median: too wide to trust.
+    wide = paired_ratio(np.arange(1.0, 10.0), np.ones(9))
+    assert (wide.median, wide.low, wide.high) == (5.0, 1.0, 9.0)
+    assert math.isclose(wide.spread, 0.8) and wide.spread > TRUST_SPREAD and not wide.trusted
+    assert not paired_ratio(np.ones(3), np.ones(3)).trusted  # too few rounds, however close
 
 
 def test_bad_settings_exit_with_a_one_line_error(model_dir: Path, capsys: pytest.CaptureFixture) -> None:
