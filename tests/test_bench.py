@@ -14,7 +14,7 @@ from nets import bn_net
 from torch import Tensor, nn
 
 from benchmarks.bench import HEADLINE, TRUST_SPREAD, bench_starts, main, paired_ratio, seed_loop
-from eightgen.config import AttackConfig, TrainConfig
+from eightgen.config import AttackConfig
 from eightgen.execution import (
     ColumnConv2d,
     WholeImageConv,
@@ -31,7 +31,6 @@ from eightgen.models import load_classifier
 from eightgen.optimize import final_images, optimize
 from benchmarks.tolerance import METHODS as TOLERANCE_METHODS
 from benchmarks.tolerance import VARIANTS, compare, tolerance
-from eightgen.training import train
 
 RATES = ("engine_rate", "engine_unrecorded_rate", "seed_loop_rate", "engine_pgd_rate", "torchattacks_pgd_rate")
 FIELDS = {
@@ -50,11 +49,9 @@ FIELDS = {
 pytestmark = pytest.mark.usefixtures("one_thread")  # small batches gain nothing from intra-op threads
 
 @pytest.fixture(scope="module")
-def model_dir(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small CNN trained for one epoch on the small real-MNIST dataset."""
-    out = tmp_path_factory.mktemp("bench") / "model"
-    train(TrainConfig(arch="small_cnn", epochs=1, device="cpu"), dataset_dir, out)
-    return out
+def model_dir(small_cnn) -> Path:
+    """The session's small CNN, trained for one epoch on the small real-MNIST dataset."""
+    return small_cnn.artifact.path
 
 
 def test_quick_bench_reports_every_figure_consistently(model_dir: Path, capsys: pytest.CaptureFixture) -> None:
