@@ -71,8 +71,8 @@ def _failing_run(argv: list[str], marker: Path) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def finished(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Finished:
-    """One tiny real run, made once for the module, after one whose task failed (their shared server boots once)."""
+def finished(prefect_harness, mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Finished:
+    """One tiny real run, made once for the module, after one whose task failed (on the session's Prefect API)."""
     base = tmp_path_factory.mktemp("catalogue")
     runs, cache = base / "runs", shared_cache(tmp_path_factory)
     argv = ["run", *TINY, "--mnist-dir", str(mnist_dir), "--cache-dir", str(cache)]
@@ -343,6 +343,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("command", "extra", "needle"), [c[1:] for c in SUBPROCESS_CASES], ids=[c[0] for c in SUBPROCESS_CASES])
 def test_the_terminal_shows_one_line(command, extra, needle, places, tmp_path) -> None:
     done = subprocess.run(

@@ -212,6 +212,7 @@ def test_report_opens_cleanly_in_chromium(report: Path, tmp_path: Path) -> None:
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_script_in_run_name_stays_text(tmp_path: Path) -> None:
     evil = "<script>alert(1)</script>"
     run_dir = make_run_dir(tmp_path, "evil", run_name=evil, seeds=2, digits=(2, 3))

@@ -40,6 +40,15 @@ def test_task_seconds_count_only_the_timed_run_and_no_subflow_stand_ins(tmp_path
     assert _task_seconds_sqlite(db, {"start": 9.0, "end": 20.0}) == pytest.approx(2.5)
 
 
+def test_the_overhead_summary_lists_every_task_and_the_share() -> None:
+    m = {"preset": "quick", "wall_s": 10.0, "flow_run_s": 9.5, "tasks_s": 9.0, "task_runs": 4, "orchestration_s": 1.0,
+         "per_task_s": {"train-classifier": 8.0, "optimize-chunk": 1.0}, "share": 0.1, "noop_task_s": 0.009}  # fmt: skip
+    lines = summary(m).splitlines()
+    assert [line.split()[0] for line in lines[3:5]] == ["train-classifier", "optimize-chunk"]
+    assert lines[-2].endswith("1.00 s = 10.0 % of wall time (target < 10 %)") and lines[-1].endswith("9.0 ms")
+
+
+@pytest.mark.slow
 def test_overhead_splits_a_cached_tiny_run(prefect_harness, mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     cache = shared_cache(tmp_path_factory)
     argv = [*TINY, "--mnist-dir", str(mnist_dir), "--cache-dir", str(cache), "--runs-root", str(tmp_path_factory.mktemp("runs"))]
