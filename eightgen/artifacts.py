@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from pydantic import BaseModel, ConfigDict
 
 from eightgen.errors import EightgenError
 
 MANIFEST = "manifest.json"
+# How long things took, beside an artifact's files but outside its manifest: the same inputs give the same hash.
+TIMINGS = "timings.json"
+STAGING = ("partial", "new", "old")  # the kinds of hidden sibling folders a write goes through
 
 
 class Artifact(BaseModel):
@@ -42,7 +49,7 @@ def sha256_json(obj: object) -> str:
 
 def write_text_atomically(target: Path, text: str) -> None:
     """Write a text file through a hidden sibling renamed over it, so readers never see half of it."""
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")  # one per writer: none removes another's
     try:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(target)
@@ -85,6 +92,20 @@ def read_manifest(directory: Path, verify: bool = True, name: str = MANIFEST) ->
     return manifest
 
 
+def write_timings(directory: Path, timings: dict[str, Any]) -> None:
+    """Record how long an artifact took to make (timings.json): kept out of its manifest, so never in its hash."""
+    write_text_atomically(Path(directory) / TIMINGS, json.dumps(timings, indent=2, sort_keys=True) + "\n")
+
+
+def read_timings(directory: Path) -> dict[str, Any]:
+    """An artifact's timings, or {} when it has none (or they are unreadable: they are informative only)."""
+    try:
+        timings = json.loads((Path(directory) / TIMINGS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return timings if isinstance(timings, dict) else {}
+
+
 def artifact_of(directory: Path, name: str = MANIFEST) -> Artifact:
     """The Artifact of an existing, verified artifact directory."""
     read_manifest(directory, name=name)
@@ -115,15 +136,68 @@ def fresh_sibling(final: Path, why: str) -> Path:
             continue
 
 
-def swap_in(new: Path, final: Path) -> None:
-    """Put a finished directory at `final`; an old one there is moved aside first and deleted after, never mixed in."""
-    old = None
-    if final.exists():
-        old = fresh_sibling(final, "old")
-        os.rename(final, old / final.name)
-    os.rename(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def clear_leftovers(final: Path) -> list[Path]:
+    """Delete the staging folders a killed writer left beside `final`; only for a caller that holds final's lock."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:{'|'.join(STAGING)})-[0-9a-f]{{12}}")
+    found = [p for p in final.parent.glob(f".{final.name}.*") if pattern.fullmatch(p.name)] if final.parent.is_dir() else []
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return found
+
+
+@functools.cache
+def _renameat2() -> Any:
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except OSError:
+        return None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOENT, errno.ENOTDIR, errno.EPERM):
+        return False  # unsupported here, or one side is gone: the caller falls back to renames
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def swap_in(new: Path, final: Path, tries: int = 100) -> None:
+    """Put a finished directory at `final`; an old one there is swapped out whole and deleted after, never mixed in.
+
+    Where the system allows, the old and new directories trade places in one step, so `final` never goes missing
+    for a reader. Another writer swapping in the same `final` at the same moment never makes this fail: the
+    last rename wins (the stage tasks lock each output, so in a run that only happens to identical content).
+    """
+    aside: list[Path] = []
+    try:
+        for _ in range(tries):
+            if final.is_dir() and not final.is_symlink() and _exchange(new, final):
+                aside.append(new)  # `new` now holds the old directory
+                return
+            if final.exists() or final.is_symlink():
+                old = fresh_sibling(final, "old")
+                aside.append(old)
+                try:
+                    os.rename(final, old / final.name)
+                except FileNotFoundError:
+                    pass  # another writer moved it away first
+            try:
+                os.rename(new, final)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+                # another writer's directory landed there after the old one was moved aside: again
+        raise OSError(errno.EBUSY, f"{final}: other writers kept replacing it; gave up after {tries} tries")
+    finally:
+        for old in aside:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
-from eightgen.artifacts import MANIFEST, read_manifest
+from eightgen.artifacts import MANIFEST, read_manifest, read_timings
 from eightgen.config import IMAGENET_MEAN, IMAGENET_STD, Arch, TrainConfig
 from eightgen.errors import EightgenError
 
@@ -205,7 +205,7 @@ def save_classifier(model: PixelClassifier, spec: ModelSpec, directory: Path) ->
 
 
 def read_metrics(directory: Path) -> dict:
-    """The validation metrics in a model directory's metrics.json."""
+    """The validation metrics in a model directory's metrics.json, with its training time (timings.json) when known."""
     path = directory / METRICS_FILE
     try:
         metrics = json.loads(path.read_text())
@@ -215,7 +215,7 @@ def read_metrics(directory: Path) -> dict:
         raise EightgenError(f"{path}: corrupt JSON ({exc})") from None
     if not isinstance(metrics, dict):
         raise EightgenError(f"{path}: expected a JSON object")
-    return metrics
+    return {**metrics, **read_timings(directory)}
 
 
 def read_spec(directory: Path) -> ModelSpec:

@@ -24,7 +24,7 @@ from fastai.torch_core import set_seed
 from torch import Tensor
 
 import eightgen
-from eightgen.artifacts import Artifact, read_manifest, write_manifest
+from eightgen.artifacts import Artifact, read_manifest, read_timings, write_manifest, write_timings
 from eightgen.assembly import Assembled
 from eightgen.config import RefereeConfig
 from eightgen.errors import EightgenError
@@ -114,6 +114,8 @@ def train_referees(
         "robust": robust_info,
         "knn": {"k": cfg.knn_k, "valid_error_target_vs_digit": knn_error},
     }
+    # Times go to timings.json, outside the manifest: the same data and settings give the same hash.
+    write_timings(out_dir, {name: {"train_seconds": info[name].pop("train_seconds")} for name in ("cnn", "robust")})
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return write_manifest(out_dir, {"kind": "referees", "target": int(data.target)}, [CNN_FILE, ROBUST_FILE, KNN_FILE, INFO_FILE])
 
@@ -132,11 +134,15 @@ def _knn_valid_error(refs: Referees, data: Assembled, target: int) -> float:
 
 
 def read_info(directory: Path) -> dict:
-    """The referees' training facts (referees.json of the referees artifact)."""
+    """The referees' training facts (referees.json of the referees artifact), with their training times when known."""
     try:
-        return json.loads((Path(directory) / INFO_FILE).read_text())
+        info = json.loads((Path(directory) / INFO_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise EightgenError(f"{Path(directory) / INFO_FILE}: unreadable ({type(exc).__name__})") from None
+    for name, timings in read_timings(directory).items():
+        if isinstance(info.get(name), dict) and isinstance(timings, dict):
+            info[name] = {**info[name], **timings}
+    return info
 
 
 def load_referees(directory: Path, device: torch.device) -> Referees:

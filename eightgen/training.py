@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
+import cloudpickle
 import fastai.callback.progress  # noqa: F401  (adds Learner.no_bar)
 import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle and fine_tune)
 import numpy as np
@@ -23,7 +26,7 @@ from fastcore.foundation import L
 from torch import Tensor
 
 import eightgen
-from eightgen.artifacts import MANIFEST, Artifact, fresh_sibling, sha256_file, swap_in, write_manifest
+from eightgen.artifacts import MANIFEST, Artifact, fresh_sibling, sha256_file, swap_in, write_manifest, write_timings
 from eightgen.assembly import binary_labels, load_assembled
 from eightgen.config import TrainConfig
 from eightgen.devices import pick_device
@@ -176,6 +179,26 @@ def _check_labels(y_train: np.ndarray, y_valid: np.ndarray, target: int, dataset
         raise EightgenError(f"{dataset_dir}: the validation split is empty")
 
 
+class _ExportPickler(cloudpickle.Pickler):
+    """fastai's export pickler, with every random.Random written as a fresh Random(0): the exported loaders'
+    generators hold whatever else in the process last drew random numbers (Prefect does), not the training."""
+
+    def reducer_override(self, obj: object) -> object:
+        if type(obj) is random.Random:
+            return random.Random, (0,)
+        return super().reducer_override(obj)
+
+
+def export_learner(learn: Learner, path: Path) -> None:
+    """Export the fastai learner so the same training gives the same bytes: no wall-clock times, no stray generator state."""
+    recorder = learn.recorder
+    if getattr(recorder, "add_time", False):
+        recorder.start_epoch = 0.0
+        if getattr(recorder, "log", None):
+            recorder.log = [*recorder.log[:-1], ""]
+    learn.export(path, pickle_module=SimpleNamespace(__name__="eightgen-export", Pickler=_ExportPickler))
+
+
 def train(
     cfg: TrainConfig,
     dataset_dir: Path,
@@ -213,20 +236,17 @@ def train(
     x_valid = to_model_input(np.asarray(data.x_valid, dtype=np.uint8), cfg.channels)
     pred = predict_classes(model, x_valid)
     metrics = evaluation(pred, y_valid, np.asarray(data.y_valid))
-    metrics.update(
-        n_train=int(len(y_train)),
-        n_valid=int(len(y_valid)),
-        epochs=len(history),
-        train_seconds=round(train_seconds, 3),
-        history=history,
-    )
+    # Times go to timings.json, outside the manifest: the same data and settings give the same model hash.
+    timings = {"train_seconds": round(train_seconds, 3), "epoch_seconds": [row.pop("seconds") for row in history]}
+    metrics.update(n_train=int(len(y_train)), n_valid=int(len(y_valid)), epochs=len(history), history=history)
     metrics.update(robust_metrics(cfg, model, x_valid, y_valid))
 
     tmp = fresh_sibling(out_dir, "partial")
     try:
         save_classifier(model, spec, tmp)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-        learn.export(tmp.resolve() / LEARNER_FILE)
+        export_learner(learn, tmp.resolve() / LEARNER_FILE)
+        write_timings(tmp, timings)
         meta = {
             "kind": "model",
             "version": eightgen.__version__,

@@ -4,27 +4,42 @@ A stage is reused only when its key matches *and* the output on disk is the very
 the persisted record holds the output's Artifact (path + sha256 of its manifest), and the manifest carries
 the key. Anything else (deleted, edited, replaced, overwritten by another run, corrupt) drops the record,
 so the task runs again. Keys never contain where the cache lives, so a cache can be moved or shared.
+
+Several processes (or threads) may ask for the same output at once. Each stage task runs under Prefect's
+SERIALIZABLE isolation with an `OutputLocks` lock manager: an exclusive flock per output directory, held from
+the look-up of the task's record until the record is written. One caller computes the output; the others wait,
+then find its record and come back `Cached`. The system drops a flock when its process dies, so a killed run
+never blocks the next one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+from prefect.transactions import IsolationLevel
 from pydantic import BaseModel
 
-from eightgen.artifacts import MANIFEST, Artifact, read_manifest, sha256_file
+from eightgen.artifacts import MANIFEST, Artifact, clear_leftovers, read_manifest, sha256_file
 from eightgen.codekey import code_digest
 from eightgen.errors import EightgenError
 
 # Parameters that never change what a stage computes: how hard to try, and where the cache lives.
 NOT_IN_KEY = ("force", "overwrite", "cache_dir")
 STAGE_KEY = "stage_key"  # manifest field naming the key that produced an output
+LOCKS = "locks"  # <cache_dir>/locks/: one lock file per content-addressed output
+POLL = 0.1  # seconds between tries for a lock wanted within a time limit
 
 
 def _canonical(value: Any) -> Any:
@@ -89,6 +104,12 @@ class CachedStage:
             return Path(parameters["run_dir"])
         return Path(parameters["cache_dir"]) / self.kind / key.rsplit("-", 1)[-1][:20]
 
+    def lock_file(self, out: Path) -> Path:
+        """The lock file of an output directory: <cache_dir>/locks/<kind>-<entry>.lock, or .<name>.lock beside a run."""
+        if self.kind is None:
+            return out.parent / f".{out.name}.lock"
+        return out.parent.parent / LOCKS / f"{self.kind}-{out.name}.lock"
+
     def key_of(self, name: str, fn: Callable[..., Any], parameters: dict[str, Any]) -> str:
         """The cache key of a call: task name + stage key."""
         return f"{name}-{stage_key(fn, parameters)}"
@@ -101,19 +122,26 @@ class CachedStage:
         return sha256_file(out / self.manifest) == record.sha256
 
     def key_fn(self, context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        """Prefect cache_key_fn: the key; drops a record whose output on disk is not the one it produced."""
+        """Prefect cache_key_fn: the key; drops a record whose output on disk is not the one it produced.
+
+        The check waits while another caller holds the output's lock: it never judges a half-written output or record.
+        """
         key = self.key_of(context.task.name, context.task.fn, parameters)
         record_file = Path(PREFECT_LOCAL_STORAGE_PATH.value()) / key
         if record_file.exists():
             out = self.output_dir(parameters, key)
-            if parameters.get("force") or not self.reusable(_recorded(record_file), out, key):
-                record_file.unlink(missing_ok=True)
+            with _flocked(self.lock_file(out), fcntl.LOCK_SH):
+                if parameters.get("force") or not self.reusable(_recorded(record_file), out, key):
+                    record_file.unlink(missing_ok=True)
         return key
 
     @property
     def options(self) -> dict[str, Any]:
-        """Keyword arguments for @task."""
-        return {"cache_key_fn": self.key_fn, "persist_result": True}
+        """Keyword arguments for @task: the cache key, a persisted record, and one computing caller per output."""
+        policy = CachePolicy.from_cache_key_fn(self.key_fn).configure(
+            isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=OutputLocks(self)
+        )
+        return {"cache_policy": policy, "persist_result": True}
 
     def here(self) -> tuple[Path, str]:
         """Inside the running task: the directory its output belongs in, and the key it must carry."""
@@ -121,3 +149,133 @@ class CachedStage:
         parameters = dict(ctx.parameters)
         key = self.key_of(ctx.task.name, ctx.task.fn, parameters)
         return self.output_dir(parameters, key), key
+
+
+def _open_lock(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+
+
+def _take(fd: int, how: int, timeout: float | None) -> bool:
+    """flock an open lock file (LOCK_EX or LOCK_SH): wait for it, or for at most `timeout` seconds; whether it was taken."""
+    if timeout is None:
+        fcntl.flock(fd, how)
+        return True
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL)
+
+
+@contextmanager
+def _flocked(path: Path, how: int) -> Iterator[None]:
+    """Hold a flock on a lock file for the block, waiting for it as long as it takes."""
+    fd = _open_lock(path)
+    try:
+        _take(fd, how, None)
+        yield
+    finally:
+        os.close(fd)  # closing the file drops its lock
+
+
+class OutputLocks:
+    """Prefect lock manager of one stage: an exclusive flock on the lock file of the output a task run writes.
+
+    Prefect takes it (SERIALIZABLE isolation) before it looks for the task's record, and gives it back once the
+    record is written or the run has failed. The lock file is found from the running task's parameters. Whoever
+    holds it may clear the staging folders a killed writer left beside the output: nobody else can be writing them.
+    """
+
+    def __init__(self, stage: CachedStage) -> None:
+        self.stage = stage
+        self._held: dict[tuple[str, str], int] = {}  # (key, holder) -> the open, locked lock file
+        self._where: dict[str, tuple[Path, Path]] = {}  # key -> (lock file, output directory)
+        self._mutex = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # copied or sent to a Dask worker without open files or held locks
+        return {"stage": self.stage}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["stage"])
+
+    def _locate(self, key: str) -> tuple[Path, Path] | None:
+        with self._mutex:
+            if key in self._where:
+                return self._where[key]
+        ctx = TaskRunContext.get()
+        if ctx is None:
+            return None
+        out = self.stage.output_dir(dict(ctx.parameters), key)
+        with self._mutex:
+            return self._where.setdefault(key, (self.stage.lock_file(out), out))
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+        """Lock the running task's output (waiting as long as it takes, or at most acquire_timeout seconds)."""
+        with self._mutex:
+            if (key, holder) in self._held:
+                return True
+        where = self._locate(key)
+        if where is None:
+            raise RuntimeError(f"{key}: locked outside a running task, so its output is unknown")
+        lock, out = where
+        fd = _open_lock(lock)
+        if not _take(fd, fcntl.LOCK_EX, acquire_timeout):
+            os.close(fd)
+            return False
+        with self._mutex:
+            self._held[(key, holder)] = fd
+        clear_leftovers(out)
+        return True
+
+    async def aacquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        """acquire_lock, for async tasks."""
+        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    def release_lock(self, key: str, holder: str) -> None:
+        """Give the lock back; nothing happens when this holder does not hold it."""
+        with self._mutex:
+            fd = self._held.pop((key, holder), None)
+        if fd is not None:
+            os.close(fd)
+
+    def is_locked(self, key: str) -> bool:
+        """Whether anyone holds the output's lock now."""
+        with self._mutex:
+            if any(k == key for k, _ in self._held):
+                return True
+            where = self._where.get(key)
+        if where is None or not where[0].exists():
+            return False
+        fd = _open_lock(where[0])
+        try:
+            return not _take(fd, fcntl.LOCK_SH, 0)
+        finally:
+            os.close(fd)
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        """Whether this holder holds the lock."""
+        with self._mutex:
+            return (key, holder) in self._held
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        """Wait until nobody holds the lock (at most `timeout` seconds); whether it is free."""
+        with self._mutex:
+            where = self._where.get(key)
+        if where is None:
+            return True
+        fd = _open_lock(where[0])
+        try:
+            return _take(fd, fcntl.LOCK_SH, timeout)
+        finally:
+            os.close(fd)
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        """wait_for_lock, for async callers."""
+        return self.wait_for_lock(key, timeout)
