@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import subprocess
 import sys
@@ -15,38 +13,31 @@ import numpy as np
 import pytest
 import torch
 from fastai.learner import load_learner
+from helpers import Trained
 
 from eightgen.artifacts import MANIFEST, read_manifest, sha256_file
 from eightgen.assembly import load_assembled, save_assembled
 from eightgen.config import IMAGENET_MEAN, TrainConfig
 from eightgen.errors import EightgenError
-from eightgen.models import PixelClassifier, load_classifier, read_metrics, to_model_input
+from eightgen.models import (
+    PixelClassifier,
+    load_classifier,
+    read_metrics,
+    to_model_input,
+)
 from eightgen.training import LEARNER_FILE, METRICS_FILE, train
 
 CPU = torch.device("cpu")
 FILES = {LEARNER_FILE, "model.pt", "spec.json", METRICS_FILE}
-# Batches of 32 give one epoch on the 3,000-image fixture enough optimiser steps to learn the task.
 QUICK = TrainConfig(arch="small_cnn", epochs=1, batch_size=32, seed=0, device="cpu")
 TINY = (128, 64)  # training and validation images of the cut-down dataset for the slower checks
 
 
-@dataclasses.dataclass
-class Trained:
-    cfg: TrainConfig
-    artifact: object
-    lines: list[str]
-    stdout: str
-
-
 @pytest.fixture(scope="module")
-def trained(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    """small_cnn trained for one epoch on the real assembled fixture, with its progress lines and stdout."""
-    out = tmp_path_factory.mktemp("models") / "small"
-    lines: list[str] = []
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        artifact = train(QUICK, dataset_dir, out, progress=lines.append)
-    return Trained(QUICK, artifact, lines, buffer.getvalue())
+def trained(small_cnn: Trained) -> Trained:
+    """The session's small CNN (trained with QUICK), with its progress lines and stdout."""
+    assert small_cnn.cfg == QUICK
+    return small_cnn
 
 
 def _load_learner(path: Path):
@@ -128,6 +119,7 @@ def test_exported_learner_predicts_like_model_pt(trained: Trained, dataset_dir: 
         assert torch.equal(learn.model(x), model(x))
 
 
+@pytest.mark.slow
 def test_exported_learner_loads_in_a_fresh_process(trained: Trained) -> None:
     code = (
         "import sys, warnings; warnings.simplefilter('ignore');"
