@@ -73,8 +73,10 @@ def test_injected_failure_fails_the_run_once(failed_then_retried: dict, cfg: Exp
     first = failed_then_retried["first"]
     assert failed_then_retried["state"].is_failed()
     assert failed_then_retried["marker"].is_file()
+    # the first chunk to run fails; chunks still queued when the flow fails may never start (no record)
     chunks = n_chunks(cfg.attack)
-    assert sorted(first["optimize-chunk"]) == sorted(["Failed"] + ["Completed"] * (chunks - 1)), first
+    assert first["optimize-chunk"].count("Failed") == 1 and set(first["optimize-chunk"]) <= {"Failed", "Completed"}, first
+    assert len(first["optimize-chunk"]) <= chunks
     assert first["train-classifier"] in (["Completed"], ["Cached"]) and "render-report" not in first
 
 
@@ -82,10 +84,10 @@ def test_retry_of_the_same_flow_run_reruns_only_what_failed(failed_then_retried:
     retry, after, retried = failed_then_retried["retry"], failed_then_retried["after"], failed_then_retried["retried"]
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
     assert after.state.is_completed() and after.run_count == 2
-    chunks = n_chunks(cfg.attack)
-    # finished work comes back Cached; the failed chunk and what depends on it run again
+    chunks, done = n_chunks(cfg.attack), failed_then_retried["first"]["optimize-chunk"].count("Completed")
+    # finished work comes back Cached; the failed chunk, any that never started, and what depends on them run again
     assert retried["assemble-dataset"] == ["Cached"] and retried["train-classifier"] == ["Cached"], retried
-    assert sorted(retried["optimize-chunk"]) == sorted(["Cached"] * (chunks - 1) + ["Completed"]), retried
+    assert sorted(retried["optimize-chunk"]) == sorted(["Cached"] * done + ["Completed"] * (chunks - done)), retried
     assert retried["collect-results"] == ["Completed"] and retried["render-report"] == ["Completed"], retried
     assert (cfg.run_dir / "report.html").is_file()
 

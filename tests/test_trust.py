@@ -101,6 +101,23 @@ def rerun(cfg) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
+def test_a_copied_cache_is_reused_without_recomputing(finished, tmp_path: Path) -> None:
+    cfg, results = finished
+    copy = tmp_path / "elsewhere" / "cache"
+    shutil.copytree(cfg.cache_dir, copy, symlinks=True)
+    moved = cfg.model_copy(update={"cache_dir": copy, "runs_root": tmp_path / "runs"})
+    states = rerun(moved)
+    assert set(states["assemble-dataset"] + states["train-classifier"] + states["optimize-chunk"]) <= {"Cached", "Completed"}
+    model = Path(load_record(moved.run_dir).model.path)
+    assert model.is_relative_to(copy)
+    # the timings beside each output would differ had anything been trained or optimised again
+    for output in [model, *chunks_of(moved, results)]:
+        original = cfg.cache_dir / output.relative_to(copy)
+        assert (output / "timings.json").read_bytes() == (original / "timings.json").read_bytes(), output
+    pd.testing.assert_frame_equal(pd.read_parquet(moved.run_dir / RESULTS)[NUMBERS], results[NUMBERS])
+
+
+@pytest.mark.slow
 def test_a_run_directory_overwritten_by_another_run_is_recollected(finished) -> None:
     cfg, results = finished
     run_dir = cfg.run_dir
