@@ -37,7 +37,6 @@ class Finished(NamedTuple):
     run: Path  # that run directory
     cache: Path
     files: dict[str, bytes]  # every file under runs, as it was after the run
-    failed: tuple[int, str, str]  # a run whose task failed: exit code, what Prefect's console showed, stderr
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -57,7 +56,6 @@ def _failing_run(argv: list[str], marker: Path) -> tuple[int, str, str]:
 
     terminal, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(IDLE, "60")  # the finished run after this one reuses its local Prefect server, then stops it
         mp.setenv(FAIL_ONCE, "optimize-chunk")
         mp.setenv(FAIL_ONCE_MARKER, str(marker))
         ensure_logging_setup()  # Prefect's console handler, as the first flow would set it up
@@ -72,13 +70,20 @@ def _failing_run(argv: list[str], marker: Path) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def finished(prefect_harness, mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Finished:
-    """One tiny real run, made once for the module, after one whose task failed (on the session's Prefect API)."""
+    """One tiny real run, made once for the module (on the session's Prefect API)."""
     base = tmp_path_factory.mktemp("catalogue")
     runs, cache = base / "runs", shared_cache(tmp_path_factory)
-    argv = ["run", *TINY, "--mnist-dir", str(mnist_dir), "--cache-dir", str(cache)]
-    failed = _failing_run([*argv, "--runs-root", str(base / "failed"), "--chunk-size", "6"], base / "fired")  # one chunk
-    assert main([*argv, "--runs-root", str(runs), "--run-name", "finished"]) == 0
-    return Finished(runs, runs / "finished", cache, _files(runs), failed)
+    argv = ["run", *TINY, "--mnist-dir", str(mnist_dir), "--cache-dir", str(cache), "--runs-root", str(runs), "--run-name", "finished"]
+    assert main(argv) == 0
+    return Finished(runs, runs / "finished", cache, _files(runs))
+
+
+@pytest.fixture(scope="module")
+def failed(finished: Finished, mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, str]:
+    """A tiny run whose optimisation task fails: exit code, what Prefect's console showed, stderr."""
+    base = tmp_path_factory.mktemp("failed")
+    argv = ["run", *TINY, "--mnist-dir", str(mnist_dir), "--cache-dir", str(finished.cache), "--runs-root", str(base / "runs")]
+    return _failing_run([*argv, "--chunk-size", "6"], base / "fired")  # one chunk
 
 
 def _mnist_copy(src: Path, dst: Path) -> Path:
@@ -339,7 +344,7 @@ SUBPROCESS_CASES = [
 def _env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "EIGHTGEN_"))}
     return env | {
-        "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "EIGHTGEN_SERVER_IDLE_SECONDS": "0"
+        "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", IDLE: "0"
     }
 
 
@@ -353,10 +358,11 @@ def test_the_terminal_shows_one_line(command, extra, needle, places, tmp_path) -
     assert_refused(done.returncode, done.stdout, done.stderr, needle)
 
 
-def test_a_failed_task_shows_its_error_not_its_traceback(finished: Finished) -> None:
+@pytest.mark.slow
+def test_a_failed_task_shows_its_error_not_its_traceback(finished: Finished, failed: tuple[int, str, str]) -> None:
     """A task raising something other than EightgenError: Prefect's log lines without tracebacks, then one error line
     naming the log that holds them."""
-    code, terminal, err = finished.failed
+    code, terminal, err = failed
     assert code == 2, terminal[-3000:] + err
     assert "Traceback" not in terminal + err, terminal[-3000:] + err
     assert all(PREFECT_LINE.match(line) for line in terminal.splitlines()), terminal[-3000:]

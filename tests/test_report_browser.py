@@ -197,6 +197,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return render_report([run_dir])
 
 
+@pytest.mark.slow
 def test_report_opens_cleanly_in_chromium(report: Path, tmp_path: Path) -> None:
     shot = tmp_path / "report-top.png"
     seen = asyncio.run(inspect_report(report.resolve().as_uri(), shot))

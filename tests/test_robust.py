@@ -110,6 +110,7 @@ def test_robust_accuracy_is_deterministic_and_below_clean() -> None:
     assert first["step_size"] == pytest.approx(2.5 * 3.0 / 5)
 
 
+@pytest.mark.slow
 def test_adversarial_training_reports_robust_accuracy(small_dir: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=1, batch_size=64, device="cpu", adversarial="linf", adv_eps=0.1, adv_steps=2)
     train(cfg, small_dir, tmp_path / "robust")
