@@ -138,12 +138,16 @@ class EmbeddedServer:
         if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
             return  # a real server is configured, or Prefect will refuse by itself
         with locked(self.home):
-            state = read_state(self.home)
-            if state is None:
-                self._spawn()
-            else:
-                self.pid, self.url = state["pid"], state["url"]
-            self._lease()
+            self._find_or_start()
+
+    def _find_or_start(self) -> None:
+        """Use the recorded server of this Prefect home, or start one, and hold a lease on it (with the lock held)."""
+        state = read_state(self.home)
+        if state is None:
+            self._spawn()
+        else:
+            self.pid, self.url = state["pid"], state["url"]
+        self._lease()
 
     def _lease(self) -> None:
         """Hold a lease on the server (with the lock held)."""
@@ -206,12 +210,7 @@ class EmbeddedServer:
                     respawned = True
                     with locked(self.home):
                         self._release()
-                        state = read_state(self.home)
-                        if state is None:
-                            self._spawn()
-                        else:
-                            self.pid, self.url = state["pid"], state["url"]
-                        self._lease()
+                        self._find_or_start()
                     continue
                 raise EightgenError(f"Prefect's local server exited: {self._exit_line()} (log: {self.home / LOG})")
             try:

@@ -83,6 +83,17 @@ def _recorded(record_file: Path) -> Artifact | None:
     return value if isinstance(value, Artifact) else None
 
 
+def _record_file(context: TaskRunContext, key: str) -> Path:
+    """Where Prefect will look for this key's record: the running task's own result store when it is a local folder.
+
+    The settings can name another folder than the store a flow run resolved when it started (a process whose
+    environment changed since): judging the record in the wrong folder would let a stale one through.
+    """
+    storage = getattr(getattr(context, "result_store", None), "result_storage", None)
+    base = getattr(storage, "basepath", None)
+    return Path(base).expanduser() / key if base else Path(PREFECT_LOCAL_STORAGE_PATH.value()) / key
+
+
 def _same_place(a: Path, b: Path) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
@@ -127,7 +138,7 @@ class CachedStage:
         The check waits while another caller holds the output's lock: it never judges a half-written output or record.
         """
         key = self.key_of(context.task.name, context.task.fn, parameters)
-        record_file = Path(PREFECT_LOCAL_STORAGE_PATH.value()) / key
+        record_file = _record_file(context, key)
         if record_file.exists():
             out = self.output_dir(parameters, key)
             with _flocked(self.lock_file(out), fcntl.LOCK_SH):
@@ -204,15 +215,15 @@ class OutputLocks:
         self.__init__(state["stage"])
 
     def _locate(self, key: str) -> tuple[Path, Path] | None:
-        with self._mutex:
-            if key in self._where:
-                return self._where[key]
         ctx = TaskRunContext.get()
-        if ctx is None:
-            return None
+        if ctx is None:  # outside the task (another thread): where this key was last locked
+            with self._mutex:
+                return self._where.get(key)
+        # keys leave the cache's location out: the same key may name outputs in two caches of one process
         out = self.stage.output_dir(dict(ctx.parameters), key)
         with self._mutex:
-            return self._where.setdefault(key, (self.stage.lock_file(out), out))
+            self._where[key] = (self.stage.lock_file(out), out)
+            return self._where[key]
 
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
         """Lock the running task's output (waiting as long as it takes, or at most acquire_timeout seconds)."""
