@@ -11,6 +11,7 @@ from eightgen.assembly import assemble, save_assembled
 from eightgen.config import DatasetConfig
 from eightgen.sources import load_mnist, source_fingerprint
 from tasks.caching import STAGE_KEY, CachedStage, produced_by
+from tasks.faults import hold
 
 ASSEMBLE = CachedStage("datasets")
 
@@ -29,5 +30,6 @@ def assemble_dataset(cfg: DatasetConfig, source: dict, cache_dir: Path, force: b
         return artifact_of(out)
     with staged_dir(out) as tmp:
         save_assembled(assemble(load_mnist(cfg), cfg), tmp)
+        hold()
         stamp_manifest(tmp, {STAGE_KEY: key})
     return artifact_of(out)

@@ -17,6 +17,7 @@ from eightgen.chunks import Chunks, read_chunks
 from eightgen.config import ExperimentConfig
 from eightgen.rundir import DatasetRecord, ModelRecord, RunRecord, check_target, git_commit, now, write_run
 from tasks.caching import STAGE_KEY, CachedStage
+from tasks.faults import hold
 
 COLLECT = CachedStage(None)
 
@@ -76,4 +77,5 @@ def collect_results(
     check_target(run_dir, experiment, overwrite)
     _, key = COLLECT.here()
     run = collected(experiment, chunks, model, dataset, run_name)
+    hold()
     return write_run(run_dir, run.record, run.results, run.chunks.trajectory, run.chunks.run_ids, {STAGE_KEY: key})

@@ -1,20 +1,26 @@
-"""Deliberate one-off task failures, for rehearsing retries: off unless EIGHTGEN_FAIL_ONCE is set.
+"""Deliberate faults, for rehearsing retries and crashes: off unless EIGHTGEN_FAIL_ONCE or EIGHTGEN_HOLD_IN is set.
 
 EIGHTGEN_FAIL_ONCE=<task name> (e.g. optimize-chunk) makes the first run of that task raise, and
 leaves a marker file (EIGHTGEN_FAIL_ONCE_MARKER, default <tmp>/eightgen-failed-once-<task name>) so
 every later run, a retry included, passes. Delete the marker to arm it again.
+
+EIGHTGEN_HOLD_IN=<task name> stops that task in the middle of its work (its output half made, or not yet
+written), touches EIGHTGEN_HOLD_MARKER and waits there to be killed: a `kill -9` lands in that stage.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from prefect.context import TaskRunContext
 
 FAIL_ONCE = "EIGHTGEN_FAIL_ONCE"
 FAIL_ONCE_MARKER = "EIGHTGEN_FAIL_ONCE_MARKER"
+HOLD_IN, HOLD_MARKER = "EIGHTGEN_HOLD_IN", "EIGHTGEN_HOLD_MARKER"
+HOLD_SECONDS = 600  # then give up waiting and go on
 
 
 class InjectedFailure(RuntimeError):
@@ -33,3 +39,13 @@ def fail_once() -> None:
     except FileExistsError:
         return
     raise InjectedFailure(f"{FAIL_ONCE}={name}: injected failure (marker {marker})")
+
+
+def hold() -> None:
+    """Inside a task: if EIGHTGEN_HOLD_IN names this task, touch EIGHTGEN_HOLD_MARKER and wait (to be killed)."""
+    name = os.environ.get(HOLD_IN)
+    ctx = TaskRunContext.get()
+    if not name or ctx is None or ctx.task.name != name:
+        return
+    Path(os.environ.get(HOLD_MARKER) or Path(tempfile.gettempdir()) / f"eightgen-held-in-{name}").touch()
+    time.sleep(HOLD_SECONDS)

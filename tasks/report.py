@@ -17,6 +17,7 @@ from eightgen.rundir import REPORT, REPORT_MANIFEST, write_report
 from reports.runs import Run, load_run
 from reports.summary import digit_table, summary_markdown
 from tasks.caching import STAGE_KEY, CachedStage
+from tasks.faults import hold
 from tasks.progress import meter
 
 RENDER = CachedStage(None, manifest=REPORT_MANIFEST)
@@ -40,6 +41,7 @@ def render_run_report(cfg: ReportConfig, run: Artifact, run_dir: Path, force: bo
     with meter("report", log, unit="parts") as shown:
         html = run_html(loaded(run), cfg, progress=shown.update)
     log(f"report.html rendered in {time.perf_counter() - started:.1f} s")
+    hold()
     return write_report(run_dir, html, {"run_sha256": run.sha256, STAGE_KEY: key})
 
 

@@ -1,4 +1,4 @@
-"""Faults: a run killed in training or in the attack, a corrupt byte in each store, a full disk; the rerun heals it.
+"""Faults: a run killed in every stage, a corrupt byte in each store, a full disk; the rerun heals it.
 
 Every rerun must end with the results of a clean run, byte for byte, and recompute only what was lost or damaged
 (outputs' hashes leave timings out, so a recomputed output has the hash it had and nothing downstream reruns).
@@ -24,6 +24,7 @@ from eightgen.rundir import RESULTS, RESULTS_CSV, TRAJECTORIES
 from flows.pipeline import pipeline
 from prefect_api.records import task_run_states, wait_for_records
 from helpers import TINY, tiny_config
+from tasks.faults import HOLD_IN, HOLD_MARKER
 
 pytestmark = pytest.mark.slow
 
@@ -78,11 +79,14 @@ def faulty(mnist_dir: Path, tmp_path_factory) -> ExperimentConfig:
     return tiny_config(mnist_dir, where / "cache", where / "runs", *SETTINGS)
 
 
-def start_cli(cfg: ExperimentConfig, mnist_dir: Path, log: Path) -> subprocess.Popen:
-    """`eightgen run SETTINGS` in a process group of its own, recording to the session's Prefect API."""
+def start_cli(cfg: ExperimentConfig, mnist_dir: Path, log: Path, hold_in: str | None = None) -> subprocess.Popen:
+    """`eightgen run SETTINGS` in a process group of its own, recording to the session's Prefect API; optionally
+    stopping in the middle of one task (EIGHTGEN_HOLD_IN) until it is killed."""
     argv = [*SETTINGS, "--mnist-dir", str(mnist_dir), "--cache-dir", str(cfg.cache_dir), "--runs-root", str(cfg.runs_root)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": PREFECT_API_URL.value()}
+    if hold_in:
+        env |= {HOLD_IN: hold_in, HOLD_MARKER: str(log.with_suffix(".held"))}
     return subprocess.Popen(
         [sys.executable, "-m", "cli.main", "run", *argv], cwd=ROOT, env=env,
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -117,9 +121,14 @@ def entries(cfg: ExperimentConfig, kind: str) -> list[Path]:
     return sorted(p for p in store.iterdir() if not p.name.startswith(".")) if store.is_dir() else []
 
 
-def test_a_run_killed_in_training_and_one_killed_in_the_attack_are_finished_by_a_rerun(
+def test_runs_killed_in_every_stage_are_finished_by_a_rerun(
     clean: Clean, faulty: ExperimentConfig, mnist_dir: Path, tmp_path: Path
 ) -> None:
+    # killed while assembling the dataset (its files written, its manifest not yet): no dataset is left behind
+    log = tmp_path / "assembly.log"
+    kill_when(start_cli(faulty, mnist_dir, log, hold_in="assemble-dataset"), log.with_suffix(".held").exists, log)
+    assert not entries(faulty, "datasets") and not held(faulty.cache_dir / "locks", "datasets-*.lock")
+
     # killed in the middle of training: no model is left behind, and its lock dies with it
     log = tmp_path / "training.log"
     kill_when(start_cli(faulty, mnist_dir, log), lambda: "epoch 1/2" in log.read_text(), log)
@@ -133,10 +142,18 @@ def test_a_run_killed_in_training_and_one_killed_in_the_attack_are_finished_by_a
     assert "epoch 2/2" in log.read_text() and len(entries(faulty, "models")) == 1
     assert not (faulty.run_dir / RESULTS).exists()
 
-    # the rerun reuses the dataset and the model, optimises what was cut short, and ends with the clean run's files
+    # killed as it collects the results (every chunk done), then as it renders the report: no run directory, then
+    # a run directory without a report
+    for stage, name in (("collect-results", "collect"), ("render-report", "report")):
+        log = tmp_path / f"{name}.log"
+        kill_when(start_cli(faulty, mnist_dir, log, hold_in=stage), log.with_suffix(".held").exists, log)
+    assert len(entries(faulty, "attacks")) == 3 and (faulty.run_dir / RESULTS).exists()
+    assert not (faulty.run_dir / "report.html").exists()
+
+    # the rerun reuses everything that was finished, renders the report, and ends with the clean run's files
     done, states, message = run_here(faulty)
     assert done, message
-    assert set(recomputed(states)) == {"optimize-chunk", "collect-results", "render-report"}, states
+    assert set(recomputed(states)) == {"render-report"}, states
     assert run_files(faulty) == clean.files
     leftovers = [p for kind in ("datasets", "models", "attacks") for p in (faulty.cache_dir / kind).iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers
