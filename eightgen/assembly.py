@@ -67,20 +67,34 @@ def binary_labels(y: np.ndarray, target: int) -> np.ndarray:
 
 
 def assemble(data: MnistData, cfg: DatasetConfig) -> Assembled:
-    """Hold out a per-digit attack-start pool, split the rest into stratified train / valid, cap and balance train."""
+    """Hold out a per-digit attack-start pool, split the rest into stratified train / valid, cap and balance train.
+
+    With both a training and a test split in the source, the detector's train and valid come from the training
+    split only, and the pool and referee split from the test split only: no attack start and no referee image
+    was ever seen in training. A source with one split is cut the same way from that split.
+    """
     if not np.any(data.labels == cfg.target):
         raise EightgenError(f"no images of digit {cfg.target} in {data.description}")
+    real_splits = {"train", "test"} <= set(np.unique(data.split).tolist())
     pool, train, valid, referee = [], [], [], []
     for d in DIGITS:
         # One generator per digit and stage: the pool for a digit stays the same prefix when pool_per_digit grows.
         members = np.flatnonzero(data.labels == d)
-        if len(members) < cfg.pool_per_digit:
-            raise EightgenError(
-                f"digit {d}: {len(members)} images in {data.description}, pool_per_digit={cfg.pool_per_digit} needs more"
-            )
-        members = _rng(cfg, 0, d).permutation(members)
-        pool.append(members[: cfg.pool_per_digit])
-        rest = members[cfg.pool_per_digit :]
+        held = members[data.split[members] == "test"] if real_splits else members
+        where = f"the test split of {data.description}" if real_splits else data.description
+        if len(held) < cfg.pool_per_digit:
+            raise EightgenError(f"digit {d}: {len(held)} images in {where}, pool_per_digit={cfg.pool_per_digit} needs more")
+        held = _rng(cfg, 0, d).permutation(held)
+        pool.append(held[: cfg.pool_per_digit])
+        if real_splits:
+            unseen, rest = held[cfg.pool_per_digit :], _rng(cfg, 4, d).permutation(members[data.split[members] == "train"])
+            n_ref = int(round(len(unseen) * cfg.referee_fraction))
+            n_valid = int(round(len(rest) * cfg.valid_fraction))
+            referee.append(unseen[:n_ref])
+            valid.append(rest[:n_valid])
+            train.append(rest[n_valid:])
+            continue
+        rest = held[cfg.pool_per_digit :]
         n_valid = int(round(len(rest) * cfg.valid_fraction))
         # The referee split comes after valid, so validation is the same with or without one.
         n_ref = int(round(len(rest) * cfg.referee_fraction))

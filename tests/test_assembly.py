@@ -164,3 +164,22 @@ def test_unreadable_npz_with_matching_manifest(tmp_path: Path, data: MnistData, 
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EightgenError, match="cannot read dataset"):
         load_assembled(tmp_path)
+
+
+def test_with_both_splits_training_never_sees_a_start_or_a_referee_image(data: MnistData) -> None:
+    # a two-split source made from the real test images: the first 7,000 as "train", the rest as "test"
+    split = np.where(np.arange(len(data.labels)) < 7000, "train", "test")
+    both = MnistData(data.images, data.labels, split, data.index, "real MNIST cut in two")
+    cfg = DatasetConfig(pool_per_digit=16, referee_fraction=0.2, seed=3)
+    a = assemble(both, cfg)
+    assert set(a.s_pool) == {"test"} and set(a.s_ref) == {"test"}
+    assert set(a.s_train) == {"train"} and set(a.s_valid) == {"train"}
+    assert np.bincount(a.y_pool, minlength=10).tolist() == [16] * 10
+    # every "train" image is in train or valid; the test images not in the pool are the referee's, a fifth of them
+    assert len(a.y_train) + len(a.y_valid) == 7000
+    unseen = np.bincount(data.labels[7000:], minlength=10) - 16
+    assert np.bincount(a.y_ref, minlength=10).tolist() == [int(round(n * 0.2)) for n in unseen]
+    assert not keys(a, "pool") & (keys(a, "train") | keys(a, "valid"))
+    # a test split too small for the pool names it
+    with pytest.raises(EightgenError, match=r"^digit 0: \d+ images in the test split of real MNIST cut in two, pool_per_digit=5000"):
+        assemble(both, cfg.model_copy(update={"pool_per_digit": 5000}))
