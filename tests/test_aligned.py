@@ -127,6 +127,24 @@ def test_cli_rerun_reuses_everything_and_checks_the_targets(runs, cfg: AlignedCo
     assert "targets at budget 3:" in out and out.count("needs") == 5 and f"report: {(cfg.root_dir / 'aligned.html').resolve()}" in out
 
 
+def test_a_corrupt_referee_model_is_retrained_and_nothing_else(runs, cfg: AlignedConfig, mnist_dir: Path, monkeypatch, capsys) -> None:
+    before = (cfg.root_dir / "aligned.json").read_bytes()
+    (entry,) = [p for p in (cfg.cache_dir / "referees").iterdir() if not p.name.startswith(".")]
+    damaged = max((p for p in entry.iterdir() if p.suffix == ".pt"), key=lambda p: p.stat().st_size)
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(cfg.cache_dir / "prefect-results"))
+    argv = ["aligned", *TINY_OPTIONS, "--mnist-dir", str(mnist_dir), "--runs-root", str(cfg.runs_root), "--cache-dir", str(cfg.cache_dir)]
+    assert main(argv) in (0, 1)
+    states = _latest_aligned_states()
+    assert states["train-referees"] == ["Completed"], states
+    for name in ("assemble-dataset", "train-classifier", "optimize-chunk"):
+        assert set(states[name]) == {"Cached"}, (name, states[name])
+    # retrained from the same data and seed: the same referees, so the same verdicts
+    assert json.loads((cfg.root_dir / "aligned.json").read_bytes()) == json.loads(before)
+
+
 def test_bad_aligned_settings_are_refused(mnist_dir: Path, capsys) -> None:
     with pytest.raises(ValidationError, match="matched_budget"):
         AlignedConfig(budgets=(1.0, 2.0), matched_budget=6.0)
