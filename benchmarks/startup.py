@@ -25,7 +25,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from runtime.embedded import IDLE, STATE, free_port
+from runtime.embedded import IDLE, free_port, recorded
 
 ROWS = [
     ("python + CLI imports", "start", "imported"),
@@ -46,10 +46,12 @@ def _env(home: Path, api: str | None = None, idle: str | None = None) -> dict[st
 
 def _stop_kept_server(home: Path) -> None:
     """Stop the local server a run left running for the next command in this Prefect home."""
-    try:
-        os.kill(int(json.loads((home / STATE).read_text())["pid"]), signal.SIGTERM)
-    except (OSError, ValueError, KeyError):
-        pass
+    state = recorded(home)
+    if state is not None:
+        try:
+            os.kill(state["pid"], signal.SIGTERM)
+        except OSError:
+            pass
 
 
 def _task_seconds_sqlite(db: Path, marks: dict[str, float]) -> float:

@@ -117,15 +117,22 @@ def _reachable(url: str, timeout: float) -> bool:
     return bool(answered and answered[0])
 
 
+def imagenet_weights(arch: str) -> tuple[str, Path, bool]:
+    """Where torchvision's ImageNet weights for a resnet come from: URL, torch hub cache file, and whether either is there."""
+    url = _torchvision_resnet(arch)[1].url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    return url, cached, cached.is_file() or _reachable(url, WEIGHTS_PROBE_TIMEOUT_S)
+
+
 def imagenet_state_dict(arch: str) -> dict[str, Tensor]:
     """torchvision's ImageNet weights for a resnet, from the torch hub cache or downloaded; fails fast offline."""
     _, weights = _torchvision_resnet(arch)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    _, cached, available = imagenet_weights(arch)
     advice = (
         f"use pretrained=false, or place {cached.name} in {cached.parent} "
         "(the torch hub cache; its location follows TORCH_HOME)"
     )
-    if not cached.is_file() and not _reachable(weights.url, WEIGHTS_PROBE_TIMEOUT_S):
+    if not available:
         raise EightgenError(f"ImageNet weights for {arch} could not be fetched from {weights.url}: {advice}")
     try:
         return weights.get_state_dict(progress=False, check_hash=True)

@@ -108,16 +108,21 @@ def _identity() -> dict[str, str]:
     return {"python": sys.prefix, "prefect": prefect.__version__}
 
 
-def read_state(home: Path) -> dict | None:
-    """The recorded server of this Prefect home if its process still runs and matches this command."""
+def recorded(home: Path) -> dict | None:
+    """The server state file of this Prefect home as written (pid, url, identity), or None if absent or unreadable."""
     try:
         state = json.loads((home / STATE).read_text())
-        pid, url = int(state["pid"]), str(state["url"])
+        return {**state, "pid": int(state["pid"]), "url": str(state["url"])}
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not alive(pid) or {k: state.get(k) for k in _identity()} != _identity():
+
+
+def read_state(home: Path) -> dict | None:
+    """The recorded server of this Prefect home if its process still runs and matches this command."""
+    state = recorded(home)
+    if state is None or not alive(state["pid"]) or {k: state.get(k) for k in _identity()} != _identity():
         return None
-    return {**state, "pid": pid, "url": url}
+    return state
 
 
 class EmbeddedServer:

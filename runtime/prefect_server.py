@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
 
-import shutil
-
-from runtime.embedded import STATE, lease_dir, live_leases, locked
+from runtime.embedded import STATE, lease_dir, live_leases, locked, recorded
 
 POLL_SECONDS = 1.0
 
@@ -29,21 +28,13 @@ def watch(server, home: Path, idle: float) -> None:
                 quiet_since = None
                 continue
             quiet_since = quiet_since or time.monotonic()
-            superseded = _recorded_pid(home) not in (None, os.getpid())
+            state = recorded(home)
+            superseded = state is not None and state["pid"] != os.getpid()
             if superseded or time.monotonic() - quiet_since >= idle:
                 if not superseded:
                     (home / STATE).unlink(missing_ok=True)
                 shutil.rmtree(leases, ignore_errors=True)
                 server.should_exit = True
-
-
-def _recorded_pid(home: Path) -> int | None:
-    import json
-
-    try:
-        return int(json.loads((home / STATE).read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def main() -> None:

@@ -45,16 +45,11 @@ def pretrained_weights(cfg: TrainConfig) -> None:
         return
     if cfg.arch not in ("resnet18", "resnet34"):
         raise EightgenError(f"train.pretrained=true: {cfg.arch} has no pretrained weights; pass --no-pretrained or --arch resnet18/resnet34")
-    from urllib.parse import urlparse
+    # torch loads only when weights are asked for
+    from eightgen.models import imagenet_weights
 
-    import torch
-
-    # the same weights and probe as eightgen.models.imagenet_state_dict, which loads them at training time
-    from eightgen.models import WEIGHTS_PROBE_TIMEOUT_S, _reachable, _torchvision_resnet
-
-    url = _torchvision_resnet(cfg.arch)[1].url
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-    if not cached.is_file() and not _reachable(url, WEIGHTS_PROBE_TIMEOUT_S):
+    url, cached, available = imagenet_weights(cfg.arch)
+    if not available:
         raise EightgenError(
             f"train.pretrained=true ({cfg.arch}): the ImageNet weights are not in the torch hub cache and {url} "
             f"cannot be reached; pass --no-pretrained, or put {cached.name} in {cached.parent} (its location follows TORCH_HOME)"
