@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cli.options import apply_data_options, data_options, digits_arg
 from eightgen.config import AlignedConfig
 from eightgen.errors import EightgenError
 from runtime.environment import process_env
 
 OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
     # option dest -> (config sections it sets, field)
+    "dataset": (("dataset",), "name"),
     "source": (("dataset",), "source"),
     "mnist_dir": (("dataset",), "mnist_dir"),
     "local_path": (("dataset",), "local_path"),
@@ -49,20 +51,11 @@ def _numbers(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _digits(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"digits must be comma-separated integers, got {text!r}") from None
-
-
 def add_aligned_options(p: argparse.ArgumentParser) -> None:
     """The options of `eightgen aligned` (defaults: AlignedConfig)."""
     d = AlignedConfig()
     g = p.add_argument_group("data")
-    g.add_argument("--source", choices=["auto", "hub", "idx", "local"], help="MNIST source")
-    g.add_argument("--mnist-dir", type=Path, help="folder of MNIST IDX files (default: $EIGHTGEN_MNIST_DIR)")
-    g.add_argument("--local-path", type=Path, help="Hugging Face dataset on disk")
+    data_options(g)
     g.add_argument("--max-train", type=int, help="cap the detectors' training split")
     g.add_argument("--pool-per-digit", type=int, help=f"attack-start pool images per digit (default {d.dataset.pool_per_digit})")
     g.add_argument("--valid-fraction", type=float, help=f"share of non-pool images for validation (default {d.dataset.valid_fraction})")
@@ -78,7 +71,7 @@ def add_aligned_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--matched-budget", type=float, help=f"budget at which the targets are checked (default {d.matched_budget:g})")
     g.add_argument("--seeds", type=int, help=f"starts per digit and of noise (default {d.attack.seeds})")
     g.add_argument("--steps", type=int, help=f"gradient steps per start (default {d.attack.steps})")
-    g.add_argument("--digits", type=_digits, help="start digits, e.g. 0,1,2 (default every non-8)")
+    g.add_argument("--digits", type=digits_arg, help="start classes, e.g. 0,1,2 ('all' = every class but the target, the default)")
     g.add_argument("--noise", action=argparse.BooleanOptionalAction, default=None, help="include uniform-noise starts")
     g.add_argument("--chunk-size", type=int, help="starts per optimisation task")
     g.add_argument("--grid-seeds", type=int, help=f"starts per digit in the image grid (default {d.grid_seeds})")
@@ -101,6 +94,7 @@ def build_aligned_config(args: argparse.Namespace) -> AlignedConfig:
             continue
         for section in sections or (None,):
             (data[section] if section else data)[field] = value
+    apply_data_options(data, args, (data["attack"],))
     env_dir = os.environ.get("EIGHTGEN_MNIST_DIR")
     if env_dir and data["dataset"]["mnist_dir"] is None and data["dataset"]["local_path"] is None:
         data["dataset"]["mnist_dir"] = Path(env_dir)
@@ -110,7 +104,10 @@ def build_aligned_config(args: argparse.Namespace) -> AlignedConfig:
 def summary_lines(summary: dict) -> list[str]:
     """The aligned summary as plain text lines: one per (budget, detector), then the targets."""
     pct = lambda x: "  —  " if x is None else f"{100 * x:5.1f}%"  # noqa: E731
-    lines = [f"{'budget':>6} {'detector':<9} {'flipped':>7} {'L2':>5} {'kNN 8':>7} {'robust 8':>8} {'std 8':>7} {'still start':>11}"]
+    name = str(summary.get("target_name", "target"))[:10]
+    lines = [
+        f"{'budget':>6} {'detector':<9} {'flipped':>7} {'L2':>5} {'kNN ' + name:>7} {'robust ' + name:>8} {'std ' + name:>7} {'still start':>11}"
+    ]
     for c in summary["cells"]:
         d = c["digits"]
         if d is None:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from eightgen.classes import CLASS_SETS
 from eightgen.config import PRESETS, ExperimentConfig
 from eightgen.errors import EightgenError
 
@@ -27,6 +28,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "arch": ("train", "arch"),
     "epochs": ("train", "epochs"),
     "pretrained": ("train", "pretrained"),
+    "dataset": ("dataset", "name"),
     "source": ("dataset", "source"),
     "mnist_dir": ("dataset", "mnist_dir"),
     "local_path": ("dataset", "local_path"),
@@ -38,10 +40,13 @@ OVERRIDES: dict[str, tuple[str, str]] = {
 }
 
 
-def _digits(text: str) -> tuple[int, ...]:
-    """Parse '0,1,2' (or 'all' / 'none') into a tuple of digits."""
-    if text == "all":
-        return (0, 1, 2, 3, 4, 5, 6, 7, 9)
+ALL_BUT_TARGET = "all"
+
+
+def digits_arg(text: str) -> tuple[int, ...] | str:
+    """Parse '0,1,2' (or 'none') into a tuple of class indices; 'all' stays 'all' (every class but the target)."""
+    if text == ALL_BUT_TARGET:
+        return ALL_BUT_TARGET
     if text == "none":
         return ()
     try:
@@ -54,10 +59,8 @@ def experiment_options(p: argparse.ArgumentParser) -> None:
     """The options that make an ExperimentConfig (shared by `run` and `serve`), and where chunks run."""
     p.add_argument("--preset", default="quick", help=f"named settings to start from: {', '.join(PRESETS)} (default quick)")
     g = p.add_argument_group("data")
-    g.add_argument("--source", choices=["auto", "hub", "idx", "local"], help="MNIST source (auto: mnist dir, local path, else the Hub)")
-    g.add_argument("--mnist-dir", type=Path, help="folder of MNIST IDX files (default: $EIGHTGEN_MNIST_DIR)")
-    g.add_argument("--local-path", type=Path, help="Hugging Face dataset on disk: parquet file/folder or save_to_disk folder")
-    g.add_argument("--balance", choices=["none", "undersample", "oversample"], help="balance 8 vs not-8 in training")
+    data_options(g)
+    g.add_argument("--balance", choices=["none", "undersample", "oversample"], help="balance target vs not-target in training")
     g.add_argument("--max-train", type=int, help="cap the training split at this many images")
     g = p.add_argument_group("classifier")
     g.add_argument("--arch", help="small_cnn, resnet18 or resnet34")
@@ -65,7 +68,7 @@ def experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None, help="ImageNet weights for resnets (needs network or a filled torch hub cache)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--seeds", type=int, help="seeds per start digit (and noise starts)")
-    g.add_argument("--digits", type=_digits, help="start digits, e.g. 0,1,2 ('all' = every non-8, 'none')")
+    g.add_argument("--digits", type=digits_arg, help="start classes, e.g. 0,1,2 ('all' = every class but the target, the default; 'none')")
     g.add_argument("--noise", action=argparse.BooleanOptionalAction, default=None, help="include random-noise starts")
     g.add_argument("--steps", type=int, help="gradient steps per start")
     g.add_argument("--method", help="seed, gd, pgd_linf, pgd_l2 or min_l2")
@@ -86,6 +89,30 @@ def experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dask-address", help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (default with --task-runner dask: a local cluster, one 1-thread worker per core)")
 
 
+def data_options(g: argparse._ActionsContainer) -> None:
+    """The options that say which dataset, where from, and which class is the target (`run`, `serve`, `aligned`)."""
+    g.add_argument("--dataset", choices=list(CLASS_SETS), help="which 28x28 10-class dataset (default mnist); its Hub name follows")
+    g.add_argument("--target", type=int, help="the target class index 0-9 (default 8): the detector learns target vs not-target")
+    g.add_argument("--source", choices=["auto", "hub", "idx", "local"], help="data source (auto: data dir, local path, else the Hub)")
+    g.add_argument("--mnist-dir", "--data-dir", dest="mnist_dir", type=Path, help="folder of IDX files, MNIST's file names (train-*/t10k-*), for either dataset (default: $EIGHTGEN_MNIST_DIR)")
+    g.add_argument("--local-path", type=Path, help="Hugging Face dataset on disk: parquet file/folder or save_to_disk folder")
+
+
+def apply_data_options(data: dict[str, Any], args: argparse.Namespace, attacks: tuple[dict[str, Any], ...]) -> None:
+    """Set the target on the dataset and each attack section, and follow it (and the dataset) with their defaults."""
+    target = getattr(args, "target", None)
+    if target is not None:
+        data["dataset"]["target"] = target
+        for attack in attacks:
+            attack["target"] = target
+    digits = getattr(args, "digits", None)
+    if digits == ALL_BUT_TARGET or (digits is None and target is not None):
+        for attack in attacks:
+            attack["start_digits"] = None  # every class but the target
+    if getattr(args, "dataset", None) is not None and getattr(args, "hub_name", None) is None:
+        data["dataset"]["hub_name"] = None  # the dataset's own
+
+
 def build_config(args: argparse.Namespace) -> ExperimentConfig:
     """Preset + command-line overrides + $EIGHTGEN_MNIST_DIR, validated as one ExperimentConfig."""
     if args.preset not in PRESETS:
@@ -95,6 +122,7 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         value = getattr(args, dest, None)
         if value is not None:
             (data[section] if section else data)[field] = value
+    apply_data_options(data, args, (data["attack"],))
     env_dir = os.environ.get("EIGHTGEN_MNIST_DIR")
     if env_dir and data["dataset"]["mnist_dir"] is None and data["dataset"]["local_path"] is None:
         data["dataset"]["mnist_dir"] = Path(env_dir)

@@ -1,4 +1,4 @@
-"""Cut MNIST into an attack-start pool and train / valid splits for the 8-detector, and store them."""
+"""Cut the dataset (MNIST, Fashion-MNIST) into an attack-start pool and train / valid splits for the target detector, and store them."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def assemble(data: MnistData, cfg: DatasetConfig) -> Assembled:
     was ever seen in training. A source with one split is cut the same way from that split.
     """
     if not np.any(data.labels == cfg.target):
-        raise EightgenError(f"no images of digit {cfg.target} in {data.description}")
+        raise EightgenError(f"no images of {cfg.classes.label(cfg.target)} in {data.description}")
     real_splits = {"train", "test"} <= set(np.unique(data.split).tolist())
     pool, train, valid, referee = [], [], [], []
     for d in DIGITS:
@@ -112,8 +112,8 @@ def assemble(data: MnistData, cfg: DatasetConfig) -> Assembled:
     n_target = int(np.sum(data.labels[train_idx] == cfg.target))
     if n_target == 0 or n_target == len(train_idx):
         raise EightgenError(
-            f"the training split needs digit {cfg.target} and other digits, it holds {n_target} of {len(train_idx)} "
-            f"images of {cfg.target} (lower pool_per_digit or valid_fraction, or raise max_train)"
+            f"the training split needs {cfg.classes.label(cfg.target)} and other classes, it holds {n_target} of "
+            f"{len(train_idx)} images of {cfg.classes.name_of(cfg.target)} (lower pool_per_digit or valid_fraction, or raise max_train)"
         )
     # Separate generators per stage, so that e.g. the balance mode does not change the validation split.
     train_idx = _balance(train_idx, data.labels[train_idx] == cfg.target, cfg.balance, _rng(cfg, 1))

@@ -10,8 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from eightgen.classes import CLASS_SETS, ClassSet, DatasetName, classes_of
+
 DIGITS = tuple(range(10))
-NOT_TARGET_DIGITS = (0, 1, 2, 3, 4, 5, 6, 7, 9)
+NOT_TARGET_DIGITS = (0, 1, 2, 3, 4, 5, 6, 7, 9)  # the default starts of target 8
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -21,15 +23,22 @@ Loss = Literal["l1_softmax", "ce", "margin"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
+def all_but(target: int) -> tuple[int, ...]:
+    """Every class index but the target: the default start classes."""
+    return tuple(d for d in DIGITS if d != target)
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class DatasetConfig(_Frozen):
-    """Where MNIST comes from and how it is cut into train / validation / attack-start pool."""
+    """Which 28x28 10-class dataset (MNIST, Fashion-MNIST), where it comes from, and how it is cut into
+    train / validation / attack-start pool."""
 
+    name: DatasetName = "mnist"
     source: Literal["auto", "hub", "idx", "local"] = "auto"
-    hub_name: str = "ylecun/mnist"
+    hub_name: str | None = None  # default: the dataset's own (eightgen.classes)
     mnist_dir: Path | None = None
     local_path: Path | None = None
     target: int = Field(8, ge=0, le=9)
@@ -49,9 +58,28 @@ class DatasetConfig(_Frozen):
             )
         return self
 
+    @model_validator(mode="after")
+    def _hub_name_fits(self) -> "DatasetConfig":
+        others = {c.hub_name: c for c in CLASS_SETS.values() if c.name != self.name}
+        if self.hub_name in others:
+            raise ValueError(
+                f"hub_name {self.hub_name!r} is the {others[self.hub_name].title} dataset, but name is {self.name!r}"
+            )
+        return self
+
+    @property
+    def classes(self) -> ClassSet:
+        """The dataset's class names, title and Hub name."""
+        return classes_of(self.name)
+
+    @property
+    def hub(self) -> str:
+        """The Hub dataset in force: hub_name if given, else the dataset's own."""
+        return self.hub_name or self.classes.hub_name
+
 
 class TrainConfig(_Frozen):
-    """How the 8-detector is trained with fastai."""
+    """How the target detector ("target vs not target") is trained with fastai."""
 
     arch: Arch = "small_cnn"
     channels: Literal[1, 3] = 1
@@ -97,7 +125,9 @@ class AttackConfig(_Frozen):
     """Which starts are pushed toward the target, with which method and budget."""
 
     target: int = Field(8, ge=0, le=9)
-    start_digits: tuple[int, ...] = NOT_TARGET_DIGITS
+    # The start classes; None (the default) means every class but the target, resolved on validation, so a
+    # validated config always holds the tuple (and its dump, run label and cache keys name the classes).
+    start_digits: tuple[int, ...] | None = None
     include_noise: bool = True
     noise: Literal["auto", "uniform", "normal"] = "auto"
     seeds: int = Field(16, gt=0)
@@ -112,6 +142,14 @@ class AttackConfig(_Frozen):
     device: Device = "auto"
     autocast_bf16: bool = False
     compile: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_starts(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("start_digits") is None:
+            target = data.get("target", cls.model_fields["target"].default)
+            data = {**data, "start_digits": all_but(target) if isinstance(target, int) and 0 <= target <= 9 else ()}
+        return data
 
     @field_validator("start_digits")
     @classmethod
@@ -149,7 +187,7 @@ DEFAULT_LOSS: dict[str, str] = {"seed": "l1_softmax", "gd": "l1_softmax", "pgd_l
 class ReportConfig(_Frozen):
     """What the HTML report shows."""
 
-    title: str = "eightgen report"
+    title: str | None = None  # None: the report's own title, naming the dataset and the target class
     strips_per_digit: int = Field(3, ge=1)
     frames_per_strip: int = Field(8, ge=2)
     gallery_size: int = Field(8, ge=1)
@@ -244,7 +282,7 @@ class AlignedConfig(_Frozen):
     matched_budget: float = Field(8.0, gt=0)  # the budget at which the targets are checked
     step_factor: float = Field(2.5, gt=0)
     grid_seeds: int = Field(2, ge=1)  # starts per digit in the report's image grid
-    report: ReportConfig = ReportConfig(title="eightgen: does it become an 8?")
+    report: ReportConfig = ReportConfig()  # default title: "eightgen: does it become an 8?" (the target's name)
     runs_root: Path = Path("runs")
     cache_dir: Path = Path(".eightgen-cache")
     run_name: str | None = None

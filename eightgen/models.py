@@ -1,4 +1,4 @@
-"""The 8-detector's networks, the pixel-space wrapper around them, and their files on disk."""
+"""The target detector's networks, the pixel-space wrapper around them, and their files on disk."""
 
 from __future__ import annotations
 
@@ -38,7 +38,14 @@ class ModelSpec(BaseModel):
     mean: tuple[float, ...]
     std: tuple[float, ...]
     target: int = Field(ge=0, le=9)
-    class_names: tuple[str, str] = ("not_8", "8")
+    class_names: tuple[str, str]  # (not target, target) by class index; default from target
+
+    @model_validator(mode="before")
+    @classmethod
+    def _class_names_follow_target(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("class_names") is None and isinstance(data.get("target"), int):
+            data = {**data, "class_names": (f"not_{data['target']}", str(data["target"]))}
+        return data
 
     @model_validator(mode="after")
     def _stats_per_channel(self) -> "ModelSpec":

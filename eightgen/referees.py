@@ -210,13 +210,13 @@ def verdicts(refs: Referees, x: Tensor, start_digit: np.ndarray, target: int) ->
     out: dict[str, np.ndarray] = {}
     for name in CLASSIFIERS:
         pred, p = _classify(getattr(refs, name), shown)
-        out[f"ref_{name}_p8"] = p[:, target]
+        out[f"ref_{name}_p_target"] = p[:, target]
         out[f"ref_{name}_pred"] = pred
-        out[f"ref_{name}_is8"] = pred == target
+        out[f"ref_{name}_is_target"] = pred == target
         out[f"ref_{name}_is_start"] = (pred == start) & (start >= 0)
-    share, is8 = knn_vote(shown, start, refs.knn_x, refs.knn_y, target=target, k=refs.k)
-    out["knn_share8"] = share
-    out["knn_is8"] = is8
+    share, is_target = knn_vote(shown, start, refs.knn_x, refs.knn_y, target=target, k=refs.k)
+    out["knn_share_target"] = share
+    out["knn_is_target"] = is_target
     return pd.DataFrame(out)
 
 

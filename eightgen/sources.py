@@ -1,4 +1,4 @@
-"""MNIST sources: the Hugging Face Hub, local IDX files, or local parquet / save_to_disk data."""
+"""Sources of MNIST and Fashion-MNIST: the Hugging Face Hub, local IDX files, or local parquet / save_to_disk data."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 LOCAL_OPTIONS = (
-    "use local data instead: --mnist-dir DIR (or EIGHTGEN_MNIST_DIR) for the MNIST IDX files, "
+    "use local data instead: --mnist-dir DIR (or EIGHTGEN_MNIST_DIR) for the IDX files, "
     "or --local-path PATH for a parquet file/folder or a save_to_disk folder"
 )
 HUB_PROBE_SECONDS = 5.0
@@ -34,10 +34,10 @@ HUB_PROBE_SECONDS = 5.0
 
 @dataclass(frozen=True, eq=False)
 class MnistData:
-    """Every MNIST image of a source with its label, source split and index within that split."""
+    """Every image of a source (MNIST or Fashion-MNIST) with its class index, source split and index within that split."""
 
     images: np.ndarray  # uint8 [N, 28, 28]
-    labels: np.ndarray  # uint8 [N], 0-9
+    labels: np.ndarray  # uint8 [N], class index 0-9
     split: np.ndarray  # str [N], "train" | "test"
     index: np.ndarray  # int64 [N], index within its split
     description: str
@@ -63,13 +63,14 @@ def resolve_source(cfg: DatasetConfig) -> SourceKind:
 
 
 def load_mnist(cfg: DatasetConfig) -> MnistData:
-    """Load every MNIST image and label of the source the config names."""
+    """Load every image and label of the dataset (MNIST or Fashion-MNIST) from the source the config names."""
     kind = resolve_source(cfg)
+    title = cfg.classes.title
     if kind == "idx":
-        return _load_idx(_required(cfg.mnist_dir, "idx", "mnist_dir (--mnist-dir DIR or EIGHTGEN_MNIST_DIR)"))
+        return _load_idx(_required(cfg.mnist_dir, "idx", "mnist_dir (--mnist-dir DIR or EIGHTGEN_MNIST_DIR)"), title)
     if kind == "local":
         return _load_local(_required(cfg.local_path, "local", "local_path (--local-path PATH)"))
-    return _load_hub(cfg.hub_name)
+    return _load_hub(cfg.hub)
 
 
 def source_fingerprint(cfg: DatasetConfig) -> dict[str, Any]:
@@ -77,7 +78,7 @@ def source_fingerprint(cfg: DatasetConfig) -> dict[str, Any]:
     kind = resolve_source(cfg)
     if kind == "idx":
         directory = _required(cfg.mnist_dir, "idx", "mnist_dir")
-        files = [p for pair in _idx_pairs(directory).values() for p in pair]
+        files = [p for pair in _idx_pairs(directory, cfg.classes.title).values() for p in pair]
         return {"source": "idx", "files": {p.name: sha256_file(p) for p in files}}
     if kind == "local":
         path = _required(cfg.local_path, "local", "local_path")
@@ -86,7 +87,7 @@ def source_fingerprint(cfg: DatasetConfig) -> dict[str, Any]:
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         root = path.parent if path.is_file() else path
         return {"source": "local", "files": {p.relative_to(root).as_posix(): sha256_file(p) for p in files}}
-    return {"source": "hub", "name": cfg.hub_name}
+    return {"source": "hub", "name": cfg.hub}
 
 
 def _required(value: Path | None, kind: str, what: str) -> Path:
@@ -106,10 +107,10 @@ def _idx_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def _idx_pairs(directory: Path) -> dict[str, tuple[Path, Path]]:
+def _idx_pairs(directory: Path, title: str = "MNIST") -> dict[str, tuple[Path, Path]]:
     """The complete (images, labels) file pairs in directory, by split; error on none or a half pair."""
     if not directory.is_dir():
-        raise EightgenError(f"MNIST directory {directory} {'is a file, not a folder' if directory.exists() else 'does not exist'}")
+        raise EightgenError(f"{title} directory {directory} {'is a file, not a folder' if directory.exists() else 'does not exist'}")
     pairs: dict[str, tuple[Path, Path]] = {}
     for split, (image_stem, label_stem) in IDX_FILES.items():
         images, labels = _idx_file(directory, image_stem), _idx_file(directory, label_stem)
@@ -120,7 +121,7 @@ def _idx_pairs(directory: Path) -> dict[str, tuple[Path, Path]]:
             raise EightgenError(f"{directory}: {found.name} has no partner {missing}[.gz]")
     if not pairs:
         expected = ", ".join(f"{s}[.gz]" for pair in IDX_FILES.values() for s in pair)
-        raise EightgenError(f"{directory}: no MNIST IDX files (expected {expected})")
+        raise EightgenError(f"{directory}: no {title} IDX files (expected {expected})")
     return pairs
 
 
@@ -131,9 +132,9 @@ def _read_idx_file(path: Path) -> np.ndarray:
         raise EightgenError(f"{path}: corrupt gzip data ({exc})") from None
 
 
-def _load_idx(directory: Path) -> MnistData:
+def _load_idx(directory: Path, title: str = "MNIST") -> MnistData:
     images, labels, counts = [], [], {}
-    for split, (image_path, label_path) in _idx_pairs(directory).items():
+    for split, (image_path, label_path) in _idx_pairs(directory, title).items():
         x, y = _read_idx_file(image_path), _read_idx_file(label_path)
         if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
             raise EightgenError(f"{image_path}: expected uint8 images [N, 28, 28], got {x.dtype} {list(x.shape)}")
@@ -142,11 +143,11 @@ def _load_idx(directory: Path) -> MnistData:
         if len(x) != len(y):
             raise EightgenError(f"{directory}: {image_path.name} holds {len(x)} images, {label_path.name} {len(y)} labels")
         if len(y) and y.max() > 9:
-            raise EightgenError(f"{label_path}: label {int(y.max())} is not a digit 0-9")
+            raise EightgenError(f"{label_path}: label {int(y.max())} is not a class index 0-9")
         images.append(x)
         labels.append(y)
         counts[split] = len(y)
-    return _combine(images, labels, counts, f"MNIST IDX files in {directory}")
+    return _combine(images, labels, counts, f"{title} IDX files in {directory}")
 
 
 def _combine(images: list[np.ndarray], labels: list[np.ndarray], counts: dict[str, int], where: str) -> MnistData:
@@ -238,7 +239,11 @@ def _from_hf(loaded: Any, where: str) -> MnistData:
 
 
 def _decode_split(ds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 [n, 28, 28] and digit labels uint8 [n] of one datasets split, read from its arrow data."""
+    """Images uint8 [n, 28, 28] and class indices uint8 [n] of one datasets split, read from its arrow data.
+
+    A ClassLabel of digit names (MNIST's "0".."9", in any order) maps each index to its digit; any other ClassLabel
+    of ten names (Fashion-MNIST's "T - shirt / top", "Trouser", ...) keeps its indices 0-9.
+    """
     import datasets
 
     missing = {"image", "label"} - set(ds.column_names)
@@ -254,8 +259,10 @@ def _decode_split(ds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
         if len(raw) and (raw.min() < 0 or raw.max() >= len(feature.names)):
             raise EightgenError(f"{where}: label index outside the {len(feature.names)} class names")
         raw = np.array([int(n) for n in feature.names])[raw] if len(raw) else raw
+    elif isinstance(feature, datasets.ClassLabel) and len(feature.names) != 10:
+        raise EightgenError(f"{where}: the label has {len(feature.names)} classes ({', '.join(feature.names[:12])}), expected 10")
     if len(raw) and (raw.min() < 0 or raw.max() > 9):
-        raise EightgenError(f"{where}: labels must be digits 0-9, found {int(raw.min())}..{int(raw.max())}")
+        raise EightgenError(f"{where}: labels must be class indices 0-9, found {int(raw.min())}..{int(raw.max())}")
     return images, raw.astype(np.uint8)
 
 

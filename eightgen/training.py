@@ -1,4 +1,4 @@
-"""Training the 8-detector with fastai and writing its model artifact directory."""
+"""Training the target detector (target class vs the rest) with fastai and writing its model artifact directory."""
 
 from __future__ import annotations
 

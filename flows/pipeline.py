@@ -44,7 +44,7 @@ def pipeline(
     dask_address: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """MNIST -> 8-detector -> pixel optimisation -> results -> HTML report."""
+    """Dataset -> target detector -> pixel optimisation -> results -> HTML report."""
     with nested_stages():
         dataset = assemble_flow(cfg.dataset, cfg.cache_dir)
         model = train_flow(cfg.train, dataset, cfg.cache_dir)

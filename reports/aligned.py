@@ -1,4 +1,5 @@
-"""The aligned report: does the optimised image become an 8? A standard and a robust detector, judged by referees."""
+"""The aligned report: does the optimised image become the target (an 8, a Bag)? A standard and a robust detector, judged
+by referees."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from eightgen.classes import classes_of
 from eightgen.errors import EightgenError
 from eightgen.rundir import TRAJECTORIES, RunRecord
 from reports import figures, stats
@@ -24,14 +26,16 @@ from reports.runs import Run, load_run
 ALIGNED_HTML = "aligned.html"
 ALIGNED_JSON = "aligned.json"
 DETECTORS = ("standard", "robust")
-# Referee key -> (label, verdict column). k-NN: 5 nearest real images among the target and the start digit.
+# Referee key -> (label, verdict column). k-NN: 5 nearest real images among the target and the start class.
 REFEREES = {
-    "knn": ("k-NN vote", "knn_is8"),
-    "robust": ("robust referee", "ref_robust_is8"),
-    "cnn": ("standard referee", "ref_cnn_is8"),
+    "knn": ("k-NN vote", "knn_is_target"),
+    "robust": ("robust referee", "ref_robust_is_target"),
+    "cnn": ("standard referee", "ref_cnn_is_target"),
 }
 STILL_START = {"robust": "ref_robust_is_start", "cnn": "ref_cnn_is_start"}
-REFEREE_COLUMNS = ("knn_is8", "knn_share8", "ref_robust_is8", "ref_robust_p8", "ref_cnn_is8", "ref_cnn_p8")
+REFEREE_COLUMNS = (
+    "knn_is_target", "knn_share_target", "ref_robust_is_target", "ref_robust_p_target", "ref_cnn_is_target", "ref_cnn_p_target"
+)
 # The targets at the matched budget (digit starts): what the experiment is meant to show.
 KNN_ROBUST_MIN = 0.85
 KNN_STANDARD_MAX = 0.15
@@ -100,7 +104,7 @@ def summarise(results: pd.DataFrame, label: str) -> dict:
             for k, (_, col) in REFEREES.items()
         },
         "still_start": {k: _share_ci(stats.as_bool(results[col]), f"{label}/start-{k}") for k, col in STILL_START.items()},
-        "agree_robust_knn": float(np.mean(stats.as_bool(results["ref_robust_is8"]) == stats.as_bool(results["knn_is8"]))),
+        "agree_robust_knn": float(np.mean(stats.as_bool(results["ref_robust_is_target"]) == stats.as_bool(results["knn_is_target"]))),
         "collapse_share": float(ind["collapse_final"].mean()),
         "grad_zero_share": float(ind["grad_zero_final"].mean()),
     }
@@ -134,7 +138,12 @@ def aligned_summary(runs: Sequence[AlignedRun], matched_budget: float) -> dict:
         for k, (_, col) in REFEREES.items():
             share = float(stats.as_bool(first[col + "_start"]).mean()) if col + "_start" in first else math.nan
             noise_referees[k] = {"start_share": share, "informative": bool(share < NOISE_UNINFORMATIVE)}
+    first = runs[0].run
+    classes = first.record.config.dataset.classes
     summary = {
+        "dataset": classes.name,
+        "target": int(first.target),
+        "target_name": classes.name_of(first.target),
         "matched_budget": matched_budget,
         "budgets": sorted({r.budget for r in runs}),
         "cells": cells,
@@ -161,9 +170,10 @@ def targets(summary: dict) -> list[dict]:
     std, rob = cell(summary, "standard", b), cell(summary, "robust", b)
     if std is None or rob is None:
         return []
+    name = summary["target_name"]
     rows = [
-        ("knn_robust", "k-NN calls the robust detector's results 8", "robust", rob["referees"]["knn"]["share"], ">=", KNN_ROBUST_MIN),
-        ("knn_standard", "k-NN calls the standard detector's results 8", "standard", std["referees"]["knn"]["share"], "<=", KNN_STANDARD_MAX),
+        ("knn_robust", f"k-NN calls the robust detector's results {name}", "robust", rob["referees"]["knn"]["share"], ">=", KNN_ROBUST_MIN),
+        ("knn_standard", f"k-NN calls the standard detector's results {name}", "standard", std["referees"]["knn"]["share"], "<=", KNN_STANDARD_MAX),
         ("flip_robust", "the robust detector flips its starts", "robust", rob["success"]["share"], ">=", FLIP_MIN),
         ("flip_standard", "the standard detector flips its starts", "standard", std["success"]["share"], ">=", FLIP_MIN),
         ("agree_robust", "robust referee agrees with k-NN on the robust detector's results", "robust", rob["agree_robust_knn"], ">=", AGREE_MIN),
@@ -182,23 +192,28 @@ def answer(summary: dict) -> str:
     if std is None or rob is None:
         return "No answer: the runs lack a standard or a robust detector at the matched budget."
     k_r, k_s = rob["referees"]["knn"]["share"], std["referees"]["knn"]["share"]
+    classes, target = classes_of(summary["dataset"]), summary["target"]
+    name, many, noun = classes.name_of(target), classes.plural(target), classes.noun
     said = (
         f"At an L2 budget of {b:g}, the standard detector flips {fmt_pct(std['success']['share'])} and the robust one "
-        f"{fmt_pct(rob['success']['share'])} of the held-out digit starts. "
-        f"{fmt_pct(k_r)} of the robust detector's results lie nearer to real 8s than to real images of their start digit "
+        f"{fmt_pct(rob['success']['share'])} of the held-out {noun} starts. "
+        f"{fmt_pct(k_r)} of the robust detector's results lie nearer to real {many} than to real images of their start {noun} "
         f"(5-NN vote), against {fmt_pct(k_s)} of the standard detector's; the robust referee calls "
-        f"{fmt_pct(rob['referees']['robust']['share'])} and {fmt_pct(std['referees']['robust']['share'])} of them 8. "
+        f"{fmt_pct(rob['referees']['robust']['share'])} and {fmt_pct(std['referees']['robust']['share'])} of them {name}. "
     )
     if k_r >= 0.5 > k_s:
-        said += "So yes, but only with the robust detector: its gradient draws an 8; the standard detector's gradient flips the label while the image stays its start digit."
+        said += (
+            f"So yes, but only with the robust detector: its gradient draws {classes.with_article(target)}; the standard "
+            f"detector's gradient flips the label while the image stays its start {noun}."
+        )
     elif k_r >= 0.5 and k_s >= 0.5:
-        said += "Both detectors' results move toward real 8s at this budget."
+        said += f"Both detectors' results move toward real {many} at this budget."
     else:
-        said += "At this budget the robust detector's results do not yet look like 8s to the k-NN vote."
+        said += f"At this budget the robust detector's results do not yet look like {many} to the k-NN vote."
     cnn = std["referees"]["cnn"]["share"]
     if cnn > 2 * max(k_s, 0.05):
         said += (
-            f" The standard 10-class referee calls {fmt_pct(cnn)} of the standard detector's results 8: adversarial "
+            f" The standard 10-class referee calls {fmt_pct(cnn)} of the standard detector's results {name}: adversarial "
             "perturbations transfer between standard networks, so that referee's verdict is no evidence."
         )
     return said
@@ -210,12 +225,14 @@ def answer(summary: dict) -> str:
 @figures.styled
 def budget_figure(summary: dict) -> Figure:
     """Per budget and detector: flip rate, each referee's target share and the still-start share (95% intervals)."""
+    classes = classes_of(summary["dataset"])
+    name, noun = summary["target_name"], classes.noun
     panels = [
-        ("detector says 8 (flip)", lambda c: c["success"], None),
-        ("k-NN: nearer to real 8s", lambda c: c["referees"]["knn"], (KNN_STANDARD_MAX, KNN_ROBUST_MIN)),
-        ("robust referee says 8", lambda c: c["referees"]["robust"], None),
-        ("standard referee says 8", lambda c: c["referees"]["cnn"], None),
-        ("robust referee: still start digit", lambda c: c["still_start"]["robust"], None),
+        (f"detector says {name} (flip)", lambda c: c["success"], None),
+        (f"k-NN: nearer to real {classes.plural(summary['target'])}", lambda c: c["referees"]["knn"], (KNN_STANDARD_MAX, KNN_ROBUST_MIN)),
+        (f"robust referee says {name}", lambda c: c["referees"]["robust"], None),
+        (f"standard referee says {name}", lambda c: c["referees"]["cnn"], None),
+        (f"robust referee: still start {noun}", lambda c: c["still_start"]["robust"], None),
     ]
     fig = Figure(figsize=(11.0, 2.5), layout="constrained")
     axes = fig.subplots(1, len(panels), sharey=True)
@@ -235,7 +252,7 @@ def budget_figure(summary: dict) -> Figure:
         ax.set_title(title)
         ax.set_xlabel("L2 budget ε")
         ax.set_ylim(-0.03, 1.03)
-    axes[0].set_ylabel("share of digit starts")
+    axes[0].set_ylabel(f"share of {noun} starts")
     axes[0].legend(loc="lower right")
     return fig
 
@@ -243,15 +260,17 @@ def budget_figure(summary: dict) -> Figure:
 # ---------------------------------------------------------------- image grid
 
 
-def _verdict_text(row: pd.Series, start_digit: int | None) -> str:
-    knn = "8" if bool(row["knn_is8"]) else ("start" if start_digit is None else str(start_digit))
-    return f"k {knn} · r {int(row['ref_robust_pred'])} · c {int(row['ref_cnn_pred'])}"
+def _verdict_text(row: pd.Series, start_digit: int | None, classes, target: int) -> str:
+    """Each referee's class under a grid image: k = k-NN vote (target or start), r = robust, c = standard referee."""
+    knn = classes.name_of(target) if bool(row["knn_is_target"]) else ("start" if start_digit is None else classes.name_of(start_digit))
+    return f"k {knn} · r {classes.name_of(int(row['ref_robust_pred']))} · c {classes.name_of(int(row['ref_cnn_pred']))}"
 
 
 def image_grid(runs: Sequence[AlignedRun], budgets: Sequence[float], grid_seeds: int) -> list[dict]:
     """Per start group: rows of start | standard result | robust result for every budget (the first grid_seeds seeds)."""
     by_key = {(r.detector, r.budget): r for r in runs}
     first = runs[0]
+    classes, target = first.record.config.dataset.classes, first.run.target
     groups = stats.group_labels(first.results)
     out = []
     for g in stats.group_order(groups):
@@ -261,7 +280,7 @@ def image_grid(runs: Sequence[AlignedRun], budgets: Sequence[float], grid_seeds:
             run_id = row["run_id"]
             i0 = int(np.flatnonzero(first.results["run_id"].to_numpy() == run_id)[0])
             start_digit = None if g == stats.NOISE else int(g)
-            who = f"{'noise' if start_digit is None else 'digit ' + g}, seed {int(row['seed'])}"
+            who = f"{figures.group_tick(g, classes)}, seed {int(row['seed'])}"
             cells = []
             for b in budgets:
                 for d in DETECTORS:
@@ -271,12 +290,12 @@ def image_grid(runs: Sequence[AlignedRun], budgets: Sequence[float], grid_seeds:
                         continue
                     j = int(np.flatnonzero(r.results["run_id"].to_numpy() == run_id)[0])
                     rr = r.results.iloc[j]
-                    verdict = _verdict_text(rr, start_digit)
+                    verdict = _verdict_text(rr, start_digit, classes, target)
                     flipped = "flipped" if bool(rr["success"]) else "not flipped"
                     img = array_img(figures.grey_uint8(r.x_final[j]), f"{who}: {d} detector at budget {b:g}, {flipped}; referees {verdict}")
-                    cells.append({"img": img, "verdict": verdict, "success": bool(rr["success"]), "knn8": bool(rr["knn_is8"])})
+                    cells.append({"img": img, "verdict": verdict, "success": bool(rr["success"]), "knn_target": bool(rr["knn_is_target"])})
             rows.append({"who": who, "start": array_img(figures.grey_uint8(first.x0[i0]), f"{who}: start image"), "cells": cells})
-        out.append({"group": g, "title": figures.group_title(g), "rows": rows})
+        out.append({"group": g, "title": figures.group_title(g, classes), "rows": rows})
     return out
 
 
@@ -331,30 +350,37 @@ def _plain(value):
 
 
 def render_aligned(
-    runs: Sequence[AlignedRun], out_dir: Path, *, matched_budget: float, title: str = "eightgen: does it become an 8?", grid_seeds: int = 2
+    runs: Sequence[AlignedRun], out_dir: Path, *, matched_budget: float, title: str | None = None, grid_seeds: int = 2
 ) -> tuple[Path, dict]:
-    """Write aligned.html and aligned.json into out_dir from the loaded judged runs; return the html path and the summary."""
+    """Write aligned.html and aligned.json into out_dir from the loaded judged runs; return the html path and the summary.
+
+    The title defaults to the question about the runs' target class: "eightgen: does it become an 8?" ("... a Bag?").
+    """
     if not runs:
         raise EightgenError("render_aligned: no runs given")
     summary = aligned_summary(runs, matched_budget)
+    classes = classes_of(summary["dataset"])
+    name = summary["target_name"]
     budgets = summary["budgets"]
     fig = budget_figure(summary)
     figure = figure_img(
         fig,
-        "Five panels against the L2 budget, one line per detector with 95% intervals: flip rate, k-NN 8 share, robust "
-        "referee 8 share, standard referee 8 share, robust referee still-start-digit share. At the matched budget: "
+        f"Five panels against the L2 budget, one line per detector with 95% intervals: flip rate, k-NN {name} share, robust "
+        f"referee {name} share, standard referee {name} share, robust referee still-start-{classes.noun} share. At the matched budget: "
         + "; ".join(
             f"{d}: k-NN {fmt_pct(cell(summary, d, matched_budget)['referees']['knn']['share'])}"
             for d in DETECTORS
             if cell(summary, d, matched_budget) is not None
         ),
-        "Digit starts only. Bars: 95% percentile-bootstrap intervals over starts. Dashed lines on the k-NN panel: the "
+        f"{classes.noun.capitalize()} starts only. Bars: 95% percentile-bootstrap intervals over starts. Dashed lines on the k-NN panel: the "
         f"targets ({fmt_pct(KNN_STANDARD_MAX, 0)} for the standard, {fmt_pct(KNN_ROBUST_MIN, 0)} for the robust detector); dotted: the matched budget.",
         "fig-aligned",
     )
     context = {
-        "title": title,
+        "title": title or f"eightgen: does it become {classes.with_article(summary['target'])}?",
         "summary": summary,
+        "classes": classes,
+        "target_name": name,
         "figure": figure,
         "budgets": budgets,
         "detectors": DETECTORS,

@@ -17,11 +17,13 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from eightgen.classes import MNIST, ClassSet  # noqa: E402
+from eightgen.config import all_but  # noqa: E402
 from reports.stats import ALL, NOISE  # noqa: E402
 
-# Paul Tol's "muted" scheme (colour-blind safe) for the digits, grey for noise.
+# Paul Tol's "muted" scheme (colour-blind safe) for the non-target classes in order, black for the target, grey for noise.
 _TOL_MUTED = ["#CC6677", "#332288", "#DDCC77", "#117733", "#88CCEE", "#882255", "#44AA99", "#999933", "#AA4499"]
-GROUP_COLOURS = {NOISE: "#6E6E6E", **{str(d): c for d, c in zip((0, 1, 2, 3, 4, 5, 6, 7, 9), _TOL_MUTED)}, "8": "#000000"}
+NOISE_COLOUR, TARGET_COLOUR = "#6E6E6E", "#000000"
 # Okabe-Ito (colour-blind safe) for runs in comparisons.
 RUN_COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000", "#F0E442"]
 DIVERGING = "RdBu_r"
@@ -55,9 +57,14 @@ def styled(fn: Callable[..., Figure]) -> Callable[..., Figure]:
     return wrapper
 
 
-def group_colour(label: str) -> str:
-    """The fixed colour of a start group ("noise" or a digit)."""
-    return GROUP_COLOURS.get(label, REFERENCE)
+def group_colours(target: int = 8) -> dict[str, str]:
+    """The fixed colour of every start group ("noise" or a class index) for a target class."""
+    return {NOISE: NOISE_COLOUR, **{str(d): c for d, c in zip(all_but(target), _TOL_MUTED)}, str(target): TARGET_COLOUR}
+
+
+def group_colour(label: str, target: int = 8) -> str:
+    """The fixed colour of a start group ("noise" or a class index) for a target class."""
+    return group_colours(target).get(label, REFERENCE)
 
 
 def run_colour(i: int) -> str:
@@ -65,9 +72,14 @@ def run_colour(i: int) -> str:
     return RUN_COLOURS[i % len(RUN_COLOURS)]
 
 
-def group_title(label: str) -> str:
-    """A panel title for a start group."""
-    return "noise starts" if label == NOISE else f"start digit {label}"
+def group_title(label: str, classes: ClassSet = MNIST) -> str:
+    """A panel title for a start group: "noise starts", "start digit 3", "start Dress"."""
+    return "noise starts" if label == NOISE else f"start {classes.label(label)}"
+
+
+def group_tick(label: str, classes: ClassSet = MNIST) -> str:
+    """A start group as an axis label: "noise", "all", "digit 3", "Dress"."""
+    return label if label in (NOISE, ALL) else classes.label(label)
 
 
 def _panels(n: int, *, ncols: int = 5, panel: tuple[float, float] = (2.2, 1.75), extra_height: float = 0.35):
@@ -117,24 +129,25 @@ def confusion_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[s
 
 
 @styled
-def digit_error_figure(error_by_digit: Mapping[str, float], target: int) -> Figure:
-    """Validation error per true digit as bars; the target digit highlighted."""
+def digit_error_figure(error_by_digit: Mapping[str, float], target: int, *, classes: ClassSet = MNIST) -> Figure:
+    """Validation error per true class as bars; the target class highlighted."""
     digits = sorted(error_by_digit, key=int)
     err = np.array([error_by_digit[d] for d in digits], dtype=float) * 100
-    fig = Figure(figsize=(5.6, 3.0), layout="constrained")
+    fig = Figure(figsize=(5.6 if classes.numeric else 7.2, 3.0 if classes.numeric else 3.6), layout="constrained")
     ax = fig.subplots()
     colours = ["#D55E00" if int(d) == target else "#0072B2" for d in digits]
-    bars = ax.bar(digits, err, color=colours)
+    bars = ax.bar(range(len(digits)), err, color=colours)
+    ax.set_xticks(range(len(digits)), [classes.name_of(d) for d in digits], rotation=0 if classes.numeric else 30, ha="center" if classes.numeric else "right")
     ax.bar_label(bars, [f"{e:.2f}" for e in err], fontsize=7.5, padding=1)
-    ax.set_xlabel("true digit")
+    ax.set_xlabel(f"true {classes.noun}")
     ax.set_ylabel("validation error (%)")
-    ax.set_title(f"validation error by digit (target {target} in orange)")
+    ax.set_title(f"validation error by {classes.noun} (target {classes.name_of(target)} in orange)")
     ax.set_ylim(0, max(err.max() * 1.2, 0.1) if err.size else 1)
     return fig
 
 
 @styled
-def success_figure(table: pd.DataFrame) -> Figure:
+def success_figure(table: pd.DataFrame, *, classes: ClassSet = MNIST, target: int = 8) -> Figure:
     """Success rate per start group with 95% bootstrap intervals; the overall rate as a dashed line."""
     rows = table[table["group"] != ALL]
     fig = Figure(figsize=(min(8.5, 3.0 + 0.55 * len(rows)), 3.1), layout="constrained")
@@ -142,33 +155,33 @@ def success_figure(table: pd.DataFrame) -> Figure:
     x = np.arange(len(rows))
     rate = rows["success_rate"].to_numpy(float) * 100
     err = np.vstack([rate - rows["success_lo"].to_numpy(float) * 100, rows["success_hi"].to_numpy(float) * 100 - rate])
-    ax.bar(x, rate, color=[group_colour(g) for g in rows["group"]], width=0.7)
+    ax.bar(x, rate, color=[group_colour(g, target) for g in rows["group"]], width=0.7)
     ax.errorbar(x, rate, yerr=err, fmt="none", ecolor="black", elinewidth=1, capsize=3)
     overall = table[table["group"] == ALL]
     if len(overall):
         ax.axhline(overall["success_rate"].iloc[0] * 100, color="black", ls="--", lw=1, label="all starts")
         fig.legend(loc="outside upper right")
-    ax.set_xticks(x, [f"{g if g == NOISE else 'digit ' + g}\nn={n}" for g, n in zip(rows["group"], rows["n"])])
+    ax.set_xticks(x, [f"{group_tick(g, classes)}\nn={n}" for g, n in zip(rows["group"], rows["n"])])
     ax.set_ylim(0, 105)
     ax.set_ylabel("success rate (%)")
     return fig
 
 
 @styled
-def p_bands_figure(bands: Mapping[str, np.ndarray], target: int) -> Figure:
+def p_bands_figure(bands: Mapping[str, np.ndarray], target: int, *, classes: ClassSet = MNIST) -> Figure:
     """Small multiples: median p(target) per step with its 10-90% band across starts, one panel per start group."""
     labels = list(bands)
     fig, axes = _panels(len(labels))
     for ax, g in zip(axes, labels):
         lo, mid, hi = bands[g]
         t = np.arange(mid.size)
-        colour = group_colour(g)
+        colour = group_colour(g, target)
         ax.fill_between(t, lo, hi, color=colour, alpha=0.25, lw=0)
         ax.plot(t, mid, color=colour, lw=1.8)
         ax.axhline(0.5, color=REFERENCE, ls="--", lw=0.8)
-        ax.set_title(group_title(g))
+        ax.set_title(group_title(g, classes))
     axes[0].set_ylim(-0.02, 1.02)
-    _label_outer(axes, min(5, len(labels)), "step", f"p({target})")
+    _label_outer(axes, min(5, len(labels)), "step", f"p({classes.name_of(target)})")
     fig.legend(
         handles=[Line2D([], [], color="black", lw=1.8), Patch(color="black", alpha=0.25), Line2D([], [], color=REFERENCE, ls="--")],
         labels=["median", "10-90% of starts", "0.5"],
@@ -179,7 +192,9 @@ def p_bands_figure(bands: Mapping[str, np.ndarray], target: int) -> Figure:
 
 
 @styled
-def survival_figure(curves: Mapping[str, np.ndarray], overall: np.ndarray | None = None) -> Figure:
+def survival_figure(
+    curves: Mapping[str, np.ndarray], overall: np.ndarray | None = None, *, classes: ClassSet = MNIST, target: int = 8
+) -> Figure:
     """Small multiples: Kaplan-Meier share of starts not yet flipped per step, all starts in grey for reference."""
     labels = list(curves)
     fig, axes = _panels(len(labels))
@@ -187,9 +202,9 @@ def survival_figure(curves: Mapping[str, np.ndarray], overall: np.ndarray | None
         if overall is not None:
             ax.step(np.arange(overall.size), overall, where="post", color=REFERENCE, lw=1)
         curve = curves[g]
-        ax.step(np.arange(curve.size), curve, where="post", color=group_colour(g), lw=1.8)
+        ax.step(np.arange(curve.size), curve, where="post", color=group_colour(g, target), lw=1.8)
         ax.text(0.97, 0.93, f"end: {curve[-1]:.0%}", transform=ax.transAxes, ha="right", va="top", fontsize=7.5)
-        ax.set_title(group_title(g))
+        ax.set_title(group_title(g, classes))
     axes[0].set_ylim(-0.02, 1.05)
     _label_outer(axes, min(5, len(labels)), "step", "not yet flipped")
     if overall is not None:
@@ -225,16 +240,18 @@ def _boxes(ax: Axes, data: list[np.ndarray], positions: np.ndarray, colours: lis
 
 
 @styled
-def l2_box_figure(l2_flip: Mapping[str, np.ndarray], l2_final: Mapping[str, np.ndarray]) -> Figure:
+def l2_box_figure(
+    l2_flip: Mapping[str, np.ndarray], l2_final: Mapping[str, np.ndarray], *, classes: ClassSet = MNIST, target: int = 8
+) -> Figure:
     """Box plots per start group of the L2 change at the flip (outlined) and at the end (filled)."""
     labels = list(l2_final)
     x = np.arange(len(labels), dtype=float)
-    colours = [group_colour(g) for g in labels]
+    colours = [group_colour(g, target) for g in labels]
     fig = Figure(figsize=(min(9.5, 4.5 + 0.6 * len(labels)), 3.3), layout="constrained")
     ax = fig.subplots()
     _boxes(ax, [_finite(l2_flip.get(g, np.empty(0))) for g in labels], x - 0.19, colours, filled=False, width=0.32)
     _boxes(ax, [_finite(l2_final[g]) for g in labels], x + 0.19, colours, filled=True, width=0.32)
-    ax.set_xticks(x, [g if g == NOISE else f"digit {g}" for g in labels])
+    ax.set_xticks(x, [group_tick(g, classes) for g in labels])
     ax.set_xlim(-0.6, len(labels) - 0.4)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("L2 of x − x0 (pixel units)")
@@ -253,7 +270,10 @@ def _finite(values: np.ndarray) -> np.ndarray:
 
 
 @styled
-def flip_scatter_figure(flip_step: np.ndarray, l2_at_flip: np.ndarray, labels: np.ndarray, order: Sequence[str], *, seed: int = 0) -> Figure:
+def flip_scatter_figure(
+    flip_step: np.ndarray, l2_at_flip: np.ndarray, labels: np.ndarray, order: Sequence[str], *, seed: int = 0,
+    classes: ClassSet = MNIST, target: int = 8,
+) -> Figure:
     """L2 change at the flip against the flip step, one colour per start group (steps jittered by up to 0.3)."""
     flip_step = np.asarray(flip_step, dtype=float)
     l2 = np.asarray(l2_at_flip, dtype=float)
@@ -274,14 +294,14 @@ def flip_scatter_figure(flip_step: np.ndarray, l2_at_flip: np.ndarray, labels: n
             l2[ok],
             s=6 if dense else 16,
             alpha=0.4 if dense else 0.75,
-            c=[group_colour(g) for g in labels[ok]],
+            c=[group_colour(g, target) for g in labels[ok]],
             lw=0,
             rasterized=True,
         )
         shown = [g for g in order if np.any(labels[ok] == g)]
         fig.legend(
-            handles=[Line2D([], [], ls="", marker="o", color=group_colour(g)) for g in shown],
-            labels=shown,
+            handles=[Line2D([], [], ls="", marker="o", color=group_colour(g, target)) for g in shown],
+            labels=[g if g == NOISE else classes.name_of(g) for g in shown],
             title="start",
             loc="outside right upper",
         )
@@ -293,7 +313,7 @@ def flip_scatter_figure(flip_step: np.ndarray, l2_at_flip: np.ndarray, labels: n
 
 
 @styled
-def success_compare_figure(tables: Mapping[str, pd.DataFrame]) -> Figure:
+def success_compare_figure(tables: Mapping[str, pd.DataFrame], *, classes: ClassSet = MNIST) -> Figure:
     """Grouped bars: success rate per start group, one bar (with 95% interval) per run."""
     names = list(tables)
     groups = _union_groups(t["group"] for t in tables.values())
@@ -309,7 +329,7 @@ def success_compare_figure(tables: Mapping[str, pd.DataFrame]) -> Figure:
         pos = x - 0.4 + width * (i + 0.5)
         ax.bar(pos, rate, width=width * 0.92, color=run_colour(i), label=name)
         ax.errorbar(pos, rate, yerr=np.vstack([rate - lo, hi - rate]), fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
-    ax.set_xticks(x, [g if g in (NOISE, ALL) else f"digit {g}" for g in groups])
+    ax.set_xticks(x, [group_tick(g, classes) for g in groups])
     ax.set_ylim(0, 105)
     ax.set_ylabel("success rate (%)")
     fig.legend(loc="outside upper right", ncols=min(len(names), 4))
@@ -324,14 +344,16 @@ def _union_groups(columns) -> list[str]:
     return ([NOISE] if NOISE in seen else []) + rest + ([ALL] if ALL in seen else [])
 
 
-def _run_panels(per_run: Mapping[str, Mapping[str, np.ndarray]], draw: Callable[[Axes, np.ndarray, str], None]):
+def _run_panels(
+    per_run: Mapping[str, Mapping[str, np.ndarray]], draw: Callable[[Axes, np.ndarray, str], None], classes: ClassSet = MNIST
+):
     groups = _union_groups(v.keys() for v in per_run.values())
     fig, axes = _panels(len(groups))
     for ax, g in zip(axes, groups):
         for i, name in enumerate(per_run):
             if g in per_run[name]:
                 draw(ax, per_run[name][g], run_colour(i))
-        ax.set_title(group_title(g) if g != ALL else "all starts")
+        ax.set_title(group_title(g, classes) if g != ALL else "all starts")
     fig.legend(
         handles=[Line2D([], [], color=run_colour(i), lw=1.8) for i in range(len(per_run))],
         labels=list(per_run),
@@ -342,27 +364,27 @@ def _run_panels(per_run: Mapping[str, Mapping[str, np.ndarray]], draw: Callable[
 
 
 @styled
-def median_p_compare_figure(medians: Mapping[str, Mapping[str, np.ndarray]], target: int) -> Figure:
+def median_p_compare_figure(medians: Mapping[str, Mapping[str, np.ndarray]], plabel: str, *, classes: ClassSet = MNIST) -> Figure:
     """Small multiples per start group: median p(target) against step, one line per run."""
-    fig, axes = _run_panels(medians, lambda ax, y, c: ax.plot(np.arange(y.size), y, color=c, lw=1.6))
+    fig, axes = _run_panels(medians, lambda ax, y, c: ax.plot(np.arange(y.size), y, color=c, lw=1.6), classes)
     for ax in axes:
         ax.axhline(0.5, color=REFERENCE, ls="--", lw=0.8)
     axes[0].set_ylim(-0.02, 1.02)
-    _label_outer(axes, min(5, len(axes)), "step", f"median p({target})")
+    _label_outer(axes, min(5, len(axes)), "step", f"median {plabel}")
     return fig
 
 
 @styled
-def survival_compare_figure(curves: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
+def survival_compare_figure(curves: Mapping[str, Mapping[str, np.ndarray]], *, classes: ClassSet = MNIST) -> Figure:
     """Small multiples per start group: Kaplan-Meier share not yet flipped, one line per run."""
-    fig, axes = _run_panels(curves, lambda ax, y, c: ax.step(np.arange(y.size), y, where="post", color=c, lw=1.6))
+    fig, axes = _run_panels(curves, lambda ax, y, c: ax.step(np.arange(y.size), y, where="post", color=c, lw=1.6), classes)
     axes[0].set_ylim(-0.02, 1.05)
     _label_outer(axes, min(5, len(axes)), "step", "not yet flipped")
     return fig
 
 
 @styled
-def l2_compare_figure(values: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
+def l2_compare_figure(values: Mapping[str, Mapping[str, np.ndarray]], *, classes: ClassSet = MNIST) -> Figure:
     """Box plots of the final L2 change per start group, one box per run side by side."""
     names = list(values)
     groups = _union_groups(v.keys() for v in values.values())
@@ -373,7 +395,7 @@ def l2_compare_figure(values: Mapping[str, Mapping[str, np.ndarray]]) -> Figure:
     for i, name in enumerate(names):
         data = [_finite(values[name].get(g, np.empty(0))) for g in groups]
         _boxes(ax, data, x - 0.4 + width * (i + 0.5), [run_colour(i)] * len(groups), filled=True, width=width * 0.85)
-    ax.set_xticks(x, [g if g in (NOISE, ALL) else f"digit {g}" for g in groups])
+    ax.set_xticks(x, [group_tick(g, classes) for g in groups])
     ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("final L2 of x − x0 (pixel units)")

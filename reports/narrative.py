@@ -7,12 +7,29 @@ import math
 import numpy as np
 import pandas as pd
 
+from eightgen.classes import ClassSet
 from reports import stats
 from reports.formatting import fmt_int, fmt_num, fmt_pct, fmt_step
 from reports.runs import Run
 from reports.stats import ALL, NOISE
 
 PIXELS = 28 * 28
+
+
+def classes_of(run: Run) -> ClassSet:
+    """The class names of the run's dataset (MNIST's digits, Fashion-MNIST's clothes), from its recorded config."""
+    return run.record.config.dataset.classes
+
+
+def plabel_of(run: Run) -> str:
+    """How the report writes the probability of the target: "p(8)", "p(Bag)"."""
+    return f"p({classes_of(run).name_of(run.target)})"
+
+
+def default_title(run: Run) -> str:
+    """The run report's title when its config gives none: the dataset and the target class."""
+    classes = classes_of(run)
+    return f"eightgen report: {classes.title}, {classes.label(run.target)} vs the rest"
 
 
 def _channels(run: Run) -> int:
@@ -35,7 +52,7 @@ def headline(run: Run, x0_norms: np.ndarray | None = None) -> dict:
     crossed_median = float(np.nanmedian(crossed)) if np.isfinite(crossed).any() else np.nan
     rms = l2_median / math.sqrt(_channels(run) * PIXELS) if np.isfinite(l2_median) else np.nan
     return {
-        "answer": _answer(f"p({run.target})", crossed_share, crossed_median, l2_median, rms, ratio, start_norm),
+        "answer": _answer(plabel_of(run), crossed_share, crossed_median, l2_median, rms, ratio, start_norm, classes_of(run), run.target),
         "method": attack.method,
         "loss": attack.loss_name,
         "lr": attack.step_size,
@@ -63,7 +80,9 @@ def headline(run: Run, x0_norms: np.ndarray | None = None) -> dict:
     }
 
 
-def _answer(plabel: str, share: float, median_step: float, l2: float, rms: float, ratio: float, start_norm: float) -> str:
+def _answer(
+    plabel: str, share: float, median_step: float, l2: float, rms: float, ratio: float, start_norm: float, classes: ClassSet, target: int
+) -> str:
     """The seed experiment's question answered in one or two plain sentences."""
     if share == 0:
         return f"No: {plabel} never crossed 0.5 for any start within the step budget."
@@ -73,12 +92,16 @@ def _answer(plabel: str, share: float, median_step: float, l2: float, rms: float
     )
     if not np.isfinite(ratio):
         return said + "). The film strips of the run's report show what the images look like."
-    said += f"; {fmt_pct(ratio, 0)} of the median digit start's own L2 norm of {fmt_num(start_norm, 1)})"
+    noun = classes.noun
+    said += f"; {fmt_pct(ratio, 0)} of the median {noun} start's own L2 norm of {fmt_num(start_norm, 1)})"
     if ratio < 0.5:
-        return said + " — a change that small leaves the start in place: expect the images to still look like their start digit (see the film strips)."
+        return said + f" — a change that small leaves the start in place: expect the images to still look like their start {noun} (see the film strips)."
     if ratio < 1.0:
-        return said + " — a sizeable change: the film strips show whether the images still look like their start digit."
-    return said + " — as large as the digit images themselves: the pixels were rewritten; the film strips show whether into an 8 or into scribbles."
+        return said + f" — a sizeable change: the film strips show whether the images still look like their start {noun}."
+    return (
+        said + f" — as large as the {classes.title} images themselves: the pixels were rewritten; the film strips show whether into "
+        f"{classes.with_article(target)} or into scribbles."
+    )
 
 
 def model_facts(run: Run) -> list[tuple[str, str]]:
@@ -101,13 +124,14 @@ def model_facts(run: Run) -> list[tuple[str, str]]:
 def run_facts(run: Run) -> list[tuple[str, str]]:
     """The run as (label, value) rows: where, when, which version and device, which starts, method and dataset."""
     a, rec = run.attack, run.record
-    digits = a.start_digits
+    digits, classes = a.start_digits, classes_of(run)
     return [
         ("run", f"{run.name} ({run.path})"),
         ("created", rec.created.isoformat()),
         ("version / commit", f"{rec.version} / {rec.git_commit or 'unknown'}"),
         ("device / attack time", f"{rec.device} / {fmt_num(rec.attack_seconds, 1)} s"),
-        ("starts", f"digits {', '.join(map(str, digits)) if digits else '—'}; noise {_yes(a.include_noise)} ({a.noise}); {a.seeds} seeds"),
+        ("dataset / target", f"{classes.title} ({rec.config.dataset.name}); target {classes.label(run.target)} vs every other {classes.noun}"),
+        ("starts", f"{classes.nouns} {', '.join(classes.name_of(d) for d in digits) if digits else '—'}; noise {_yes(a.include_noise)} ({a.noise}); {a.seeds} seeds"),
         ("method", f"{a.method}, loss {a.loss_name}, lr {a.step_size}{' (default)' if a.lr is None else ''}, "
          f"eps {a.eps if a.eps is not None else '—'}, {a.steps} steps, record every {a.record_every}, "
          f"early stop {a.early_stop if a.early_stop is not None else 'off'}"),
@@ -123,9 +147,9 @@ def warnings_of(run: Run) -> list[dict]:
     """Artefacts worth flagging: dead-unit collapse, saturated starts, pixels outside [0, 1], starts already at target."""
     a = run.table[run.table["group"] == ALL].iloc[0]
     out = []
-    plabel = f"p({run.target})"
+    plabel, target_name = plabel_of(run), classes_of(run).name_of(run.target)
     succ = int(a["successes"])
-    out.extend(_collapse_warnings(a, run.target))
+    out.extend(_collapse_warnings(a, target_name))
     if succ and a["grad_zero_success_share"] >= 0.5:
         zero = round(a["grad_zero_success_share"] * succ)
         out.append(
@@ -172,14 +196,14 @@ def warnings_of(run: Run) -> list[dict]:
             {
                 "level": "note",
                 "id": "note-start-target",
-                "text": f"{fmt_pct(a['start_is_target_share'])} of the starts were already classified as {run.target} "
+                "text": f"{fmt_pct(a['start_is_target_share'])} of the starts were already classified as {target_name} "
                 f"({plabel} ≥ 0.5) before any step.",
             }
         )
     return out
 
 
-def _collapse_warnings(a: pd.Series, target: int) -> list[dict]:
+def _collapse_warnings(a: pd.Series, target: str) -> list[dict]:
     """Dead-unit collapse measured at the final images (collapse_final): flips the image no longer causes."""
     n, succ = int(a["n"]), int(a["successes"])
     collapsed = round(a.get("collapse_share", 0.0) * n) if n else 0
@@ -199,7 +223,8 @@ def _collapse_warnings(a: pd.Series, target: int) -> list[dict]:
 
 
 def dataset_table(run: Run) -> dict:
-    """Image counts per digit and split of the run's dataset, with totals per split and the manifest."""
+    """Image counts per class and split of the run's dataset, with totals per split and the manifest (rows: index "digit",
+    class name "name")."""
     manifest = run.record.dataset.manifest
     counts = manifest.get("counts") or {}
     if counts and all(str(k).isdigit() for k in counts):  # {digit: {split: n}} -> {split: {digit: n}}
@@ -211,6 +236,10 @@ def dataset_table(run: Run) -> dict:
     known = [s for s in ("train", "valid", "pool") if s in counts]
     splits = known + [s for s in counts if s not in known]
     digits = sorted({str(d) for per in counts.values() for d in (per or {})}, key=lambda d: int(d) if d.isdigit() else 99)
-    rows = [{"digit": d, "counts": [(counts[s] or {}).get(d) for s in splits]} for d in digits]
+    classes = classes_of(run)
+    rows = [
+        {"digit": d, "name": classes.name_of(d) if d.isdigit() and int(d) < 10 else d, "counts": [(counts[s] or {}).get(d) for s in splits]}
+        for d in digits
+    ]
     totals = [sum(int(v) for v in (counts[s] or {}).values()) for s in splits]
     return {"splits": splits, "rows": rows, "totals": totals, "manifest": manifest}

@@ -19,7 +19,7 @@ from eightgen.rundir import REPORT, TRAJECTORIES, is_run_dir, write_report
 from reports import figures, stats
 from reports.formatting import fmt_int, fmt_num, fmt_pct, fmt_prob, fmt_raw, fmt_scale, fmt_step, table_rows
 from reports.images import Img, figure_img
-from reports.narrative import dataset_table, headline, model_facts, run_facts, warnings_of
+from reports.narrative import classes_of, dataset_table, default_title, headline, model_facts, plabel_of, run_facts, warnings_of
 from reports.runs import Run, load_run, read_snapshots
 from reports.stats import ALL, NOISE
 from reports.strips import animation_rows, animations, film_strips, gallery, gallery_rows, sample_rows
@@ -39,7 +39,9 @@ RUN_PARTS = 11  # what run_html reports to `progress`: snapshots, animations, cl
 
 
 def _figure_imgs(run: Run, part: Callable[[], None] = lambda: None) -> dict[str, Img]:
-    res, table, order, plabel = run.results, run.table, run.order, f"p({run.target})"
+    res, table, order, plabel = run.results, run.table, run.order, plabel_of(run)
+    classes, target = classes_of(run), run.target
+    named = {"classes": classes, "target": target}
     groups = res["group"].to_numpy()
     per_group = table[table["group"] != ALL]
     p = run.p_target[res["traj_row"].to_numpy()]
@@ -55,7 +57,7 @@ def _figure_imgs(run: Run, part: Callable[[], None] = lambda: None) -> dict[str,
     corr = float(np.corrcoef(flip[ok], l2f[ok])[0, 1]) if ok.sum() > 2 and np.std(flip[ok]) > 0 and np.std(l2f[ok]) > 0 else np.nan
 
     def listing(values: dict[str, str]) -> str:
-        return "; ".join(f"{'noise' if g == NOISE else 'digit ' + g}: {v}" for g, v in values.items())
+        return "; ".join(f"{figures.group_tick(g, classes)}: {v}" for g, v in values.items())
 
     def img(*args: object) -> Img:  # each figure is one part of the page
         made = figure_img(*args)
@@ -64,30 +66,30 @@ def _figure_imgs(run: Run, part: Callable[[], None] = lambda: None) -> dict[str,
 
     return {
         "success": img(
-            figures.success_figure(table),
+            figures.success_figure(table, **named),
             "Bar chart of the success rate per start group with 95% bootstrap intervals. "
             + listing({r.group: f"{fmt_pct(r.success_rate)} ({fmt_pct(r.success_lo, 0)}–{fmt_pct(r.success_hi, 0)})" for r in per_group.itertuples()}),
-            "Share of starts classified as the target at the last step; bars are 95% percentile-bootstrap intervals "
+            f"Share of starts classified as {classes.name_of(target)} at the last step; bars are 95% percentile-bootstrap intervals "
             "(fixed RNG); the dashed line is the rate over all starts.",
             "fig-success",
         ),
         "bands": img(
-            figures.p_bands_figure(bands, run.target),
+            figures.p_bands_figure(bands, target, classes=classes),
             f"Small multiples, one per start group, of the median {plabel} against step with a 10–90% band. Median {plabel} "
             "at the last step: " + listing({g: fmt_prob(b[1, -1]) for g, b in bands.items()}),
             f"{plabel} of every start at every step: line = median over the group's starts, band = 10th to 90th percentile.",
             "fig-p-target",
         ),
         "survival": img(
-            figures.survival_figure(curves, overall),
-            "Small multiples of Kaplan-Meier curves: share of starts not yet classified as the target against step. Share "
+            figures.survival_figure(curves, overall, **named),
+            f"Small multiples of Kaplan-Meier curves: share of starts not yet classified as {classes.name_of(target)} against step. Share "
             "never flipped at the end: " + listing({g: fmt_pct(c[-1]) for g, c in curves.items()}),
-            "Kaplan-Meier estimate of the share not yet flipped (argmax not yet the target); starts that never flip count "
+            f"Kaplan-Meier estimate of the share not yet flipped (argmax not yet {classes.name_of(target)}); starts that never flip count "
             "as censored at their last step. Grey: all starts.",
             "fig-survival",
         ),
         "l2": img(
-            figures.l2_box_figure(l2_flip, l2_final),
+            figures.l2_box_figure(l2_flip, l2_final, **named),
             "Box plots per start group of the L2 change at the flip and at the end. Median final L2: "
             + listing({r.group: fmt_num(r.l2_final_median) for r in per_group.itertuples()}),
             "L2 norm of x − x0 in pixel units of [0, 1] images, summed over channels. Outlined: at the flip step "
@@ -95,7 +97,7 @@ def _figure_imgs(run: Run, part: Callable[[], None] = lambda: None) -> dict[str,
             "fig-l2",
         ),
         "scatter": img(
-            figures.flip_scatter_figure(flip, l2f, groups, order),
+            figures.flip_scatter_figure(flip, l2f, groups, order, **named),
             f"Scatter plot of the L2 change at the flip against the flip step for {int(ok.sum())} flipped starts, "
             f"coloured by start group; correlation {fmt_num(corr)}.",
             "Each point is a start that flipped; steps are jittered by up to ±0.3 so equal steps do not overlap.",
@@ -105,11 +107,12 @@ def _figure_imgs(run: Run, part: Callable[[], None] = lambda: None) -> dict[str,
 
 
 def _classifier_imgs(run: Run) -> dict[str, Img]:
-    metrics, spec = run.record.model.metrics, run.record.model.spec
+    metrics = run.record.model.metrics
+    classes = classes_of(run)
     out = {}
     confusion = metrics.get("confusion")
     if confusion:
-        names = spec.get("class_names") or ["not_target", "target"]
+        names = [f"not {classes.name_of(run.target)}", classes.name_of(run.target)]
         (tn, fp), (fn, tp) = confusion
         out["confusion"] = figure_img(
             figures.confusion_figure(confusion, names),
@@ -121,10 +124,10 @@ def _classifier_imgs(run: Run) -> dict[str, Img]:
     by_digit = metrics.get("valid_error_by_digit")
     if by_digit:
         out["digit_error"] = figure_img(
-            figures.digit_error_figure(by_digit, run.target),
-            "Bar chart of validation error per true digit: "
-            + ", ".join(f"{d}: {fmt_pct(by_digit[d], 2)}" for d in sorted(by_digit, key=int)),
-            "Validation error per true digit (for the target digit: missed targets; for the others: false alarms).",
+            figures.digit_error_figure(by_digit, run.target, classes=classes),
+            f"Bar chart of validation error per true {classes.noun}: "
+            + ", ".join(f"{classes.name_of(d)}: {fmt_pct(by_digit[d], 2)}" for d in sorted(by_digit, key=int)),
+            f"Validation error per true {classes.noun} (for the target {classes.name_of(run.target)}: missed targets; for the others: false alarms).",
             "fig-digit-error",
         )
     return out
@@ -134,7 +137,7 @@ def run_context(run: Run, cfg: ReportConfig | None = None, part: Callable[[], No
     """Everything the single-run template shows (`part()` after each of its parts: all but the page of RUN_PARTS)."""
     if cfg is not None:
         run.report = cfg
-    plabel = f"p({run.target})"
+    plabel = plabel_of(run)
     chosen = sample_rows(run)
     most, least = gallery_rows(run)
     anim_rows = animation_rows(run)
@@ -152,8 +155,11 @@ def run_context(run: Run, cfg: ReportConfig | None = None, part: Callable[[], No
     most_imgs, least_imgs = gallery(run, most, snaps, plabel), gallery(run, least, snaps, plabel)
     part()
     return {
-        "title": run.report.title,
+        "title": run.report.title or default_title(run),
         "run": run,
+        "classes": classes_of(run),
+        "target_name": classes_of(run).name_of(run.target),
+        "group_names": {g: figures.group_tick(g, classes_of(run)) for g in [*run.order, ALL]},
         "record": run.record,
         "plabel": plabel,
         "head": headline(run, x0_norms),
@@ -196,9 +202,10 @@ def _unique_names(runs: list[Run]) -> list[str]:
 def compare_context(runs: list[Run], out: Path) -> dict:
     """Everything the comparison template shows."""
     names = _unique_names(runs)
-    targets = {r.target for r in runs}
-    target = runs[0].target if len(targets) == 1 else None
-    plabel = f"p({target})" if target is not None else "p(target)"
+    same = len({(r.target, classes_of(r).name) for r in runs}) == 1
+    classes = classes_of(runs[0]) if same else None
+    plabel = plabel_of(runs[0]) if same else "p(target)"
+    named = {"classes": classes} if classes is not None else {}
     tables = {n: r.table for n, r in zip(names, runs)}
     medians, curves, l2 = {}, {}, {}
     for n, r in zip(names, runs):
@@ -214,31 +221,32 @@ def compare_context(runs: list[Run], out: Path) -> dict:
     overall = "; ".join(f"{n}: {fmt_pct(t[t['group'] == ALL]['success_rate'].iloc[0])}" for n, t in tables.items())
     figs = {
         "success": figure_img(
-            figures.success_compare_figure(tables),
+            figures.success_compare_figure(tables, **named),
             f"Grouped bar chart of the success rate per start group, one bar per run, with 95% bootstrap intervals. Overall: {overall}.",
             "Share of starts classified as the target at the last step, per run (95% bootstrap intervals).",
             "fig-compare-success",
         ),
         "median_p": figure_img(
-            figures.median_p_compare_figure(medians, target if target is not None else 8),
+            figures.median_p_compare_figure(medians, plabel, **named),
             f"Small multiples per start group of the median {plabel} against step, one line per run.",
             f"Median {plabel} over each group's starts at every step, per run.",
             "fig-compare-p",
         ),
         "survival": figure_img(
-            figures.survival_compare_figure(curves),
+            figures.survival_compare_figure(curves, **named),
             "Small multiples per start group of Kaplan-Meier curves of the share not yet flipped, one line per run.",
             "Kaplan-Meier share of starts not yet flipped, per run (never-flipped starts censored at their last step).",
             "fig-compare-survival",
         ),
         "l2": figure_img(
-            figures.l2_compare_figure(l2),
+            figures.l2_compare_figure(l2, **named),
             "Box plots of the final L2 change per start group, one box per run.",
             "Final L2 of x − x0 (pixel units of [0, 1] images), per start group and run.",
             "fig-compare-l2",
         ),
     }
-    return {"title": "eightgen comparison: " + ", ".join(names), "runs": rows, "figs": figs, "plabel": plabel}
+    group_names = {g: figures.group_tick(g, classes) if classes is not None else g for r in runs for g in [*r.order, ALL]}
+    return {"title": "eightgen comparison: " + ", ".join(names), "runs": rows, "figs": figs, "plabel": plabel, "group_names": group_names}
 
 
 # ---------------------------------------------------------------- entry points

@@ -11,7 +11,6 @@ from reports import figures, stats
 from reports.formatting import fmt_prob, json_safe
 from reports.images import Img, array_img
 from reports.runs import Run
-from reports.stats import NOISE
 
 MAX_ANIMATIONS = 4
 MAX_ANIMATION_FRAMES = 60
@@ -56,8 +55,9 @@ def animation_rows(run: Run) -> list[int]:
     return rows
 
 
-def _start_label(row: pd.Series) -> str:
-    return "noise" if row["group"] == NOISE else f"digit {row['group']}"
+def _start_label(run: Run, row: pd.Series) -> str:
+    """A start as text: "noise", "digit 3" (MNIST), "Dress" (Fashion-MNIST)."""
+    return figures.group_tick(row["group"], run.record.config.dataset.classes)
 
 
 def _plain(row: pd.Series) -> dict:
@@ -93,11 +93,11 @@ def film_strips(run: Run, chosen: dict[str, list[int]], snaps: dict[int, np.ndar
         for i in rows:
             row = run.results.loc[i]
             traj = int(row["traj_row"])
-            who = f"{_start_label(row)}, seed {row['seed']}"
+            who = f"{_start_label(run, row)}, seed {row['seed']}"
             frames = _frames(run, snaps[traj], traj, indices, plabel, who)
             heat, vmax = _heat(snaps[traj][-1] - snaps[traj][step0], who, "final perturbation x_final - x0")
             strips.append({"who": who, "run_id": str(row["run_id"]), "row": _plain(row), "frames": frames, "heat": heat, "vmax": vmax})
-        groups.append({"group": g, "title": figures.group_title(g), "strips": strips})
+        groups.append({"group": g, "title": figures.group_title(g, run.record.config.dataset.classes), "strips": strips})
     return groups
 
 
@@ -109,7 +109,7 @@ def gallery(run: Run, rows: list[int], snaps: dict[int, np.ndarray], plabel: str
         row = run.results.loc[i]
         traj = int(row["traj_row"])
         s = snaps[traj]
-        who = f"{_start_label(row)}, seed {row['seed']}"
+        who = f"{_start_label(run, row)}, seed {row['seed']}"
         heat, vmax = _heat(s[-1] - s[step0], who, "perturbation")
         items.append(
             {
@@ -134,7 +134,7 @@ def animations(run: Run, rows: list[int], snaps: dict[int, np.ndarray], plabel: 
         row = run.results.loc[i]
         traj = int(row["traj_row"])
         s = snaps[traj]
-        who = f"{_start_label(row)}, seed {row['seed']}"
+        who = f"{_start_label(run, row)}, seed {row['seed']}"
         deltas = (s - s[step0]).mean(axis=1)
         vmax = float(np.abs(deltas).max())
         frames = _frames(run, s, traj, indices, plabel, who)

@@ -1,4 +1,4 @@
-"""Stage task: MNIST source -> assembled 8-vs-not-8 dataset artifact."""
+"""Stage task: data source -> assembled target-vs-rest dataset artifact."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage task: assembled dataset -> trained 8-detector artifact."""
+"""Stage task: assembled dataset -> trained target-detector artifact."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ TRAIN = CachedStage("models")
 
 @task(name="train-classifier", **TRAIN.options)
 def train_classifier(cfg: TrainConfig, dataset: Artifact, cache_dir: Path, force: bool = False) -> Artifact:
-    """Train the 8-detector on the assembled dataset; return its exported model."""
+    """Train the target detector on the assembled dataset; return its exported model."""
     out, key = TRAIN.here()
     if not force and produced_by(out, key):
         return artifact_of(out)

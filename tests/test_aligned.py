@@ -83,9 +83,9 @@ def test_report_section_and_summary(runs, cfg: AlignedConfig) -> None:
     rob = pd.read_parquet(cfg.experiment("robust", 3.0).run_dir / "results.parquet")
     digits = rob[rob["start_kind"] == "digit"]
     knn = next(t for t in summary["targets"] if t["key"] == "knn_robust")
-    assert knn["value"] == pytest.approx(digits["knn_is8"].mean())
+    assert knn["value"] == pytest.approx(digits["knn_is_target"].mean())
     agree = next(t for t in summary["targets"] if t["key"] == "agree_robust")
-    assert agree["value"] == pytest.approx((digits["ref_robust_is8"] == digits["knn_is8"]).mean())
+    assert agree["value"] == pytest.approx((digits["ref_robust_is_target"] == digits["knn_is_target"]).mean())
     assert set(summary["noise_referees"]) == {"knn", "robust", "cnn"}
     lines = summary_lines(summary)
     assert len(lines) == 1 + 4 + 1 + 5 and lines[-5:] == [l for l in lines if "needs" in l]
@@ -98,7 +98,7 @@ def test_runs_share_starts_and_budgets_and_carry_referee_columns(runs, cfg: Alig
             run_dir = cfg.experiment(d, b).run_dir
             res = pd.read_parquet(run_dir / "results.parquet")
             assert set(REFEREE_COLUMNS) <= set(res.columns)
-            assert {c + "_start" for c in ("knn_is8", "ref_robust_is8", "ref_cnn_is8")} <= set(res.columns)
+            assert {c + "_start" for c in ("knn_is_target", "ref_robust_is_target", "ref_cnn_is_target")} <= set(res.columns)
             assert res["collapse_final"].notna().all()
             assert (res["l2_final"] <= b + 1e-4).all()
             with np.load(run_dir / "trajectories.npz") as npz:

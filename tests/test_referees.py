@@ -118,17 +118,17 @@ def test_referee_columns_are_present_and_consistent(referees_dir: Path, ref_data
     cols = referee_columns(refs, x_final, x, start, target=8)
     assert len(cols) == len(pick)
     for name in ("cnn", "robust"):
-        assert np.array_equal(cols[f"ref_{name}_is8"], cols[f"ref_{name}_pred"] == 8)
+        assert np.array_equal(cols[f"ref_{name}_is_target"], cols[f"ref_{name}_pred"] == 8)
         with torch.no_grad():
             p = getattr(refs, name)(x_final).softmax(dim=1).double().numpy()
-        np.testing.assert_allclose(cols[f"ref_{name}_p8"], p[:, 8], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(cols[f"ref_{name}_p_target"], p[:, 8], rtol=1e-5, atol=1e-7)
         assert np.array_equal(cols[f"ref_{name}_pred"], p.argmax(axis=1))
         assert not cols.loc[start < 0, f"ref_{name}_is_start"].any()
         assert np.array_equal(cols[f"ref_{name}_is_start_start"], (cols[f"ref_{name}_pred_start"] == start) & (start >= 0))
-    assert np.array_equal(cols["knn_is8"], cols["knn_share8"] > 0.5)
+    assert np.array_equal(cols["knn_is_target"], cols["knn_share_target"] > 0.5)
     # Real 8s against real 3s and 1s: the k-NN vote on the untouched images is the true label almost always.
     truth = a.y_valid[pick] == 8
-    assert np.mean(cols["knn_is8_start"].to_numpy() == truth) >= 0.9
+    assert np.mean(cols["knn_is_target_start"].to_numpy() == truth) >= 0.9
     mirrored = referee_columns(refs, x_final.repeat(1, 3, 1, 1), x.repeat(1, 3, 1, 1), start, target=8)
     pd.testing.assert_frame_equal(mirrored, cols)  # three grey channels are judged as the one
 
