@@ -356,3 +356,92 @@ class AlignedConfig(_Frozen):
             cache_dir=self.cache_dir,
             run_name=label,
         )
+
+
+class DenoiserConfig(_Frozen):
+    """The denoiser: a small U-Net trained with fastai on the DDPM objective over the dataset's training split."""
+
+    widths: tuple[int, int, int] = (16, 32, 64)  # channels at 28x28, 14x14 and 7x7
+    emb_dim: int = Field(128, ge=8)
+    timesteps: int = Field(1000, ge=2)
+    epochs: int = Field(5, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(128, gt=0)
+    max_train: int | None = Field(None, gt=0)  # cap on the training images (default: the whole training split)
+    valid_images: int = Field(1000, gt=0)
+    seed: int = Field(0, ge=0)
+    device: Device = "auto"
+
+    @field_validator("widths")
+    @classmethod
+    def _widths_positive(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(w < 1 for w in v):
+            raise ValueError(f"widths must be positive, got {list(v)}")
+        return tuple(v)
+
+
+Guidance = Literal["none", "standard", "robust"]
+
+
+class DiffusionConfig(_Frozen):
+    """Three ways to the target from identical starts: the aligned experiment's standard and robust gradient paths at
+    its matched budget, and a denoiser sampled with DDIM, guided by either detector (or not) through x̂₀."""
+
+    name: str = "diffusion"
+    # The aligned experiment whose detectors, referees and gradient runs are reused (capped training split, so the
+    # whole experiment fits its time on 2 cores; 32 seeds for tighter intervals).
+    aligned: AlignedConfig = AlignedConfig(
+        dataset=DatasetConfig(pool_per_digit=32, valid_fraction=0.1, referee_fraction=0.3, max_train=8000),
+        attack=AttackConfig(method="pgd_l2", eps=1.0, steps=100, seeds=32, noise="uniform", record_every=10),
+    )
+    denoiser: DenoiserConfig = DenoiserConfig()
+    guidance: tuple[Guidance, ...] = ("none", "standard", "robust")
+    guidance_scale: float = Field(2.0, ge=0)  # L2 move of x̂₀ per step (pixel units) at full noise
+    ddim_steps: int = Field(50, gt=0)
+    start_level: float = Field(0.6, gt=0, le=1)  # how far real digit starts are noised (1: pure noise)
+    record_every: int = Field(5, gt=0)
+    chunk_size: int = Field(128, gt=0)
+    device: Device = "auto"
+    grid_seeds: int = Field(2, ge=1)
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance_distinct(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"guidance must name distinct detectors (none, standard, robust), got {list(v)}")
+        return tuple(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DiffusionConfig":
+        if self.grid_seeds > self.aligned.attack.seeds:
+            raise ValueError(f"grid_seeds ({self.grid_seeds}) exceeds aligned.attack.seeds ({self.aligned.attack.seeds})")
+        if self.aligned.attack.include_noise and self.aligned.attack.noise not in ("uniform", "auto"):
+            raise ValueError("aligned.attack.noise must be uniform: diffusion noise starts are the same images, mapped to Gaussian noise")
+        return self
+
+    @property
+    def target(self) -> int:
+        """The target digit."""
+        return self.aligned.dataset.target
+
+    @property
+    def denoiser_dataset(self) -> DatasetConfig:
+        """The dataset the denoiser trains on: the aligned one without its training cap (same pool and referee split)."""
+        return self.aligned.dataset.model_copy(update={"max_train": self.denoiser.max_train})
+
+    @property
+    def run_label(self) -> str:
+        """The experiment's name: the aligned run name if given, else name and a hash of the settings."""
+        if self.aligned.run_name:
+            return f"{self.aligned.run_name}-{self.name}"
+        settings = self.model_dump(mode="json", exclude={"name"})
+        for where in ("runs_root", "cache_dir", "run_name"):
+            settings["aligned"].pop(where, None)
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        return f"{self.name}-{digest[:8]}"
+
+    @property
+    def run_dir(self) -> Path:
+        """Where diffusion.html, diffusion.json and the samples are written (beside the aligned experiment's folder)."""
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.run_label).strip(".")
+        return self.aligned.runs_root / (safe or "diffusion")

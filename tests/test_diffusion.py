@@ -1,0 +1,184 @@
+"""The denoiser, the DDIM sampler with guidance on x̂₀, partial noising, the Fréchet distance and diversity (tiny models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from scipy import linalg
+from torch import nn
+
+from eightgen.config import DenoiserConfig, DiffusionConfig
+from eightgen.diffusion import (
+    Guide,
+    ddim_sample,
+    ddim_timesteps,
+    ddpm_loss,
+    gaussian_from_uniform,
+    linear_schedule,
+    noised_start,
+    start_noise,
+    start_timestep,
+)
+from eightgen.errors import EightgenError
+from eightgen.frechet import diversity, frechet_distance, penultimate
+from eightgen.models import SmallCNN
+from eightgen.unet import UNet
+
+TINY = (4, 8, 8)
+
+
+@pytest.fixture
+def unet() -> UNet:
+    torch.manual_seed(0)
+    model = UNet(TINY, emb_dim=16).eval()
+    for p in model.out[-1].parameters():  # a zero output layer predicts no noise: give it some
+        nn.init.normal_(p, std=0.05)
+    return model
+
+
+def brightness_detector(sign: float = 1.0) -> nn.Module:
+    """A fixed two-class detector whose target logit grows with the brightness of the centre of the image."""
+    lin = nn.Linear(784, 2)
+    with torch.no_grad():
+        w = torch.zeros(2, 28, 28)
+        w[1, 8:20, 8:20] = sign * 0.5
+        lin.weight.copy_(w.reshape(2, 784))
+        lin.bias.copy_(torch.tensor([20.0, 0.0]))
+    return nn.Sequential(nn.Flatten(), lin).eval()
+
+
+def test_unet_predicts_noise_of_the_input_shape(unet: UNet) -> None:
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor([0, 500, 999])
+    assert unet(x, t).shape == (3, 1, 28, 28)
+    with pytest.raises(EightgenError, match="three positive widths"):
+        UNet((4, 8))
+
+
+def test_ddim_takes_the_asked_number_of_steps(unet: UNet) -> None:
+    sched = linear_schedule(1000)
+    assert ddim_timesteps(999, 50)[0] == 999 and ddim_timesteps(999, 50)[-1] == 0 and len(ddim_timesteps(999, 50)) == 50
+    assert len(ddim_timesteps(599, 30)) == 30
+    assert ddim_timesteps(3, 50) == [3, 2, 1, 0]  # never more steps than timesteps
+    x = torch.randn(2, 1, 28, 28)
+    out = ddim_sample(unet, x, 999, sched, steps=7, watch=brightness_detector(), record_every=3)
+    assert len(out.timesteps) == 7
+    assert out.p_target.shape == (2, 8)  # the start, then one x̂₀ per step
+    assert list(out.snapshot_steps) == [0, 3, 6, 7]
+    assert out.snapshots.shape == (2, 4, 1, 28, 28) and out.snapshots.dtype == torch.float16
+    assert out.x_final.shape == (2, 1, 28, 28) and 0.0 <= float(out.x_final.min()) and float(out.x_final.max()) <= 1.0
+
+
+def test_sampling_is_deterministic_and_per_image(unet: UNet) -> None:
+    sched = linear_schedule(100)
+    x = torch.randn(4, 1, 28, 28)
+    guide = Guide(brightness_detector(), 1.0)
+    a = ddim_sample(unet, x, 99, sched, steps=5, guide=guide)
+    b = ddim_sample(unet, x, 99, sched, steps=5, guide=guide)
+    one = ddim_sample(unet, x[1:2], 99, sched, steps=5, guide=guide)
+    assert torch.equal(a.x_final, b.x_final)
+    torch.testing.assert_close(a.x_final[1:2], one.x_final, atol=1e-5, rtol=0)
+
+
+def test_guidance_raises_the_target_probability(unet: UNet) -> None:
+    sched = linear_schedule(100)
+    det = brightness_detector()
+    x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    plain = ddim_sample(unet, x, 99, sched, steps=10, watch=det)
+    guided = ddim_sample(unet, x, 99, sched, steps=10, guide=Guide(det, 3.0))
+    away = ddim_sample(unet, x, 99, sched, steps=10, guide=Guide(brightness_detector(-1.0), 3.0), watch=det)
+    assert bool((guided.p_target[:, -1] > plain.p_target[:, -1]).all())
+    assert float(away.p_target[:, -1].mean()) < float(plain.p_target[:, -1].mean())
+    # scale 0 is no guidance at all
+    zero = ddim_sample(unet, x, 99, sched, steps=10, guide=Guide(det, 0.0))
+    assert torch.equal(zero.x_final, plain.x_final)
+
+
+def test_partial_noising() -> None:
+    sched = linear_schedule(1000)
+    x0 = torch.rand(2, 1, 28, 28)
+    noise = torch.stack([start_noise("d2-s0000"), start_noise("d2-s0001")])
+    same, t = noised_start(x0, noise, 0.0, sched)
+    assert t == -1 and torch.equal(same, x0)
+    out = ddim_sample(nn.Identity(), same, t, sched, steps=50)  # nothing to denoise: the start comes back
+    assert torch.equal(out.x_final, x0) and out.timesteps == []
+    noisy, t = noised_start(x0, noise, 0.6, sched)
+    assert t == start_timestep(0.6, sched) == 599
+    expected = sched.alpha_bar[599].sqrt() * (x0 * 2 - 1) + (1 - sched.alpha_bar[599]).sqrt() * noise
+    torch.testing.assert_close(noisy, expected.float())
+    assert start_timestep(1.0, sched) == 999
+    assert torch.equal(start_noise("d2-s0000"), start_noise("d2-s0000")) and not torch.equal(noise[0], noise[1])
+    with pytest.raises(EightgenError, match="noise level"):
+        start_timestep(1.5, sched)
+
+
+def test_noise_starts_map_uniform_pixels_to_gaussian_noise() -> None:
+    u = torch.rand(20_000, generator=torch.Generator().manual_seed(0))
+    z = gaussian_from_uniform(u)
+    assert abs(float(z.mean())) < 0.03 and abs(float(z.std()) - 1.0) < 0.03
+    assert float(gaussian_from_uniform(torch.tensor([0.5]))) == pytest.approx(0.0, abs=1e-6)
+    order = torch.argsort(u)
+    assert bool((z[order].diff() >= 0).all())  # monotone: the same image, brighter pixels stay brighter
+
+
+def test_ddpm_loss_is_the_noise_prediction_error() -> None:
+    sched = linear_schedule(10)
+    x0 = torch.rand(8, 1, 28, 28)
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731  predicting no noise: the loss is the noise's mean square
+    loss = ddpm_loss(zero, x0, sched, generator=torch.Generator().manual_seed(0))
+    assert float(loss) == pytest.approx(1.0, abs=0.05)
+
+
+def test_frechet_distance_of_identical_and_shifted_sets() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(40, 6)) @ rng.normal(size=(6, 6))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9 * np.trace(np.cov(a, rowvar=False)))
+    wide = rng.normal(size=(10, 50))  # more features than images: the n x n route
+    assert frechet_distance(wide, wide) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(wide, wide + 0.5) == pytest.approx(50 * 0.25, rel=1e-6)
+    shift = rng.normal(size=6)
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-6)
+    # against the textbook d x d formula on two different sets
+    b = rng.normal(size=(60, 6)) * 2.0 + 1.0
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    closed = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(sa + sb - 2 * np.real(linalg.sqrtm(sa @ sb)))
+    assert frechet_distance(a, b) == pytest.approx(closed, rel=1e-6)
+    assert frechet_distance(b, a) == pytest.approx(closed, rel=1e-6)
+    with pytest.raises(EightgenError, match="at least 2"):
+        frechet_distance(a[:1], b)
+
+
+def test_diversity_and_features() -> None:
+    x = np.zeros((4, 1, 28, 28), np.float32)
+    x[1] += 1.0  # L2 28 from the zeros
+    assert diversity(x, np.array([0, 0, 1, 1])) == pytest.approx(14.0)  # pairs: (0,1) 28, (2,3) 0
+    assert diversity(x[:1], np.array([0])) != diversity(x[:1], np.array([0]))  # nan: no pair
+    feats = penultimate(SmallCNN(1, 10).eval(), torch.rand(3, 1, 28, 28))
+    assert feats.shape == (3, 64 * 7 * 7)
+
+
+def test_the_denoiser_trains_with_fastai_and_loads_back(dataset_dir: Path, tmp_path: Path) -> None:
+    from eightgen.denoiser import load_denoiser, read_denoiser_info, train_denoiser
+
+    cfg = DenoiserConfig(widths=TINY, emb_dim=16, timesteps=50, epochs=1, max_train=256, valid_images=64, batch_size=64, device="cpu")
+    lines: list[str] = []
+    train_denoiser(cfg, dataset_dir, tmp_path / "den", torch.device("cpu"), progress=lines.append)
+    info = read_denoiser_info(tmp_path / "den")
+    assert info["n_train"] == 256 and info["parameters"] > 0 and len(info["history"]) == 1 and info["train_seconds"] > 0
+    assert lines and "denoiser epoch 1/1" in lines[0]
+    model, sched = load_denoiser(tmp_path / "den", torch.device("cpu"))
+    assert sched.timesteps == 50 and not model.training
+    assert model(torch.randn(2, 1, 28, 28), torch.tensor([1, 2])).shape == (2, 1, 28, 28)
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(ValidationError, match="distinct"):
+        DiffusionConfig(guidance=("robust", "robust"))
+    with pytest.raises(ValidationError):
+        DiffusionConfig(start_level=0.0)
+    cfg = DiffusionConfig()
+    assert cfg.denoiser_dataset.max_train is None and cfg.aligned.dataset.max_train == 8000
+    assert cfg.run_label.startswith("diffusion-") and cfg.run_label != DiffusionConfig(guidance_scale=3.0).run_label
