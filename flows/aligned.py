@@ -23,7 +23,7 @@ from tasks.report import artifact_key
 # One chunk at a time: each chunk already uses every core through torch.
 @flow(name="aligned", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def aligned_flow(cfg: AlignedConfig = AlignedConfig(), force: bool = False, overwrite: bool = False) -> Path:
-    """Standard vs robust 8-detector, identical starts and L2 budgets, every result judged by independent referees."""
+    """Standard vs robust target detector, identical starts and L2 budgets, every result judged by independent referees."""
     with nested_stages():
         dataset = assemble_flow(cfg.dataset, cfg.cache_dir)
         models = {name: train_flow(tcfg, dataset, cfg.cache_dir) for name, tcfg in cfg.detectors.items()}

@@ -22,13 +22,13 @@ DEFAULT_CACHE = Path(".eightgen-cache")
 
 @flow(name="assemble", log_prints=False)
 def assemble_flow(cfg: DatasetConfig = DatasetConfig(), cache_dir: Path = DEFAULT_CACHE, force: bool = False) -> Artifact:
-    """MNIST source -> 8-vs-not-8 dataset artifact (train / valid / attack-start pool)."""
+    """Data source -> target-vs-rest dataset artifact (train / valid / attack-start pool)."""
     return assemble_dataset(cfg, fingerprint_source(cfg), cache_dir, force)
 
 
 @flow(name="train")
 def train_flow(cfg: TrainConfig, dataset: Artifact, cache_dir: Path = DEFAULT_CACHE, force: bool = False) -> Artifact:
-    """Dataset artifact -> fastai-trained 8-detector artifact."""
+    """Dataset artifact -> fastai-trained target-detector artifact."""
     return train_classifier(cfg, dataset, cache_dir, force)
 
 

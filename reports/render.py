@@ -21,7 +21,7 @@ from reports.formatting import fmt_int, fmt_num, fmt_pct, fmt_prob, fmt_raw, fmt
 from reports.images import Img, figure_img
 from reports.narrative import classes_of, dataset_table, default_title, headline, model_facts, plabel_of, run_facts, warnings_of
 from reports.runs import Run, load_run, read_snapshots
-from reports.stats import ALL, NOISE
+from reports.stats import ALL
 from reports.strips import animation_rows, animations, film_strips, gallery, gallery_rows, sample_rows
 
 

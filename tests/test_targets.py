@@ -1,0 +1,128 @@
+"""Any target class: `--target D` reaches every config section, and a whole run toward 3 reports 3, never 8."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from pydantic import ValidationError
+
+from cli.aligned import build_aligned_config
+from cli.main import build_config, main, parser
+from eightgen.classes import FASHION_MNIST, MNIST
+from eightgen.config import AttackConfig, DatasetConfig, ExperimentConfig, all_but
+from eightgen.rundir import load_record
+from flows.pipeline import pipeline
+from helpers import shared_cache, tiny_config
+from prefect_api.records import wait_for_records
+
+
+def _cfg(*argv: str) -> ExperimentConfig:
+    return build_config(parser().parse_args(["run", *argv]))
+
+
+# --- configuration and command line ------------------------------------------------------------
+
+
+def test_target_option_sets_both_targets_and_the_default_starts() -> None:
+    cfg = _cfg("--target", "3")
+    assert cfg.dataset.target == cfg.attack.target == 3
+    assert cfg.attack.start_digits == (0, 1, 2, 4, 5, 6, 7, 8, 9)
+    assert _cfg("--target", "3", "--digits", "all").attack.start_digits == (0, 1, 2, 4, 5, 6, 7, 8, 9)
+    assert _cfg("--target", "3", "--digits", "1,8", "--max-train", "600").attack.start_digits == (1, 8)
+    assert _cfg("--digits", "all").attack.start_digits == (0, 1, 2, 3, 4, 5, 6, 7, 9)
+
+
+def test_default_starts_follow_the_target_in_python_too() -> None:
+    assert AttackConfig().start_digits == (0, 1, 2, 3, 4, 5, 6, 7, 9)
+    assert AttackConfig(target=0).start_digits == all_but(0) == tuple(range(1, 10))
+    assert AttackConfig(target=3, start_digits=None).start_digits == all_but(3)
+    assert AttackConfig(target=3, start_digits=(2,)).start_digits == (2,)
+    # a validated config holds the tuple, so its dump round-trips to the same settings
+    dumped = AttackConfig(target=5).model_dump()
+    assert dumped["start_digits"] == all_but(5) and AttackConfig.model_validate(dumped) == AttackConfig(target=5)
+
+
+def test_run_label_follows_the_target_and_is_deterministic() -> None:
+    eight, three = _cfg(), _cfg("--target", "3")
+    assert three.run_label != eight.run_label
+    assert _cfg("--target", "3").run_label == three.run_label
+    assert _cfg("--target", "3", "--digits", "0,1,2,4,5,6,7,8,9").run_label == three.run_label
+    assert _cfg("--target", "8").run_label == eight.run_label
+
+
+@pytest.mark.parametrize("value", ["10", "-1"])
+def test_bad_target_fails_in_one_line(value: str, tmp_path: Path, capsys) -> None:
+    code = main(["run", "--target", value, "--runs-root", str(tmp_path / "runs")])
+    out = capsys.readouterr()
+    lines = (out.err + out.out).strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("eightgen: error: invalid settings:"), lines
+    assert "dataset.target" in lines[0] and "attack.target" in lines[0] and "Traceback" not in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_targets_that_disagree_are_refused() -> None:
+    with pytest.raises(ValidationError, match=r"attack.target \(3\) differs from dataset.target \(8\)"):
+        ExperimentConfig(attack=AttackConfig(target=3))
+    with pytest.raises(SystemExit):  # not an integer: argparse refuses it
+        parser().parse_args(["run", "--target", "nine"])
+
+
+def test_aligned_takes_a_target() -> None:
+    cfg = build_aligned_config(parser().parse_args(["aligned", "--target", "3"]))
+    assert cfg.dataset.target == cfg.attack.target == 3
+    assert cfg.attack.start_digits == all_but(3)
+    assert all(cfg.experiment(d, b).attack.target == 3 for d in cfg.detectors for b in cfg.budgets)
+    assert build_aligned_config(parser().parse_args(["aligned"])).run_label != cfg.run_label
+
+
+def test_class_phrases() -> None:
+    assert [MNIST.with_article(k) for k in (8, 3, 1)] == ["an 8", "a 3", "a 1"]
+    assert [FASHION_MNIST.with_article(k) for k in (8, 9, 0)] == ["a Bag", "an Ankle boot", "a T-shirt/top"]
+    assert MNIST.label(3) == "digit 3" and FASHION_MNIST.label(3) == "Dress"
+    assert MNIST.plural(8) == "8s" and FASHION_MNIST.plural(8) == "Bags" and FASHION_MNIST.plural(1) == "Trousers"
+    assert DatasetConfig().hub == "ylecun/mnist" and DatasetConfig(name="fashion_mnist").hub == "zalando-datasets/fashion_mnist"
+
+
+# --- a whole run toward 3 ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three(prefect_harness, mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
+    """A tiny real pipeline run toward target 3 (starts: noise, 1s and 8s) on the MNIST test set."""
+    cache = shared_cache(tmp_path_factory)
+    cfg = tiny_config(mnist_dir, cache, tmp_path_factory.mktemp("target3") / "runs", "--target", "3", "--digits", "1,8", "--max-train", "600")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: cache / "prefect-results"}):
+        state = pipeline(cfg, return_state=True)
+        assert state.is_completed(), state
+        wait_for_records(state.state_details.flow_run_id)
+    return cfg
+
+
+def test_results_and_record_of_a_target_3_run(three: ExperimentConfig) -> None:
+    results = pd.read_parquet(three.run_dir / "results.parquet")
+    assert set(results["target"]) == {3}
+    assert set(results["start_digit"].dropna().astype(int)) == {1, 8}
+    record = load_record(three.run_dir)
+    assert record.config.attack.target == record.config.dataset.target == 3
+    assert record.model.spec["target"] == 3 and list(record.model.spec["class_names"]) == ["not_3", "3"]
+
+
+def test_report_of_a_target_3_run_names_3_not_8(three: ExperimentConfig) -> None:
+    html = (three.run_dir / "report.html").read_text(encoding="utf-8")
+    title = "eightgen report: MNIST, digit 3 vs the rest"
+    assert f"<title>{title}</title>" in html and f"<h1>{title}</h1>" in html
+    assert "<strong>Did the pixels become a 3?</strong>" in html
+    assert "target digit <b>3</b>" in html and "end classified as 3;" in html and "Success: classified as 3 after" in html
+    assert re.search(r'<tr class="target"><td>3 \(target\)</td>', html)
+    assert '<h3 id="plot-p-target">p(3) along the run</h3>' in html
+    assert "Median p(3) at the last step" in html  # the p-bands figure's alt text
+    assert "true not 3 predicted not 3" in html  # the confusion matrix's alt text
+    assert "Validation error per true digit (for the target 3:" in html
+    assert "Share of starts classified as 3 at the last step" in html
+    assert '<h3 id="strips-8">start digit 8</h3>' in html  # 8 is a start here, shown as one
+    for eight_as_target in ("p(8)", "an 8", "classified as 8", "8 (target)", "target digit <b>8", "target 8"):
+        assert eight_as_target not in html, eight_as_target
