@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from pydantic import ValidationError
 
-from cli.aligned import build_aligned_config
+from cli.aligned import build_aligned_config, summary_lines
 from cli.main import build_config, main, parser
 from eightgen.classes import FASHION_MNIST, MNIST
 from eightgen.config import AttackConfig, DatasetConfig, ExperimentConfig, all_but
@@ -18,6 +20,7 @@ from eightgen.rundir import load_record
 from flows.pipeline import pipeline
 from helpers import shared_cache, tiny_config
 from prefect_api.records import wait_for_records
+from reports.aligned import AlignedRun, aligned_summary, budget_figure
 
 
 def _cfg(*argv: str) -> ExperimentConfig:
@@ -126,3 +129,56 @@ def test_report_of_a_target_3_run_names_3_not_8(three: ExperimentConfig) -> None
     assert '<h3 id="strips-8">start digit 8</h3>' in html  # 8 is a start here, shown as one
     for eight_as_target in ("p(8)", "an 8", "classified as 8", "8 (target)", "target digit <b>8", "target 8"):
         assert eight_as_target not in html, eight_as_target
+
+
+# --- the aligned report's words follow the target ----------------------------------------------
+
+
+def _judged(detector: str, knn_share: float, target: int, dataset: str = "mnist") -> AlignedRun:
+    """A stand-in judged run at budget 8: 20 starts of digits 1 and 8, the k-NN calling knn_share of them the target."""
+    n = 20
+    is_target = np.arange(n) < round(knn_share * n)
+    results = pd.DataFrame(
+        {
+            "run_id": [f"{detector}-{i}" for i in range(n)],
+            "start_kind": ["digit"] * n,
+            "start_digit": [1, 8] * (n // 2),
+            "seed": np.arange(n) // 2,
+            "success": np.ones(n, bool),
+            "flip_step": np.full(n, 3.0),
+            "l2_final": np.full(n, 4.0),
+            "l2_at_flip": np.full(n, 2.0),
+            "p_target_start": np.full(n, 0.01),
+            "knn_is_target": is_target,
+            "knn_share_target": is_target * 0.8,
+            "ref_robust_is_target": is_target,
+            "ref_cnn_is_target": np.zeros(n, bool),
+            "ref_robust_is_start": ~is_target,
+            "ref_cnn_is_start": np.ones(n, bool),
+            "ref_robust_pred": np.where(is_target, target, 1),
+            "ref_cnn_pred": np.ones(n, int),
+        }
+    )
+    config = ExperimentConfig(dataset=DatasetConfig(name=dataset, target=target), attack=AttackConfig(target=target, start_digits=(1, 8)))
+    run = SimpleNamespace(record=SimpleNamespace(config=config), target=target)
+    return AlignedRun(Path(f"{detector}-eps8"), detector, 8.0, run, results, np.zeros((n, 1, 28, 28)), np.zeros((n, 1, 28, 28)))
+
+
+def test_aligned_summary_answer_and_figure_name_the_target() -> None:
+    summary = aligned_summary([_judged("standard", 0.1, 3), _judged("robust", 0.9, 3)], matched_budget=8.0)
+    assert summary["target"] == 3 and summary["target_name"] == "3" and summary["dataset"] == "mnist"
+    assert [t["what"] for t in summary["targets"][:2]] == [
+        "k-NN calls the robust detector's results 3", "k-NN calls the standard detector's results 3"
+    ]
+    assert "nearer to real 3s than to real images of their start digit" in summary["answer"]
+    assert "its gradient draws a 3;" in summary["answer"] and "8" not in summary["answer"].replace("budget of 8", "")
+    titles = [ax.get_title() for ax in budget_figure(summary).axes]
+    assert titles[:4] == ["detector says 3 (flip)", "k-NN: nearer to real 3s", "robust referee says 3", "standard referee says 3"]
+    assert summary_lines(summary)[0].split()[4:8] == ["kNN", "3", "robust", "3"]
+
+
+def test_aligned_words_name_a_fashion_target() -> None:
+    summary = aligned_summary([_judged("standard", 0.1, 8, "fashion_mnist"), _judged("robust", 0.9, 8, "fashion_mnist")], 8.0)
+    assert summary["target_name"] == "Bag" and "real Bags than to real images of their start class" in summary["answer"]
+    assert "its gradient draws a Bag;" in summary["answer"]
+    assert [ax.get_title() for ax in budget_figure(summary).axes][4] == "robust referee: still start class"
