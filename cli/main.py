@@ -12,6 +12,7 @@ from typing import Sequence
 from pydantic import ValidationError
 
 from cli.aligned import add_aligned_options, aligned_command
+from cli.diffusion import add_diffusion_options, diffusion_command
 from cli.options import build_config, experiment_options
 from cli.serve import add_serve_options, serve_command
 from eightgen.config import ExperimentConfig
@@ -41,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
 
     aligned = sub.add_parser("aligned", help="standard vs robust detector over L2 budgets, judged by referees: aligned.html")
     add_aligned_options(aligned)
+
+    diffusion = sub.add_parser("diffusion", help="three ways to the target: standard gradient, robust gradient, guided diffusion: diffusion.html")
+    add_diffusion_options(diffusion)
     return top
 
 
@@ -134,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"The 'mode\.chained_assignment' option is deprecated")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    commands = {"run": run_command, "report": report_command, "serve": serve_command, "aligned": aligned_command}
+    commands = {"run": run_command, "report": report_command, "serve": serve_command, "aligned": aligned_command, "diffusion": diffusion_command}
     log = error_log(args, argv)
     with log.prefect_tracebacks():
         try:

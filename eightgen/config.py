@@ -393,6 +393,7 @@ class DiffusionConfig(_Frozen):
     aligned: AlignedConfig = AlignedConfig(
         dataset=DatasetConfig(pool_per_digit=32, valid_fraction=0.1, referee_fraction=0.3, max_train=8000),
         attack=AttackConfig(method="pgd_l2", eps=1.0, steps=100, seeds=32, noise="uniform", record_every=10),
+        budgets=(8.0,),
     )
     denoiser: DenoiserConfig = DenoiserConfig()
     guidance: tuple[Guidance, ...] = ("none", "standard", "robust")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from scipy import linalg
@@ -49,7 +51,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         m = (ca.T @ ca) @ (cb.T @ cb)  # Σa Σb, d×d
     else:
         m = ca @ (cb.T @ cb) @ ca.T  # A Σb Aᵀ, n×n, symmetric positive semi-definite
-    tr_root = float(np.real(np.trace(linalg.sqrtm(m))))
+    with warnings.catch_warnings():  # a few images give a singular (rank-deficient) product: its root is still defined
+        warnings.simplefilter("ignore")
+        tr_root = float(np.real(np.trace(linalg.sqrtm(m))))
     tr_a, tr_b = float(np.sum(ca * ca)), float(np.sum(cb * cb))
     return float(np.sum((mu_a - mu_b) ** 2) + tr_a + tr_b - 2.0 * tr_root)
 

@@ -1,0 +1,199 @@
+"""`eightgen diffusion`: three ways to the target from identical starts (standard gradient, robust gradient, guided
+diffusion), judged by the referees, with its targets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from eightgen.config import DiffusionConfig
+from eightgen.errors import EightgenError
+from runtime.environment import process_env
+
+# option dest -> (config path of each field it sets)
+OVERRIDES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "source": (("aligned", "dataset", "source"),),
+    "mnist_dir": (("aligned", "dataset", "mnist_dir"),),
+    "local_path": (("aligned", "dataset", "local_path"),),
+    "max_train": (("aligned", "dataset", "max_train"),),
+    "pool_per_digit": (("aligned", "dataset", "pool_per_digit"),),
+    "valid_fraction": (("aligned", "dataset", "valid_fraction"),),
+    "referee_fraction": (("aligned", "dataset", "referee_fraction"),),
+    "epochs": (("aligned", "standard", "epochs"), ("aligned", "robust", "epochs")),
+    "adv_eps": (("aligned", "robust", "adv_eps"),),
+    "adv_steps": (("aligned", "robust", "adv_steps"),),
+    "referee_epochs": (("aligned", "referees", "epochs"),),
+    "referee_eps": (("aligned", "referees", "robust_eps"),),
+    "seeds": (("aligned", "attack", "seeds"),),
+    "steps": (("aligned", "attack", "steps"),),
+    "digits": (("aligned", "attack", "start_digits"),),
+    "noise": (("aligned", "attack", "include_noise"),),
+    "denoiser_epochs": (("denoiser", "epochs"),),
+    "denoiser_widths": (("denoiser", "widths"),),
+    "denoiser_max_train": (("denoiser", "max_train"),),
+    "denoiser_lr": (("denoiser", "lr"),),
+    "timesteps": (("denoiser", "timesteps"),),
+    "guidance": (("guidance",),),
+    "guidance_scale": (("guidance_scale",),),
+    "ddim_steps": (("ddim_steps",),),
+    "start_level": (("start_level",),),
+    "chunk_size": (("chunk_size",), ("aligned", "attack", "chunk_size")),
+    "grid_seeds": (("grid_seeds",), ("aligned", "grid_seeds")),
+    "device": (
+        ("device",), ("denoiser", "device"), ("aligned", "standard", "device"), ("aligned", "robust", "device"),
+        ("aligned", "referees", "device"), ("aligned", "attack", "device"),
+    ),
+    "runs_root": (("aligned", "runs_root"),),
+    "cache_dir": (("aligned", "cache_dir"),),
+    "run_name": (("aligned", "run_name"),),
+}
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def add_diffusion_options(p: argparse.ArgumentParser) -> None:
+    """The options of `eightgen diffusion` (defaults: DiffusionConfig)."""
+    d = DiffusionConfig()
+    a = d.aligned
+    g = p.add_argument_group("data")
+    g.add_argument("--source", choices=["auto", "hub", "idx", "local"], help="MNIST source")
+    g.add_argument("--mnist-dir", type=Path, help="folder of MNIST IDX files (default: $EIGHTGEN_MNIST_DIR)")
+    g.add_argument("--local-path", type=Path, help="Hugging Face dataset on disk")
+    g.add_argument("--max-train", type=int, help=f"cap the detectors' training split (default {a.dataset.max_train})")
+    g.add_argument("--pool-per-digit", type=int, help=f"start pool images per digit (default {a.dataset.pool_per_digit})")
+    g.add_argument("--valid-fraction", type=float, help=f"share of training-split images for validation (default {a.dataset.valid_fraction})")
+    g.add_argument("--referee-fraction", type=float, help=f"share of test-split images for the referees (default {a.dataset.referee_fraction})")
+    g = p.add_argument_group("detectors, referees and gradient paths (the aligned experiment at its matched budget)")
+    g.add_argument("--epochs", type=int, help=f"training epochs of both detectors (default {a.standard.epochs})")
+    g.add_argument("--adv-eps", type=float, help=f"L2 PGD radius of the robust detector's training (default {a.robust.adv_eps})")
+    g.add_argument("--adv-steps", type=int, help=f"PGD steps per training batch (default {a.robust.adv_steps})")
+    g.add_argument("--referee-epochs", type=int, help=f"training epochs of each referee (default {a.referees.epochs})")
+    g.add_argument("--referee-eps", type=float, help=f"L2 PGD radius of the robust referee (default {a.referees.robust_eps})")
+    g.add_argument("--budget", type=float, help=f"L2 budget of the gradient paths (default {a.matched_budget:g})")
+    g.add_argument("--seeds", type=int, help=f"noise starts, and starts per digit (default {a.attack.seeds})")
+    g.add_argument("--steps", type=int, help=f"gradient steps per start (default {a.attack.steps})")
+    g.add_argument("--digits", type=_ints, help="start digits, e.g. 1,2 (default every class but the target)")
+    g.add_argument("--noise", action=argparse.BooleanOptionalAction, default=None, help="include noise starts")
+    g = p.add_argument_group("denoiser and sampling")
+    g.add_argument("--denoiser-epochs", type=int, help=f"denoiser training epochs (default {d.denoiser.epochs})")
+    g.add_argument("--denoiser-widths", type=_ints, help=f"U-Net channels at 28, 14, 7 pixels (default {','.join(map(str, d.denoiser.widths))})")
+    g.add_argument("--denoiser-max-train", type=int, help="cap the denoiser's training images (default: the whole training split)")
+    g.add_argument("--denoiser-lr", type=float, help=f"denoiser learning rate (default {d.denoiser.lr})")
+    g.add_argument("--timesteps", type=int, help=f"diffusion timesteps (default {d.denoiser.timesteps})")
+    g.add_argument("--guidance", type=_names, help="paths, of none, standard, robust (default all three)")
+    g.add_argument("--guidance-scale", type=float, help=f"L2 move of x̂₀ per step at full noise (default {d.guidance_scale:g})")
+    g.add_argument("--ddim-steps", type=int, help=f"DDIM steps from noise (default {d.ddim_steps})")
+    g.add_argument("--start-level", type=float, help=f"noise level of real starts, 0-1 (default {d.start_level})")
+    g.add_argument("--chunk-size", type=int, help="starts per sampling and optimisation task")
+    g.add_argument("--grid-seeds", type=int, help=f"starts per digit in the image grids (default {d.grid_seeds})")
+    g.add_argument("--device", help="auto, cpu, cuda or mps (training, referees, optimisation and sampling)")
+    g = p.add_argument_group("where")
+    g.add_argument("--runs-root", type=Path, help="folder that holds the experiment directories (default runs/)")
+    g.add_argument("--cache-dir", type=Path, help="content-addressed store of datasets, models, denoisers, chunks, samples")
+    g.add_argument("--run-name", help="name of the aligned experiment directory (the diffusion one adds -diffusion)")
+    g.add_argument("--force", action="store_true", help="recompute everything after the data and training, even if cached")
+    g.add_argument("--overwrite", action="store_true", help="replace run directories that hold runs of other settings")
+    g.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
+
+
+def build_diffusion_config(args: argparse.Namespace) -> DiffusionConfig:
+    """DiffusionConfig defaults + command-line overrides + $EIGHTGEN_MNIST_DIR, validated."""
+    data: dict[str, Any] = DiffusionConfig().model_dump()
+    for dest, fields in OVERRIDES.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        for path in fields:
+            *parents, last = path
+            node = data
+            for key in parents:
+                node = node[key]
+            node[last] = value
+    if getattr(args, "budget", None) is not None:
+        data["aligned"]["budgets"] = (args.budget,)
+        data["aligned"]["matched_budget"] = args.budget
+    dataset = data["aligned"]["dataset"]
+    env_dir = os.environ.get("EIGHTGEN_MNIST_DIR")
+    if env_dir and dataset["mnist_dir"] is None and dataset["local_path"] is None:
+        dataset["mnist_dir"] = Path(env_dir)
+    return DiffusionConfig.model_validate(data)
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The three-ways summary as plain text: one line per path and start kind, then the targets."""
+    pct = lambda x: "    —" if x is None else f"{100 * x['share']:5.1f}%"  # noqa: E731
+    num = lambda x, d: "—" if x is None or x != x else f"{x:.{d}f}"  # noqa: E731
+    name = summary["target_name"]
+    lines = [f"{'path':<31} {'starts':<6} {'n':>4} {'kNN10 ' + name:>9} {'kNN2 ' + name:>8} {'robust ' + name:>9} {'Fréchet':>8} {'divers.':>7} {'L2':>5}"]
+    for c in summary["cells"]:
+        lines.append(
+            f"{c['label']:<31} {c['kind']:<6} {c['n']:>4} {pct(c['knn10']):>9} {pct(c['knn2']):>8} {pct(c['robust']):>9} "
+            f"{num(c['frechet'], 1):>8} {num(c['diversity'], 2):>7} {num(c['l2_median'], 2):>5}"
+        )
+    lines.append("targets:")
+    for t in summary["targets"]:
+        if t["unit"] == "share":
+            value = f"{100 * t['value']:.1f}%" + (f" [{100 * t['lo']:.0f}–{100 * t['hi']:.0f}%]" if t["op"] == "in" else "")
+            need = {">=": "≥ ", "<=": "≤ ", "in": "interval holds "}[t["op"]] + f"{100 * t['threshold']:.0f}%"
+            margin = f"{100 * t['margin']:+.1f} points"
+        else:
+            value, need, margin = f"{t['value']:.1f}", f"≤ {t['threshold']:.1f}", f"{t['margin']:+.1f}"
+        lines.append(f"  {'met   ' if t['met'] else 'MISSED'} {t['what']}: {value} (needs {need}, margin {margin})")
+    return lines
+
+
+def diffusion_command(args: argparse.Namespace) -> int:
+    """Validate, run the diffusion flow, wait for its records, print the summary and the targets."""
+    cfg = build_diffusion_config(args)
+    aligned = cfg.aligned
+    process_env(aligned.cache_dir)
+    from prefect_api.server import check_api
+    from runtime.embedded import EmbeddedServer
+
+    check_api(required=False)
+    server = EmbeddedServer()  # boots while the settings are checked and the flows are imported; kept for the next command
+    try:
+        from eightgen.rundir import check_target
+        from runtime.preflight import preflight
+
+        runs = [aligned.experiment(detector, budget) for detector in aligned.detectors for budget in aligned.budgets]
+        for line in preflight(runs[0], args.overwrite, runs=runs):
+            print(f"eightgen: warning: {line}", file=sys.stderr, flush=True)
+        for run in runs:
+            check_target(run.run_dir, run, args.overwrite)
+        from flows.diffusion import diffusion_flow
+        from prefect_api.records import flush_workers, wait_for_records
+
+        with server.wait():
+            state = diffusion_flow(cfg, force=args.force, overwrite=args.overwrite, return_state=True)
+            if not server.outlives_command:  # it stops with this command: wait until it has every record
+                wait_for_records(state.state_details.flow_run_id)
+            else:
+                flush_workers()
+    finally:
+        server.stop()
+    if not state.is_completed():
+        exc = state.result(raise_on_failure=False)
+        if isinstance(exc, Exception):
+            raise exc  # an EightgenError stays one line; anything else is logged with its traceback
+        raise EightgenError(f"diffusion experiment ended {state.name}")
+    report = Path(state.result())
+    summary = json.loads((report.parent / "diffusion.json").read_text())
+    print("\n".join(summary_lines(summary)))
+    print(f"report: {report.resolve()}")
+    if args.check and not summary["targets_met"]:
+        return 1
+    return 0

@@ -1,0 +1,55 @@
+"""The diffusion experiment as a Prefect flow: the aligned experiment (detectors, referees, gradient runs), a denoiser,
+guided sampling in chunks on the same starts, and the "three ways" report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from eightgen.config import DiffusionConfig
+from flows.aligned import aligned_flow
+from flows.stages import assemble_flow
+from prefect_api.subflows import nested_stages
+from runtime.httpd import report_link
+from tasks.denoise import gradient_runs, n_sample_chunks, sample_chunk, train_denoiser_model
+from tasks.report import artifact_key
+from tasks.threeways import DIFFUSION_HTML, judge_three_ways
+
+
+# One chunk at a time: each chunk already uses every core through torch.
+@flow(name="diffusion", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def diffusion_flow(cfg: DiffusionConfig = DiffusionConfig(), force: bool = False, overwrite: bool = False) -> Path:
+    """Three ways to the target from identical starts: standard gradient, robust gradient, guided diffusion."""
+    a = cfg.aligned
+    with nested_stages():
+        aligned_flow(a, force=force, overwrite=overwrite)
+        denoiser_data = assemble_flow(cfg.denoiser_dataset, a.cache_dir)
+    found = gradient_runs(a)
+    denoiser = train_denoiser_model(cfg.denoiser, denoiser_data, a.cache_dir, force)
+    attack = a.attack_at(a.matched_budget)
+    detectors = {name: found[f"model-{name}"] for name in a.detectors}
+    samples = {}
+    for guidance in cfg.guidance:
+        futures = [
+            sample_chunk.submit(
+                attack, guidance, cfg.guidance_scale, cfg.ddim_steps, cfg.start_level, cfg.record_every, cfg.chunk_size, i,
+                denoiser, detectors, found["dataset"], cfg.device, a.cache_dir, force,
+            )
+            for i in range(n_sample_chunks(attack, cfg.chunk_size))
+        ]
+        samples[guidance] = [f.result() for f in futures]
+    runs = {name: found[name] for name in a.detectors} | {"referees": found["referees"]}
+    report = judge_three_ways(cfg, runs, samples, denoiser, cfg.run_dir, force)
+    html = report.path / DIFFUSION_HTML
+    create_markdown_artifact(
+        f"## {cfg.run_label}\n\nthree ways report: `{html.resolve()}`\n",
+        key=f"diffusion-{artifact_key(report.path)}",
+        description="eightgen diffusion experiment: where its report is",
+    )
+    link = report_link(report.path, DIFFUSION_HTML)
+    if link:
+        create_link_artifact(link, link_text=DIFFUSION_HTML, description="the three ways report")
+    return html
