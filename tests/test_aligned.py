@@ -75,6 +75,8 @@ def test_report_section_and_summary(runs, cfg: AlignedConfig) -> None:
     for anchor in ("aligned-answer", "targets-table", "budget-table", "fig-aligned", "aligned-grid", "grid-noise", "grid-1", "grid-3", "aligned-noise", "detector-facts", "referee-facts", "aligned-indicators"):
         assert f'id="{anchor}"' in html, anchor
     assert "http://" not in html and "https://" not in html
+    assert "<title>eightgen: does it become an 8?</title>" in html and "<h2>Does it become an 8?</h2>" in html  # the target's name
+    assert "<th>k-NN: 8</th>" in html and "standard vs adversarially trained 8-detector" in html
     summary = json.loads((cfg.root_dir / "aligned.json").read_text())
     assert [(c["detector"], c["budget"]) for c in summary["cells"]] == [(d, b) for b in BUDGETS for d in ("standard", "robust")]
     assert [t["key"] for t in summary["targets"]] == ["knn_robust", "knn_standard", "flip_robust", "flip_standard", "agree_robust"]
