@@ -38,13 +38,13 @@ ROWS = [
 ]
 
 
-def _env(home: Path, api: str | None = None, idle: str | None = None) -> dict[str, str]:
+def prefect_env(home: Path, api: str | None = None, idle: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != IDLE}
     env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     return env | ({"PREFECT_API_URL": api} if api else {}) | ({IDLE: idle} if idle is not None else {})
 
 
-def _stop_kept_server(home: Path) -> None:
+def stop_kept_server(home: Path) -> None:
     """Stop the local server a run left running for the next command in this Prefect home."""
     state = recorded(home)
     if state is not None:
@@ -61,11 +61,11 @@ def _task_seconds_sqlite(db: Path, marks: dict[str, float]) -> float:
             "SELECT start_time, end_time FROM task_run WHERE start_time IS NOT NULL AND end_time IS NOT NULL AND id NOT IN "
             "(SELECT parent_task_run_id FROM flow_run WHERE parent_task_run_id IS NOT NULL)"  # subflow stand-ins
         ).fetchall()
-    spans = [(_when(a), _when(b)) for a, b in rows]
+    spans = [(when(a), when(b)) for a, b in rows]
     return sum(b - a for a, b in spans if marks["start"] <= a and b <= marks["end"])
 
 
-def _when(value: str) -> float:
+def when(value: str) -> float:
     return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
 
 
@@ -90,7 +90,7 @@ def _start_server(home: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=prefect_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     api = f"http://127.0.0.1:{port}/api"
     import httpx
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     home = tmp / "home"
     # a user's machine already has a Prefect database: create one first (migrations), outside the measurement
     boot = "from runtime.embedded import EmbeddedServer; s = EmbeddedServer(); s.wait(); s.stop()"
-    subprocess.run([sys.executable, "-c", boot], env=_env(home, idle="0"), capture_output=True, check=True)
+    subprocess.run([sys.executable, "-c", boot], env=prefect_env(home, idle="0"), capture_output=True, check=True)
     load_before = os.getloadavg()[0]
     columns = {}
     kept, fresh = tmp / "home-kept", tmp / "home-fresh"
@@ -141,15 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # cold starts the local server and leaves it up; the warm run after it reuses it
         for label, db_home, idle in (("cold", kept, None), ("warm", kept, None), ("warm, fresh server", fresh, "0")):
-            columns[label] = timed_run(options, _env(db_home, idle=idle), tmp / "phases.jsonl")
+            columns[label] = timed_run(options, prefect_env(db_home, idle=idle), tmp / "phases.jsonl")
     finally:
-        _stop_kept_server(kept)
+        stop_kept_server(kept)
     time.sleep(2)  # the kept server's last writes
     for label, db_home in (("cold", kept), ("warm", kept), ("warm, fresh server", fresh)):
         columns[label]["tasks"] = _task_seconds_sqlite(db_home / "prefect.db", columns[label])
     proc, api = _start_server(tmp / "home-server")
     try:
-        marks = timed_run(options, _env(tmp / "home-client", api), tmp / "phases.jsonl")
+        marks = timed_run(options, prefect_env(tmp / "home-client", api), tmp / "phases.jsonl")
         marks["tasks"] = float("nan")
         columns["warm, running server"] = marks
     finally:

@@ -14,6 +14,8 @@ from eightgen.errors import EightgenError
 OVERRIDES: dict[str, tuple[str, str]] = {
     # option dest -> (config section, field)
     "seeds": ("attack", "seeds"),
+    "starts_per_digit": ("attack", "starts_per_digit"),
+    "pool_per_digit": ("dataset", "pool_per_digit"),
     "digits": ("attack", "start_digits"),
     "noise": ("attack", "include_noise"),
     "steps": ("attack", "steps"),
@@ -55,6 +57,28 @@ def digits_arg(text: str) -> tuple[int, ...] | str:
         raise argparse.ArgumentTypeError(f"digits must be comma-separated integers, got {text!r}") from None
 
 
+def count_or_all(text: str) -> int | str:
+    """Parse a positive count, or 'all'."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+
+
+def pool_for_starts(data: dict[str, Any], args: argparse.Namespace) -> None:
+    """Hold out as many pool images per class as the starts per class ask for, unless --pool-per-digit says otherwise."""
+    want = getattr(args, "starts_per_digit", None)
+    if want is None and data["attack"]["starts_per_digit"] is None:
+        want = getattr(args, "seeds", None)
+    if want is None or getattr(args, "pool_per_digit", None) is not None:
+        return
+    have = data["dataset"]["pool_per_digit"]
+    if want == "all" or (have != "all" and want > have):
+        data["dataset"]["pool_per_digit"] = want
+
+
 def experiment_options(p: argparse.ArgumentParser) -> None:
     """The options that make an ExperimentConfig (shared by `run` and `serve`), and where chunks run."""
     p.add_argument("--preset", default="quick", help=f"named settings to start from: {', '.join(PRESETS)} (default quick)")
@@ -67,7 +91,9 @@ def experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, help="training epochs")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None, help="ImageNet weights for resnets (needs network or a filled torch hub cache)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--seeds", type=int, help="seeds per start digit (and noise starts)")
+    g.add_argument("--seeds", type=int, help="noise starts, and starts per start class unless --starts-per-digit is given")
+    g.add_argument("--starts-per-digit", type=count_or_all, help="starts per start class: N or 'all' (every held-out image of the class); raises --pool-per-digit to match unless given")
+    g.add_argument("--pool-per-digit", type=count_or_all, help="images per class held out of training as attack starts: N or 'all' (the whole test split; needs train and test splits)")
     g.add_argument("--digits", type=digits_arg, help="start classes, e.g. 0,1,2 ('all' = every class but the target, the default; 'none')")
     g.add_argument("--noise", action=argparse.BooleanOptionalAction, default=None, help="include random-noise starts")
     g.add_argument("--steps", type=int, help="gradient steps per start")
@@ -123,6 +149,7 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         if value is not None:
             (data[section] if section else data)[field] = value
     apply_data_options(data, args, (data["attack"],))
+    pool_for_starts(data, args)
     env_dir = os.environ.get("EIGHTGEN_MNIST_DIR")
     if env_dir and data["dataset"]["mnist_dir"] is None and data["dataset"]["local_path"] is None:
         data["dataset"]["mnist_dir"] = Path(env_dir)

@@ -76,25 +76,30 @@ def assemble(data: MnistData, cfg: DatasetConfig) -> Assembled:
     if not np.any(data.labels == cfg.target):
         raise EightgenError(f"no images of {cfg.classes.label(cfg.target)} in {data.description}")
     real_splits = {"train", "test"} <= set(np.unique(data.split).tolist())
+    if cfg.pool_per_digit == "all" and not real_splits:
+        raise EightgenError(
+            f"pool_per_digit='all' needs a source with a training and a test split; {data.description} has one"
+        )
     pool, train, valid, referee = [], [], [], []
     for d in DIGITS:
         # One generator per digit and stage: the pool for a digit stays the same prefix when pool_per_digit grows.
         members = np.flatnonzero(data.labels == d)
         held = members[data.split[members] == "test"] if real_splits else members
         where = f"the test split of {data.description}" if real_splits else data.description
-        if len(held) < cfg.pool_per_digit:
-            raise EightgenError(f"digit {d}: {len(held)} images in {where}, pool_per_digit={cfg.pool_per_digit} needs more")
+        n_pool = len(held) if cfg.pool_per_digit == "all" else cfg.pool_per_digit
+        if len(held) < n_pool:
+            raise EightgenError(f"digit {d}: {len(held)} images in {where}, pool_per_digit={n_pool} needs more")
         held = _rng(cfg, 0, d).permutation(held)
-        pool.append(held[: cfg.pool_per_digit])
+        pool.append(held[:n_pool])
         if real_splits:
-            unseen, rest = held[cfg.pool_per_digit :], _rng(cfg, 4, d).permutation(members[data.split[members] == "train"])
+            unseen, rest = held[n_pool:], _rng(cfg, 4, d).permutation(members[data.split[members] == "train"])
             n_ref = int(round(len(unseen) * cfg.referee_fraction))
             n_valid = int(round(len(rest) * cfg.valid_fraction))
             referee.append(unseen[:n_ref])
             valid.append(rest[:n_valid])
             train.append(rest[n_valid:])
             continue
-        rest = held[cfg.pool_per_digit :]
+        rest = held[n_pool:]
         n_valid = int(round(len(rest) * cfg.valid_fraction))
         # The referee split comes after valid, so validation is the same with or without one.
         n_ref = int(round(len(rest) * cfg.referee_fraction))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from eightgen.artifacts import read_timings, write_manifest, write_timings
-from eightgen.trajectory import Trajectory, concat, load_trajectory, save_trajectory
+from eightgen.trajectory import Trajectory, load_trajectory, save_trajectory
 
 TRAJECTORY = "trajectory.npz"
 X0 = "x0.npy"
@@ -31,23 +31,31 @@ def write_chunk(directory: Path, traj: Trajectory, x0: np.ndarray, starts: pd.Da
 
 
 @dataclass(frozen=True)
-class Chunks:
-    """Several chunks joined in order: trajectories, start images, start table and each chunk's manifest info."""
+class Chunk:
+    """One verified chunk read back: its trajectories, start images, start table and manifest info (times added)."""
 
+    directory: Path
     trajectory: Trajectory
     run_ids: np.ndarray
     x0: np.ndarray
     starts: pd.DataFrame
-    infos: list[dict[str, Any]]
+    info: dict[str, Any]
+
+    @property
+    def trajectory_file(self) -> Path:
+        """The chunk's trajectory file, which a run directory keeps as one of its shards."""
+        return self.directory / TRAJECTORY
 
 
-def read_chunks(directories: Sequence[Path], infos: Sequence[dict[str, Any]]) -> Chunks:
-    """Join verified chunk directories (their manifests already read into `infos`, times added) in the order given."""
-    parts = [load_trajectory(Path(d) / TRAJECTORY) for d in directories]
-    return Chunks(
-        trajectory=concat([p[0] for p in parts]),
-        run_ids=np.concatenate([p[1] for p in parts]),
-        x0=np.concatenate([np.load(Path(d) / X0) for d in directories]),
-        starts=pd.concat([pd.read_parquet(Path(d) / STARTS) for d in directories], ignore_index=True),
-        infos=[{**info, **read_timings(Path(d))} for d, info in zip(directories, infos)],
+def read_chunk(directory: Path, info: dict[str, Any]) -> Chunk:
+    """Read a verified chunk directory (its manifest already read into `info`)."""
+    directory = Path(directory)
+    trajectory, run_ids = load_trajectory(directory / TRAJECTORY)
+    return Chunk(
+        directory=directory,
+        trajectory=trajectory,
+        run_ids=run_ids,
+        x0=np.load(directory / X0),
+        starts=pd.read_parquet(directory / STARTS),
+        info={**info, **read_timings(directory)},
     )

@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -43,7 +43,8 @@ class DatasetConfig(_Frozen):
     local_path: Path | None = None
     target: int = Field(8, ge=0, le=9)
     valid_fraction: float = Field(0.15, gt=0.0, lt=0.9)
-    pool_per_digit: int = Field(64, ge=1)
+    # Attack-start images held out per class: a number, or "all" (every test-split image of the class).
+    pool_per_digit: Annotated[int, Field(ge=1)] | Literal["all"] = 64
     balance: Literal["none", "undersample", "oversample"] = "none"
     max_train: int | None = Field(None, gt=0)
     seed: int = Field(0, ge=0)
@@ -130,7 +131,9 @@ class AttackConfig(_Frozen):
     start_digits: tuple[int, ...] | None = None
     include_noise: bool = True
     noise: Literal["auto", "uniform", "normal"] = "auto"
-    seeds: int = Field(16, gt=0)
+    seeds: int = Field(16, gt=0)  # noise starts, and starts per start digit unless starts_per_digit says otherwise
+    # Starts per start digit (the first pool images of the digit): a number, "all" (the whole pool), or None (seeds).
+    starts_per_digit: Annotated[int, Field(gt=0)] | Literal["all"] | None = None
     steps: int = Field(50, gt=0)
     method: Method = "seed"
     loss: Loss | None = None
@@ -168,6 +171,11 @@ class AttackConfig(_Frozen):
         if self.method in ("pgd_linf", "pgd_l2") and self.eps is None:
             raise ValueError(f"method {self.method!r} needs eps (its budget)")
         return self
+
+    @property
+    def per_digit(self) -> int | Literal["all"]:
+        """Starts per start digit: starts_per_digit if given, else seeds."""
+        return self.starts_per_digit if self.starts_per_digit is not None else self.seeds
 
     @property
     def step_size(self) -> float:
@@ -226,7 +234,19 @@ class ExperimentConfig(_Frozen):
             raise ValueError(
                 f"attack.target ({self.attack.target}) differs from dataset.target ({self.dataset.target})"
             )
+        check_pool(self.dataset, self.attack)
         return self
+
+
+def check_pool(dataset: DatasetConfig, attack: AttackConfig) -> None:
+    """ValueError when the attack asks for more starts per digit than the dataset holds out per digit."""
+    want, have = attack.per_digit, dataset.pool_per_digit
+    if attack.start_digits and isinstance(want, int) and isinstance(have, int) and want > have:
+        field = "attack.starts_per_digit" if attack.starts_per_digit is not None else "attack.seeds"
+        raise ValueError(
+            f"{field}={want} starts per digit, but dataset.pool_per_digit holds out {have} images per digit "
+            "(raise pool_per_digit, or set it to 'all')"
+        )
 
 
 PRESETS: dict[str, ExperimentConfig] = {
@@ -311,6 +331,7 @@ class AlignedConfig(_Frozen):
             raise ValueError("dataset.referee_fraction must be > 0: the referees need images no detector trained on")
         if self.attack.target != self.dataset.target:
             raise ValueError(f"attack.target ({self.attack.target}) differs from dataset.target ({self.dataset.target})")
+        check_pool(self.dataset, self.attack)
         if self.attack.seeds < self.grid_seeds:
             raise ValueError(f"grid_seeds ({self.grid_seeds}) exceeds attack.seeds ({self.attack.seeds})")
         return self

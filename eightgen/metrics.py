@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from eightgen.errors import EightgenError
-from eightgen.starts import META_COLUMNS
+from eightgen.grid import META_COLUMNS
 from eightgen.trajectory import Trajectory
 
 TARGET = 1  # class index of the target digit

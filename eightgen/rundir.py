@@ -5,9 +5,8 @@ from __future__ import annotations
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -23,15 +22,16 @@ from eightgen.artifacts import (
 )
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
-from eightgen.trajectory import Trajectory, save_trajectory
+from eightgen.trajectory import Shards
 
 CONFIG = "config.json"
 RESULTS = "results.parquet"
 RESULTS_CSV = "results.csv"
-TRAJECTORIES = "trajectories.npz"
+TRAJECTORIES = "trajectories"  # folder of trajectory shards, one per optimisation chunk, in start order
+LEGACY_TRAJECTORIES = "trajectories.npz"  # one file for every start (runs written before the shards)
 REPORT = "report.html"
 REPORT_MANIFEST = "report.manifest.json"
-RUN_FILES = (RESULTS, RESULTS_CSV, TRAJECTORIES, CONFIG)
+RUN_FILES = (RESULTS, RESULTS_CSV, CONFIG)
 # The settings that decide a run's numbers; where it is written (runs_root, cache_dir, run_name) does not.
 SETTINGS = ("dataset", "train", "attack", "report")
 
@@ -145,9 +145,31 @@ def verify_run(run_dir: Path) -> Artifact:
     """The run directory's Artifact after checking every file against its manifest (EightgenError naming a damaged one)."""
     manifest = read_manifest(Path(run_dir))
     missing = [f for f in RUN_FILES if f not in manifest.get("files", {})]
+    if not _shard_names(manifest):
+        missing.append(f"{TRAJECTORIES}/")
     if missing:
         raise EightgenError(f"{run_dir}/{MANIFEST}: does not list {', '.join(missing)}")
     return artifact_of(Path(run_dir))
+
+
+def shard_name(i: int) -> str:
+    """The manifest name of a run's i-th trajectory shard."""
+    return f"{TRAJECTORIES}/part-{i:05d}.npz"
+
+
+def _shard_names(manifest: dict[str, Any]) -> list[str]:
+    files = manifest.get("files", {})
+    shards = sorted(f for f in files if f.startswith(TRAJECTORIES + "/"))
+    return shards or ([LEGACY_TRAJECTORIES] if LEGACY_TRAJECTORIES in files else [])
+
+
+def trajectories(run_dir: Path) -> Shards:
+    """A run's trajectories, read lazily from the shards its manifest lists (the manifest not verified here)."""
+    run_dir = Path(run_dir)
+    names = _shard_names(read_manifest(run_dir, verify=False))
+    if not names:
+        raise EightgenError(f"{run_dir}/{MANIFEST}: lists no trajectories")
+    return Shards([run_dir / n for n in names])
 
 
 def is_run_dir(path: Path) -> bool:
@@ -176,23 +198,24 @@ def check_target(run_dir: Path, cfg: ExperimentConfig, overwrite: bool = False) 
 
 
 def write_run(
-    run_dir: Path,
-    record: RunRecord,
-    results: pd.DataFrame,
-    trajectory: Trajectory,
-    run_ids: np.ndarray,
-    stamp: dict[str, Any] | None = None,
+    run_dir: Path, record: RunRecord, results: pd.DataFrame, shards: Sequence[Path], stamp: dict[str, Any] | None = None
 ) -> Artifact:
-    """Write a whole run directory (results, trajectories, record, manifest) and swap it in for any old one at once."""
+    """Write a whole run directory (results, trajectory shards copied from `shards`, record, manifest) and swap it in
+    for any old one at once."""
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = fresh_sibling(run_dir, "new")
     try:
         results.to_parquet(tmp / RESULTS, index=False)
         results.to_csv(tmp / RESULTS_CSV, index=False)
-        save_trajectory(trajectory, run_ids, tmp / TRAJECTORIES)
+        (tmp / TRAJECTORIES).mkdir()
+        names = [shard_name(i) for i in range(len(shards))]
+        for source, name in zip(shards, names):
+            shutil.copyfile(source, tmp / name)  # a copy: the run stays whole when the cache is cleaned
+        if Shards([tmp / n for n in names]).n != len(results):
+            raise EightgenError(f"{run_dir}: the trajectory shards do not hold one row per result ({len(results)})")
         (tmp / CONFIG).write_text(record.model_dump_json(indent=2))
-        write_manifest(tmp, {"run_name": record.run_name, **(stamp or {})}, list(RUN_FILES))
+        write_manifest(tmp, {"run_name": record.run_name, **(stamp or {})}, [*RUN_FILES, *names])
         swap_in(tmp, run_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,8 +12,7 @@ from torch import Tensor
 
 from eightgen.config import AttackConfig
 from eightgen.errors import EightgenError
-
-META_COLUMNS = ("run_id", "start_kind", "start_digit", "source_index", "seed")
+from eightgen.grid import META_COLUMNS, start_table
 
 
 @dataclass(frozen=True)
@@ -65,8 +64,11 @@ def make_starts(
     channels: int,
     mean: Tensor,
     std: Tensor,
+    rows: slice = slice(None),
 ) -> Starts:
-    """Noise starts (if include_noise) then pool digits in cfg.start_digits order, seeds 0..seeds-1 within each."""
+    """The starts `rows` of the grid: noise (if include_noise) then pool digits in cfg.start_digits order.
+
+    Only the images of the rows asked for are made, so a chunk of a large grid costs its own size."""
     if channels not in (1, 3):
         raise EightgenError(f"channels must be 1 or 3, got {channels}")
     pool_x, pool_y, pool_index = np.asarray(pool_x), np.asarray(pool_y), np.asarray(pool_index)
@@ -77,26 +79,15 @@ def make_starts(
             f"pool arrays differ in length: x {len(pool_x)}, y {len(pool_y)}, index {len(pool_index)}"
         )
     mean_c, std_c = _channel_stats(mean, channels, "mean"), _channel_stats(std, channels, "std")
-
-    images: list[Tensor] = []
-    rows: list[dict] = []
-    if cfg.include_noise:
+    meta, pool_rows = start_table(cfg, pool_y, pool_index)
+    meta, pool_rows = meta.iloc[rows].reset_index(drop=True), pool_rows[rows]
+    x0 = torch.empty(len(meta), channels, 28, 28, dtype=torch.float32)
+    digit = pool_rows >= 0
+    if digit.any():
+        pixels = torch.from_numpy(pool_x[pool_rows[digit]].astype(np.float32) / 255.0)
+        x0[torch.from_numpy(digit)] = pixels[:, None].expand(-1, channels, -1, -1)
+    if not digit.all():
         kind = noise_kind(cfg)
-        for s in range(cfg.seeds):
-            images.append(noise_image(s, kind, channels, mean_c, std_c))
-            rows.append(dict(run_id=f"noise-s{s:04d}", start_kind="noise", start_digit=None, source_index=None, seed=s))
-    for d in cfg.start_digits:
-        where = np.flatnonzero(pool_y == d)
-        if len(where) < cfg.seeds:
-            raise EightgenError(f"the pool holds {len(where)} images of digit {d}, fewer than seeds={cfg.seeds}")
-        picked = where[: cfg.seeds]
-        pixels = torch.from_numpy(pool_x[picked].astype(np.float32) / 255.0)
-        images.extend(pixels[:, None].expand(-1, channels, -1, -1).contiguous())
-        rows.extend(
-            dict(run_id=f"d{d}-s{s:04d}", start_kind="digit", start_digit=d, source_index=int(pool_index[i]), seed=s)
-            for s, i in enumerate(picked)
-        )
-
-    meta = pd.DataFrame(rows, columns=list(META_COLUMNS))
-    meta = meta.astype({"start_digit": "Int64", "source_index": "Int64", "seed": "int64"})
-    return Starts(x0=torch.stack(images).to(torch.float32), meta=meta)
+        for i in np.flatnonzero(~digit):
+            x0[i] = noise_image(int(meta.seed[i]), kind, channels, mean_c, std_c)
+    return Starts(x0=x0, meta=meta)

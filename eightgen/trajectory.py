@@ -1,10 +1,11 @@
-"""What the optimisation loop recorded for a batch of starts, and its trajectories.npz file."""
+"""What the optimisation loop recorded for a batch of starts, its trajectory file, and a run's shards of them."""
 
 from __future__ import annotations
 
 import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -96,7 +97,7 @@ def concat(parts: list[Trajectory]) -> Trajectory:
 
 
 def save_trajectory(traj: Trajectory, run_ids: np.ndarray | list[str], path: Path) -> Path:
-    """Write trajectories.npz (compressed, plus run_id [n]) atomically at exactly `path`."""
+    """Write a trajectory file (compressed npz, plus run_id [n]) atomically at exactly `path`."""
     run_id = np.asarray(run_ids, dtype=str)
     if run_id.shape != (traj.n,):
         raise EightgenError(f"{len(run_id)} run ids for a trajectory of {traj.n} starts")
@@ -109,7 +110,7 @@ def save_trajectory(traj: Trajectory, run_ids: np.ndarray | list[str], path: Pat
 
 
 def load_trajectory(path: Path) -> tuple[Trajectory, np.ndarray]:
-    """Read trajectories.npz back: the Trajectory and its run ids."""
+    """Read a trajectory file back: the Trajectory and its run ids."""
     path = Path(path)
     if not path.is_file():
         raise EightgenError(f"{path}: no such trajectory file")
@@ -131,3 +132,69 @@ def load_trajectory(path: Path) -> tuple[Trajectory, np.ndarray]:
     if run_id.shape != (traj.n,):
         raise EightgenError(f"{path}: {len(run_id)} run ids for {traj.n} starts")
     return traj, run_id
+
+
+def read_member(path: Path, name: str) -> np.ndarray:
+    """One array of a trajectory file (only that member is read and decompressed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EightgenError(f"{path}: no such trajectory file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if name not in data.files:
+                raise EightgenError(f"{path}: not a trajectory file (missing {name})")
+            return data[name]
+    except EightgenError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise EightgenError(f"{path}: corrupt trajectory file ({exc})") from None
+
+
+class Shards:
+    """A run's trajectories as several trajectory files (one per chunk, in start order), read lazily.
+
+    Opening one reads only the run ids; a per-start field is read shard by shard, so no more than one shard's
+    snapshots are ever in memory."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise EightgenError("no trajectory files")
+        ids = [read_member(p, "run_id").astype(str) for p in self.paths]
+        self.offsets = np.concatenate([[0], np.cumsum([len(i) for i in ids])]).astype(np.int64)
+        self.run_ids = np.concatenate(ids)
+
+    @property
+    def n(self) -> int:
+        """Number of starts over all shards."""
+        return int(self.offsets[-1])
+
+    def field(self, name: str) -> np.ndarray:
+        """A per-start field joined over the shards (snapshot_steps: the first shard's); avoid for snapshots."""
+        if name not in _LAYOUT:
+            raise EightgenError(f"no trajectory field {name!r}")
+        if name == "snapshot_steps":
+            return read_member(self.paths[0], name)
+        parts = [read_member(p, name) for p in self.paths]
+        for p, part, start, stop in zip(self.paths, parts, self.offsets[:-1], self.offsets[1:]):
+            if len(part) != stop - start:
+                raise EightgenError(f"{p}: {len(part)} rows of {name} for {stop - start} run ids")
+        return np.concatenate(parts)
+
+    def __iter__(self) -> Iterator[tuple[Trajectory, np.ndarray]]:
+        """Each shard's whole Trajectory and run ids, one at a time."""
+        for p in self.paths:
+            yield load_trajectory(p)
+
+    def load(self) -> tuple[Trajectory, np.ndarray]:
+        """Every shard joined in memory (small runs only)."""
+        parts = list(self)
+        return concat([t for t, _ in parts]), np.concatenate([i for _, i in parts])
+
+    def by_shard(self, rows: Iterable[int]) -> dict[int, np.ndarray]:
+        """Global rows grouped by the shard holding them: shard index -> sorted global rows."""
+        rows = np.unique(np.asarray(list(rows), dtype=np.int64))
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self.n):
+            raise EightgenError(f"trajectory rows outside 0..{self.n - 1}")
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        return {int(s): rows[shard == s] for s in np.unique(shard)}

@@ -32,7 +32,7 @@ def aligned_flow(cfg: AlignedConfig = AlignedConfig(), force: bool = False, over
     for name, model in models.items():
         for budget in cfg.budgets:
             run = cfg.experiment(name, budget)
-            chunks = [optimize_chunk.submit(run.attack, model, dataset, i, cfg.cache_dir, force) for i in range(n_chunks(run.attack))]
+            chunks = [optimize_chunk.submit(run.attack, model, dataset, i, cfg.cache_dir, force) for i in range(n_chunks(run.attack, dataset))]
             aligned = AlignedRecord(experiment=cfg.run_label, detector=name, budget=budget, matched_budget=cfg.matched_budget)
             runs.append(
                 collect_judged_results(

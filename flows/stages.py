@@ -38,7 +38,7 @@ def attack_flow(
     cfg: ExperimentConfig, model: Artifact, dataset: Artifact, overwrite: bool = False, force: bool = False
 ) -> Artifact:
     """Model + dataset -> optimised chunks of starts -> the run directory named by the settings, written whole."""
-    chunks = [optimize_chunk.submit(cfg.attack, model, dataset, i, cfg.cache_dir, force) for i in range(n_chunks(cfg.attack))]
+    chunks = [optimize_chunk.submit(cfg.attack, model, dataset, i, cfg.cache_dir, force) for i in range(n_chunks(cfg.attack, dataset))]
     return collect_results(cfg, [c.result() for c in chunks], model, dataset, cfg.run_dir, cfg.run_label, overwrite, force)
 
 

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from eightgen.classes import classes_of
 from eightgen.errors import EightgenError
-from eightgen.rundir import TRAJECTORIES, RunRecord
+from eightgen.rundir import RunRecord, trajectories
 from reports import figures, stats
 from reports.formatting import fmt_num, fmt_pct, json_safe
 from reports.images import array_img, figure_img
@@ -67,17 +67,19 @@ class AlignedRun:
 def load_aligned_run(run_dir: Path) -> AlignedRun:
     """A judged run directory written by the aligned flow (config.json with an "aligned" section, referee columns)."""
     run_dir = Path(run_dir)
-    run = load_run(run_dir)  # checks config.json, results.parquet and trajectories.npz
+    run = load_run(run_dir)  # checks config.json, results.parquet and the trajectory shards
     aligned = run.record.aligned
     if aligned is None or aligned.detector not in DETECTORS:
         raise EightgenError(f"{run_dir / 'config.json'}: no aligned section (detector, budget); not an aligned run")
     missing = [c for c in REFEREE_COLUMNS if c not in run.results]
     if missing:
         raise EightgenError(f"{run_dir / 'results.parquet'}: no referee columns {', '.join(missing)}")
-    with np.load(run_dir / TRAJECTORIES) as npz:
-        step0 = int(np.flatnonzero(npz["snapshot_steps"] == 0)[0])
-        x0 = npz["snapshots"][:, step0].astype(np.float32)
-        x_final = npz["x_final"].astype(np.float32)
+    step0 = int(np.flatnonzero(run.snapshot_steps == 0)[0])
+    x0, x_final = [], []
+    for traj, _ in trajectories(run_dir):  # one shard in memory at a time
+        x0.append(traj.snapshots[:, step0].astype(np.float32))
+        x_final.append(traj.x_final)
+    x0, x_final = np.concatenate(x0), np.concatenate(x_final)
     rows = run.results["traj_row"].to_numpy()
     return AlignedRun(run_dir, aligned.detector, aligned.budget, run, run.results, x0[rows], x_final[rows])
 

@@ -15,7 +15,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from eightgen.artifacts import write_text_atomically
 from eightgen.config import ReportConfig
 from eightgen.errors import EightgenError
-from eightgen.rundir import REPORT, TRAJECTORIES, is_run_dir, write_report
+from eightgen.rundir import REPORT, is_run_dir, trajectories, write_report
 from reports import figures, stats
 from reports.formatting import fmt_int, fmt_num, fmt_pct, fmt_prob, fmt_raw, fmt_scale, fmt_step, table_rows
 from reports.images import Img, figure_img
@@ -143,7 +143,7 @@ def run_context(run: Run, cfg: ReportConfig | None = None, part: Callable[[], No
     anim_rows = animation_rows(run)
     traj_rows = run.results.loc[[i for rows in chosen.values() for i in rows] + most + least + anim_rows, "traj_row"]
     step0 = int(np.flatnonzero(run.snapshot_steps == 0)[0])
-    snaps, x0_norms = read_snapshots(run.path / TRAJECTORIES, traj_rows, step0)
+    snaps, x0_norms = read_snapshots(trajectories(run.path), traj_rows, step0)
     part()
     anims = animations(run, anim_rows, snaps, plabel)
     part()

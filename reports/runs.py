@@ -12,7 +12,8 @@ import pandas as pd
 
 from eightgen.config import AttackConfig, ReportConfig
 from eightgen.errors import EightgenError
-from eightgen.rundir import RESULTS, TRAJECTORIES, RunRecord, load_record, verify_run
+from eightgen.rundir import RESULTS, TRAJECTORIES, RunRecord, load_record, trajectories, verify_run
+from eightgen.trajectory import Shards
 from reports import stats
 
 REQUIRED_COLUMNS = (
@@ -38,7 +39,7 @@ class Run:
     path: Path
     name: str
     record: RunRecord
-    results: pd.DataFrame  # one row per start, with columns group and traj_row (row in trajectories.npz)
+    results: pd.DataFrame  # one row per start, with columns group and traj_row (row over the trajectory shards)
     p_target: np.ndarray  # [n_traj, steps + 1]
     snapshot_steps: np.ndarray
     report: ReportConfig
@@ -61,7 +62,7 @@ class Run:
 
 
 def load_run(run_dir: Path) -> Run:
-    """Read a verified run directory: its record, results.parquet and the per-step arrays of trajectories.npz."""
+    """Read a verified run directory: its record, results.parquet and the per-step p(target) of its trajectory shards."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EightgenError(f"{run_dir}: {'a file, not a run directory' if run_dir.exists() else 'run directory not found'}")
@@ -76,21 +77,15 @@ def load_run(run_dir: Path) -> Run:
         raise EightgenError(f"{run_dir / RESULTS}: missing columns {', '.join(missing)}")
     if results.empty:
         raise EightgenError(f"{run_dir / RESULTS}: no rows")
-    npz_path = run_dir / TRAJECTORIES
-    if not npz_path.is_file():
-        raise EightgenError(f"{run_dir}: no trajectories.npz")
-    with np.load(npz_path) as npz:
-        for key in ("p_target", "snapshot_steps", "snapshots"):
-            if key not in npz.files:
-                raise EightgenError(f"{npz_path}: no array {key!r}")
-        p_target = npz["p_target"].astype(np.float32)
-        snapshot_steps = npz["snapshot_steps"].astype(np.int64)
-        traj_ids = npz["run_id"].astype(str) if "run_id" in npz.files else None
+    shards = trajectories(run_dir)
+    p_target = shards.field("p_target").astype(np.float32)
+    snapshot_steps = shards.field("snapshot_steps").astype(np.int64)
+    where = run_dir / TRAJECTORIES
     results = results.reset_index(drop=True)
-    results["traj_row"] = _align(results["run_id"].astype(str).to_numpy(), traj_ids, len(p_target), npz_path)
+    results["traj_row"] = _align(results["run_id"].astype(str).to_numpy(), shards.run_ids, len(p_target), where)
     results["group"] = stats.group_labels(results)
     if 0 not in snapshot_steps:
-        raise EightgenError(f"{npz_path}: snapshot_steps lacks step 0 (the start)")
+        raise EightgenError(f"{where}: snapshot_steps lacks step 0 (the start)")
     return Run(run_dir, record.run_name, record, results, p_target, snapshot_steps, record.config.report, record.target, sha256)
 
 
@@ -109,25 +104,42 @@ def _align(result_ids: np.ndarray, traj_ids: np.ndarray | None, n_traj: int, whe
     return rows
 
 
-def read_snapshots(npz_path: Path, rows: Iterable[int], step0: int, *, chunk_rows: int = 256) -> tuple[dict[int, np.ndarray], np.ndarray]:
+def read_snapshots(shards: Shards, rows: Iterable[int], step0: int, *, chunk_rows: int = 256) -> tuple[dict[int, np.ndarray], np.ndarray]:
     """Snapshots [k, C, 28, 28] of the given trajectory rows, and the L2 norm of every row's start image.
 
-    Streams the compressed array in chunks so memory stays small however many trajectories the run holds.
-    """
-    wanted = sorted(set(int(r) for r in rows))
-    with zipfile.ZipFile(npz_path) as zf, zf.open("snapshots.npy") as f:
+    Streams each shard's compressed array in blocks of rows, so memory stays small however many starts the run holds."""
+    wanted = shards.by_shard(rows)
+    picked: dict[int, np.ndarray] = {}
+    norms = []
+    for i, path in enumerate(shards.paths):
+        offset = int(shards.offsets[i])
+        local, shard_norms = _shard_snapshots(path, [int(r) - offset for r in wanted.get(i, [])], step0, chunk_rows)
+        picked.update({r + offset: snaps for r, snaps in local.items()})
+        norms.append(shard_norms)
+    return picked, np.concatenate(norms)
+
+
+def _shard_snapshots(path: Path, wanted: list[int], step0: int, chunk_rows: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    try:
+        return _stream_snapshots(path, wanted, step0, chunk_rows)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise EightgenError(f"{path}: cannot read snapshots ({type(exc).__name__}: {exc})") from None
+
+
+def _stream_snapshots(path: Path, wanted: list[int], step0: int, chunk_rows: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    with zipfile.ZipFile(path) as zf, zf.open("snapshots.npy") as f:
         version = np.lib.format.read_magic(f)
         reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
         if reader is None:
-            return _snapshots_in_memory(npz_path, wanted, step0)
+            return _snapshots_in_memory(path, wanted, step0)
         shape, fortran, dtype = reader(f)
         if fortran:
-            return _snapshots_in_memory(npz_path, wanted, step0)
+            return _snapshots_in_memory(path, wanted, step0)
         n, row_shape = shape[0], shape[1:]
         row_bytes = int(np.prod(row_shape)) * dtype.itemsize
         picked: dict[int, np.ndarray] = {}
         norms = np.empty(n, np.float64)
-        queue = iter(wanted)
+        queue = iter(sorted(wanted))
         nxt = next(queue, None)
         for start in range(0, n, chunk_rows):
             m = min(chunk_rows, n - start)
@@ -140,8 +152,8 @@ def read_snapshots(npz_path: Path, rows: Iterable[int], step0: int, *, chunk_row
     return picked, norms
 
 
-def _snapshots_in_memory(npz_path: Path, wanted: list[int], step0: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
-    with np.load(npz_path) as npz:
+def _snapshots_in_memory(path: Path, wanted: list[int], step0: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    with np.load(path) as npz:
         snaps = npz["snapshots"]
     first = snaps[:, step0].astype(np.float32).reshape(len(snaps), -1)
     return {r: snaps[r].astype(np.float32) for r in wanted}, np.linalg.norm(first, axis=1)

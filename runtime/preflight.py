@@ -8,15 +8,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from eightgen.assembly import assemble
 from eightgen.config import AttackConfig, ExperimentConfig, TrainConfig
 from eightgen.errors import EightgenError
+from eightgen.grid import digit_counts
 from eightgen.rundir import check_target
 from eightgen.sources import load_mnist
 
 PIXELS = 28 * 28
 FLOAT_BYTES = 4
 MNIST_IMAGES = 70_000
+TEST_IMAGES_PER_CLASS = 1_200  # at most, for "all" starts per digit (MNIST's largest test class holds 1,135)
 # Parameters of each detector with fastai's head (float32; the model dir holds them twice: model.pt and learner.pkl).
 MODEL_PARAMETERS = {"small_cnn": 40_000, "resnet18": 11_700_000, "resnet34": 21_800_000}
 SPACE_MARGIN = 2.0  # warn when the free space is less than this many times the estimate
@@ -57,7 +61,8 @@ def pretrained_weights(cfg: TrainConfig) -> None:
 
 
 def _starts(cfg: AttackConfig) -> int:
-    return cfg.seeds * (len(cfg.start_digits) + int(cfg.include_noise))
+    per_digit = TEST_IMAGES_PER_CLASS if cfg.per_digit == "all" else cfg.per_digit
+    return cfg.seeds * int(cfg.include_noise) + per_digit * len(cfg.start_digits)
 
 
 def _snapshots(cfg: AttackConfig) -> int:
@@ -124,10 +129,5 @@ def preflight(cfg: ExperimentConfig, overwrite: bool = False, runs: Sequence[Exp
         pretrained_weights(train)
     warnings = check_space(space_needed(list(runs) or [cfg]))
     assembled = assemble(load_mnist(cfg.dataset), cfg.dataset)
-    per_digit = min((assembled.y_pool == d).sum() for d in cfg.attack.start_digits) if cfg.attack.start_digits else None
-    if per_digit is not None and per_digit < cfg.attack.seeds:
-        raise EightgenError(
-            f"attack.seeds={cfg.attack.seeds} needs that many pool images per start digit; "
-            f"dataset.pool_per_digit gives {per_digit}"
-        )
+    digit_counts(cfg.attack, {d: int(n) for d, n in enumerate(np.bincount(assembled.y_pool, minlength=10))})
     return warnings

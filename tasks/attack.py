@@ -12,8 +12,9 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from eightgen.artifacts import Artifact, artifact_of, staged_dir, verified
+from eightgen.artifacts import Artifact, artifact_of, read_manifest, staged_dir, verified
 from eightgen.config import AttackConfig
+from eightgen.grid import n_starts
 from tasks.caching import STAGE_KEY, CachedStage, produced_by
 from tasks.faults import fail_once
 from tasks.progress import meter
@@ -21,14 +22,15 @@ from tasks.progress import meter
 OPTIMIZE = CachedStage("attacks")
 
 
-def n_starts(cfg: AttackConfig) -> int:
-    """How many starts an attack config asks for."""
-    return (len(cfg.start_digits) + int(cfg.include_noise)) * cfg.seeds
+def pool_counts(dataset: Artifact) -> dict[int, int]:
+    """The attack-start pool's images per digit, from the dataset artifact's manifest."""
+    counts = read_manifest(dataset.path, verify=False).get("counts", {}).get("pool", {})
+    return {int(d): int(n) for d, n in counts.items()}
 
 
-def n_chunks(cfg: AttackConfig) -> int:
-    """How many chunk tasks an attack config fans out to."""
-    return math.ceil(n_starts(cfg) / cfg.chunk_size)
+def n_chunks(cfg: AttackConfig, dataset: Artifact) -> int:
+    """How many chunk tasks an attack config fans out to on a dataset."""
+    return math.ceil(n_starts(cfg, pool_counts(dataset)) / cfg.chunk_size)
 
 
 @task(name="optimize-chunk", **OPTIMIZE.options)
@@ -50,9 +52,9 @@ def optimize_chunk(
     device = pick_device(cfg.device)
     net, spec = load_classifier(verified(model), device)
     data = load_assembled(verified(dataset))
-    starts = make_starts(cfg, data.x_pool, data.y_pool, data.i_pool, spec.channels, net.mean.cpu(), net.std.cpu())
     rows = slice(chunk * cfg.chunk_size, (chunk + 1) * cfg.chunk_size)
-    x0, meta = starts.x0[rows], starts.meta.iloc[rows].reset_index(drop=True)
+    starts = make_starts(cfg, data.x_pool, data.y_pool, data.i_pool, spec.channels, net.mean.cpu(), net.std.cpu(), rows)
+    x0, meta = starts.x0, starts.meta
     progress_id = create_progress_artifact(progress=0.0, description=f"optimisation, chunk {chunk}: {len(meta)} starts")
     every = max(1, cfg.steps // 20)
     log = get_run_logger().info

@@ -12,6 +12,7 @@ import pandas as pd
 from prefect import task
 
 from eightgen.artifacts import Artifact, verified
+from eightgen.chunks import Chunk
 from eightgen.config import ExperimentConfig
 from eightgen.rundir import AlignedRecord, RefereeRecord, check_target, write_run
 from tasks.caching import STAGE_KEY, CachedStage
@@ -41,12 +42,14 @@ def collect_judged_results(
 
     check_target(run_dir, experiment, overwrite)
     _, key = JUDGE.here()
-    run = collected(experiment, chunks, model, dataset, run_name)
     refs = load_referees(verified(referees), pick_device(experiment.attack.device))
-    start = run.results["start_digit"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
-    x_final, x0 = torch.from_numpy(run.chunks.trajectory.x_final), torch.from_numpy(run.chunks.x0)
-    columns = referee_columns(refs, x_final, x0, start, experiment.attack.target)
-    frame = pd.concat([run.results, columns], axis=1)
+
+    def judge(chunk: Chunk, frame: pd.DataFrame) -> pd.DataFrame:
+        start = frame["start_digit"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+        x_final, x0 = torch.from_numpy(chunk.trajectory.x_final), torch.from_numpy(chunk.x0)
+        return referee_columns(refs, x_final, x0, start, experiment.attack.target)
+
+    run = collected(experiment, chunks, model, dataset, run_name, judge)
     record = run.record.model_copy(
         update={
             "referees": RefereeRecord(path=referees.path, sha256=referees.sha256, info=read_info(referees.path)),
@@ -54,4 +57,4 @@ def collect_judged_results(
         }
     )
     stamp = {STAGE_KEY: key, "referees": referees.sha256}
-    return write_run(run_dir, record, frame, run.chunks.trajectory, run.chunks.run_ids, stamp)
+    return write_run(run_dir, record, run.results, run.shards, stamp)

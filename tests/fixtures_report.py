@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pandas as pd
 
 from eightgen.config import NOT_TARGET_DIGITS, AttackConfig, ExperimentConfig, ReportConfig, TrainConfig
 from eightgen.rundir import RunRecord, write_run
-from eightgen.trajectory import Trajectory
+from eightgen.trajectory import Trajectory, save_trajectory
 
 # Seven-segment strokes on the 28x28 grid: (rows, cols) slices of each segment.
 _SEGMENTS = {
@@ -68,9 +69,10 @@ def make_run_dir(
     channels: int = 1,
     method: str = "seed",
     dead_unit_share: float = 0.1,
+    shards: int = 1,
     rng_seed: int = 0,
 ) -> Path:
-    """Write root/name/{config.json, results.parquet, results.csv, trajectories.npz} of a synthetic run; return the dir."""
+    """Write root/name/{config.json, results.parquet, results.csv, trajectories/} of a synthetic run; return the dir."""
     rng = np.random.default_rng(rng_seed)
     run_dir = Path(root) / name
     meta = _starts(tuple(digits), seeds, include_noise)
@@ -173,8 +175,17 @@ def make_run_dir(
         stopped_step=np.full(n, -1, np.int32),
     )
     record = _record(run_name or name, method, digits, include_noise, seeds, steps, record_every, channels, rng)
-    write_run(run_dir, record, results, trajectory, meta["run_id"].to_numpy(dtype=str))
+    write_sharded(run_dir, record, results, trajectory, meta["run_id"].to_numpy(dtype=str), shards)
     return run_dir
+
+
+def write_sharded(run_dir: Path, record: RunRecord, results: pd.DataFrame, traj: Trajectory, run_ids: np.ndarray, shards: int = 1) -> None:
+    """Write a run directory whose trajectories are split into `shards` files of consecutive starts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, rows in enumerate(np.array_split(np.arange(traj.n), shards)):
+            paths.append(save_trajectory(traj.rows(rows), run_ids[rows], Path(tmp) / f"{i}.npz"))
+        write_run(run_dir, record, results, paths)
 
 
 def _record(run_name: str, method: str, digits, include_noise, seeds, steps, record_every, channels, rng) -> RunRecord:
@@ -255,8 +266,6 @@ def _record(run_name: str, method: str, digits, include_noise, seeds, steps, rec
 
 def rewrite_results(run_dir: Path, results: pd.DataFrame) -> None:
     """Replace a run directory's results table through the run-directory writer (record and trajectories kept)."""
-    from eightgen.rundir import TRAJECTORIES, load_record
-    from eightgen.trajectory import load_trajectory
+    from eightgen.rundir import load_record, trajectories
 
-    traj, run_ids = load_trajectory(run_dir / TRAJECTORIES)
-    write_run(run_dir, load_record(run_dir), results, traj, run_ids)
+    write_run(run_dir, load_record(run_dir), results, trajectories(run_dir).paths)

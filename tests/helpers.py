@@ -53,3 +53,19 @@ def embedded_task_states(home: Path) -> dict[str, list[str]]:
     for name, state in rows:
         states.setdefault(name.rsplit("-", 1)[0], []).append(state)
     return states
+
+
+def chunk_count(cfg: ExperimentConfig) -> int:
+    """How many optimisation chunks a config with a numeric pool_per_digit fans out to."""
+    from eightgen.grid import n_starts
+
+    pool = dict.fromkeys(range(10), cfg.dataset.pool_per_digit)
+    return -(-n_starts(cfg.attack, pool) // cfg.attack.chunk_size)
+
+
+def run_bytes(run_dir: Path) -> dict[str, bytes]:
+    """The bytes of a run directory's results tables and trajectory shards, by relative path."""
+    from eightgen.rundir import RESULTS, RESULTS_CSV, trajectories
+
+    paths = [run_dir / RESULTS, run_dir / RESULTS_CSV, *trajectories(run_dir).paths]
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in paths}

@@ -15,7 +15,7 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from pydantic import ValidationError
 
 from eightgen.config import AlignedConfig, AttackConfig, DatasetConfig, RefereeConfig, TrainConfig
-from eightgen.rundir import load_record
+from eightgen.rundir import load_record, trajectories
 from flows.aligned import aligned_flow
 from cli.aligned import build_aligned_config, summary_lines
 from cli.main import main, parser
@@ -103,8 +103,8 @@ def test_runs_share_starts_and_budgets_and_carry_referee_columns(runs, cfg: Alig
             assert {c + "_start" for c in ("knn_is_target", "ref_robust_is_target", "ref_cnn_is_target")} <= set(res.columns)
             assert res["collapse_final"].notna().all()
             assert (res["l2_final"] <= b + 1e-4).all()
-            with np.load(run_dir / "trajectories.npz") as npz:
-                starts[(d, b)] = (list(npz["run_id"]), npz["snapshots"][:, 0])
+            traj, run_ids = trajectories(run_dir).load()
+            starts[(d, b)] = (list(run_ids), traj.snapshots[:, 0])
             record = load_record(run_dir)
             assert record.aligned.detector == d and record.aligned.budget == b
             assert record.referees.sha256 == json.loads((run_dir / "manifest.json").read_text())["referees"]

@@ -12,8 +12,8 @@ import pytest
 
 import eightgen.artifacts
 from eightgen.artifacts import fresh_sibling, swap_in
-from eightgen.rundir import RESULTS, RESULTS_CSV, TRAJECTORIES, verify_run
-from helpers import TINY, embedded_task_states
+from eightgen.rundir import verify_run
+from helpers import TINY, embedded_task_states, run_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNKS = 3  # TINY: 2 start digits + noise, 2 seeds each, 2 starts per chunk
@@ -57,8 +57,7 @@ def test_three_runs_at_once_on_one_cold_cache_compute_each_output_once(mnist_dir
     same, other = roots[0] / "same", roots[2] / "same"
     verify_run(same)
     verify_run(other)
-    for name in (RESULTS, RESULTS_CSV, TRAJECTORIES):
-        assert (same / name).read_bytes() == (other / name).read_bytes(), name
+    assert run_bytes(same) == run_bytes(other)
     assert sorted(p.name for p in roots[0].iterdir()) == [".same.lock", "same"]  # the run's lock file, no staging folder
 
 

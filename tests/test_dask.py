@@ -20,8 +20,7 @@ from runtime.dask_runner import dask_runner
 from flows.pipeline import pipeline
 from prefect_api.records import flow_tree, task_run_states, wait_for_records
 from flows.stages import attack_flow_on
-from tasks.attack import n_chunks
-from helpers import shared_cache, tiny_config
+from helpers import chunk_count, shared_cache, tiny_config
 
 pytestmark = pytest.mark.slow  # trains models, starts servers or clusters: the full suite only
 
@@ -59,7 +58,7 @@ def test_dask_chunks_match_thread_chunks(prefect_harness, cluster, cfg: Experime
         # force: the chunks are cached by now; recompute them on the cluster's workers
         dask = pipeline(on_dask, force=True, task_runner="dask", dask_address=cluster.scheduler_address, return_state=True)
         assert dask.is_completed(), dask
-    chunks = n_chunks(cfg.attack)
+    chunks = chunk_count(cfg)
     assert _chunk_states(dask.state_details.flow_run_id) == ["Completed"] * chunks
     # each chunk reported its progress from its worker, ending at 100 %
     with get_client(sync_client=True) as client:

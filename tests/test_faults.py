@@ -20,10 +20,10 @@ import pytest
 from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from eightgen.config import ExperimentConfig
-from eightgen.rundir import RESULTS, RESULTS_CSV, TRAJECTORIES
+from eightgen.rundir import RESULTS
 from flows.pipeline import pipeline
 from prefect_api.records import task_run_states, wait_for_records
-from helpers import TINY, tiny_config
+from helpers import TINY, run_bytes, tiny_config
 from tasks.faults import HOLD_IN, HOLD_MARKER
 
 pytestmark = pytest.mark.slow
@@ -31,13 +31,12 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 # Two epochs, so a log line marks the middle of training; 40 steps, so an optimisation chunk lasts long enough to be hit.
 SETTINGS = [*TINY, "--max-train", "600", "--epochs", "2", "--steps", "40", "--run-name", "faults"]
-COMPARED = (RESULTS, RESULTS_CSV, TRAJECTORIES)
 UNCACHED = {"fingerprint-source", "publish-summary"}  # tasks that run every time by design
 
 
 def run_files(cfg: ExperimentConfig) -> dict[str, bytes]:
     """The bytes of a finished run's results and trajectories."""
-    return {name: (cfg.run_dir / name).read_bytes() for name in COMPARED}
+    return run_bytes(cfg.run_dir)
 
 
 def run_here(cfg: ExperimentConfig) -> tuple[bool, dict[str, list[str]], str]:

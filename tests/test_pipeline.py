@@ -13,8 +13,7 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from eightgen.config import ExperimentConfig
 from eightgen.models import load_classifier
-from eightgen.rundir import load_record
-from eightgen.trajectory import load_trajectory
+from eightgen.rundir import load_record, trajectories
 from flows.pipeline import pipeline
 from helpers import shared_cache, tiny_config
 from prefect_api.records import task_run_states, wait_for_records
@@ -70,7 +69,7 @@ def test_pipeline_writes_results_and_report_that_agree(first_run, tiny_cfg: Expe
 def test_results_recompute_from_saved_model_and_trajectories(first_run, tiny_cfg: ExperimentConfig) -> None:
     run_dir = tiny_cfg.run_dir
     results = pd.read_parquet(run_dir / "results.parquet")
-    traj, run_ids = load_trajectory(run_dir / "trajectories.npz")
+    traj, run_ids = trajectories(run_dir).load()
     assert list(run_ids) == list(results["run_id"])
     model, _ = load_classifier(load_record(run_dir).model.path, torch.device("cpu"))
     with torch.no_grad():

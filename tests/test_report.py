@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from eightgen.errors import EightgenError
+from eightgen.rundir import trajectories
 from fixtures_report import make_run_dir, rewrite_results
 from reports import stats
 from reports.render import render_report
@@ -207,19 +208,20 @@ def test_results_order_does_not_matter(runs_root: Path) -> None:
     results = pd.read_parquet(run_dir / "results.parquet")
     rewrite_results(run_dir, results.sample(frac=1.0, random_state=0))
     run = load_run(run_dir)
-    with np.load(run_dir / "trajectories.npz") as npz:
-        ids = list(npz["run_id"])
-        p = npz["p_target"]
+    shards = trajectories(run_dir)
+    ids, p = list(shards.run_ids), shards.field("p_target")
     for _, row in run.results.iterrows():
         assert np.array_equal(run.p_target[row["traj_row"]], p[ids.index(row["run_id"])])
         assert np.isclose(run.p_target[row["traj_row"], 0], row["p_target_start"])
 
 
-def test_streamed_snapshots_equal_loaded(run_dir: Path) -> None:
-    with np.load(run_dir / "trajectories.npz") as npz:
-        snaps = npz["snapshots"]
-    rows = [0, 7, 8, len(snaps) - 1]
-    picked, norms = read_snapshots(run_dir / "trajectories.npz", rows, 0, chunk_rows=8)
+@pytest.mark.parametrize("shards", [1, 3])
+def test_streamed_snapshots_equal_loaded(runs_root: Path, shards: int) -> None:
+    run_dir = make_run_dir(runs_root, f"streamed-{shards}", seeds=4, shards=shards)
+    snaps = trajectories(run_dir).load()[0].snapshots
+    rows = [0, 7, 8, 13, 14, len(snaps) - 1]
+    picked, norms = read_snapshots(trajectories(run_dir), rows, 0, chunk_rows=8)
+    assert len(trajectories(run_dir).paths) == shards and sorted(picked) == rows
     for r in rows:
         assert np.array_equal(picked[r], snaps[r].astype(np.float32))
     assert np.allclose(norms, np.linalg.norm(snaps[:, 0].astype(np.float32).reshape(len(snaps), -1), axis=1), rtol=1e-5)
@@ -232,8 +234,8 @@ def test_bad_run_dirs_name_the_problem(runs_root: Path, tmp_path: Path) -> None:
     rewrite_results(broken, pd.read_parquet(broken / "results.parquet").drop(columns=["l2_final"]))
     with pytest.raises(EightgenError, match=r"results\.parquet: missing columns l2_final"):
         render_report([broken])
-    (broken / "trajectories.npz").unlink()
-    with pytest.raises(EightgenError, match="trajectories.npz is missing"):
+    (broken / "trajectories" / "part-00000.npz").unlink()
+    with pytest.raises(EightgenError, match="trajectories/part-00000.npz is missing"):
         load_run(broken)
     (broken / "config.json").write_text("{not json")
     with pytest.raises(EightgenError, match=r"config\.json: not a valid run record"):
@@ -301,10 +303,8 @@ def test_renders_500_starts_quickly(tmp_path: Path) -> None:
 
 def test_fixture_agrees_with_the_pipeline_results(run_dir: Path) -> None:
     from eightgen.metrics import results_frame
-    from eightgen.starts import META_COLUMNS
-    from eightgen.trajectory import load_trajectory
-
-    traj, ids = load_trajectory(run_dir / "trajectories.npz")
+    from eightgen.grid import META_COLUMNS
+    traj, ids = trajectories(run_dir).load()
     fixture = pd.read_parquet(run_dir / "results.parquet")
     assert list(ids) == list(fixture["run_id"])
     x0 = traj.snapshots[:, 0].astype(np.float32)

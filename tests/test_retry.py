@@ -15,9 +15,8 @@ from eightgen.config import ExperimentConfig
 from flows.pipeline import pipeline
 from prefect_api.records import flow_tree, task_states_of, wait_for_records
 from flows.stages import assemble_flow
-from tasks.attack import n_chunks
 from tasks.faults import FAIL_ONCE, FAIL_ONCE_MARKER
-from helpers import shared_cache, tiny_config
+from helpers import chunk_count, shared_cache, tiny_config
 
 pytestmark = pytest.mark.slow  # trains models, starts servers or clusters: the full suite only
 
@@ -74,7 +73,7 @@ def test_injected_failure_fails_the_run_once(failed_then_retried: dict, cfg: Exp
     assert failed_then_retried["state"].is_failed()
     assert failed_then_retried["marker"].is_file()
     # the first chunk to run fails; chunks still queued when the flow fails may never start (no record)
-    chunks = n_chunks(cfg.attack)
+    chunks = chunk_count(cfg)
     assert first["optimize-chunk"].count("Failed") == 1 and set(first["optimize-chunk"]) <= {"Failed", "Completed"}, first
     assert len(first["optimize-chunk"]) <= chunks
     assert first["train-classifier"] in (["Completed"], ["Cached"]) and "render-report" not in first
@@ -84,7 +83,7 @@ def test_retry_of_the_same_flow_run_reruns_only_what_failed(failed_then_retried:
     retry, after, retried = failed_then_retried["retry"], failed_then_retried["after"], failed_then_retried["retried"]
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
     assert after.state.is_completed() and after.run_count == 2
-    chunks, done = n_chunks(cfg.attack), failed_then_retried["first"]["optimize-chunk"].count("Completed")
+    chunks, done = chunk_count(cfg), failed_then_retried["first"]["optimize-chunk"].count("Completed")
     # finished work comes back Cached; the failed chunk, any that never started, and what depends on them run again
     assert retried["assemble-dataset"] == ["Cached"] and retried["train-classifier"] == ["Cached"], retried
     assert sorted(retried["optimize-chunk"]) == sorted(["Cached"] * done + ["Completed"] * (chunks - done)), retried

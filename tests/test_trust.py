@@ -17,7 +17,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from eightgen.codekey import PROJECT_PACKAGES
-from eightgen.rundir import REPORT, REPORT_MANIFEST, RESULTS, load_record, verify_run, write_run
+from eightgen.rundir import REPORT, REPORT_MANIFEST, RESULTS, load_record, trajectories, verify_run, write_run
 from eightgen.trajectory import load_trajectory
 from cli.main import main
 from flows.pipeline import pipeline
@@ -64,7 +64,7 @@ def test_a_run_name_never_holds_another_settings_results(prefect_harness, mnist_
         assert main([*base, "--steps", "8", "--overwrite"]) == 0
         assert load_record(same).config.attack.steps == 8
         assert set(pd.read_parquet(same / RESULTS)["steps"]) == {8}
-        assert load_trajectory(same / "trajectories.npz")[0].p_target.shape[1] == 9
+        assert trajectories(same).field("p_target").shape[1] == 9
         assert verify_run(same).sha256 in (same / REPORT_MANIFEST).read_text()
         assert "8 steps" in (same / REPORT).read_text()
 
@@ -122,9 +122,8 @@ def test_a_run_directory_overwritten_by_another_run_is_recollected(finished) -> 
     cfg, results = finished
     run_dir = cfg.run_dir
     # another, self-consistent run written over it (as a stage re-run into the wrong place would): manifest intact
-    traj, ids = load_trajectory(run_dir / "trajectories.npz")
     fake = results.assign(success=~results["success"])
-    write_run(run_dir, load_record(run_dir), fake, traj, ids)
+    write_run(run_dir, load_record(run_dir), fake, trajectories(run_dir).paths)
     states = rerun(cfg)
     assert states["collect-results"] == ["Completed"] and states["render-report"] == ["Completed"], states
     assert set(states["optimize-chunk"]) == {"Cached"} and states["train-classifier"] == ["Cached"], states
