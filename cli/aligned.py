@@ -94,7 +94,7 @@ def build_aligned_config(args: argparse.Namespace) -> AlignedConfig:
             continue
         for section in sections or (None,):
             (data[section] if section else data)[field] = value
-    apply_data_options(data, args, (data["attack"],))
+    apply_data_options(data, args)
     env_dir = os.environ.get("EIGHTGEN_MNIST_DIR")
     if env_dir and data["dataset"]["mnist_dir"] is None and data["dataset"]["local_path"] is None:
         data["dataset"]["mnist_dir"] = Path(env_dir)

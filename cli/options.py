@@ -124,18 +124,15 @@ def data_options(g: argparse._ActionsContainer) -> None:
     g.add_argument("--local-path", type=Path, help="Hugging Face dataset on disk: parquet file/folder or save_to_disk folder")
 
 
-def apply_data_options(data: dict[str, Any], args: argparse.Namespace, attacks: tuple[dict[str, Any], ...]) -> None:
-    """Set the target on the dataset and each attack section, and follow it (and the dataset) with their defaults."""
+def apply_data_options(data: dict[str, Any], args: argparse.Namespace) -> None:
+    """Set the target on the dataset and attack sections, and make the start classes and Hub name follow it and the dataset."""
     target = getattr(args, "target", None)
     if target is not None:
-        data["dataset"]["target"] = target
-        for attack in attacks:
-            attack["target"] = target
+        data["dataset"]["target"] = data["attack"]["target"] = target
     digits = getattr(args, "digits", None)
     if digits == ALL_BUT_TARGET or (digits is None and target is not None):
-        for attack in attacks:
-            attack["start_digits"] = None  # every class but the target
-    if getattr(args, "dataset", None) is not None and getattr(args, "hub_name", None) is None:
+        data["attack"]["start_digits"] = None  # every class but the target
+    if getattr(args, "dataset", None) is not None:
         data["dataset"]["hub_name"] = None  # the dataset's own
 
 
@@ -148,7 +145,7 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         value = getattr(args, dest, None)
         if value is not None:
             (data[section] if section else data)[field] = value
-    apply_data_options(data, args, (data["attack"],))
+    apply_data_options(data, args)
     pool_for_starts(data, args)
     env_dir = os.environ.get("EIGHTGEN_MNIST_DIR")
     if env_dir and data["dataset"]["mnist_dir"] is None and data["dataset"]["local_path"] is None:
