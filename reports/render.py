@@ -16,7 +16,7 @@ from eightgen.artifacts import write_text_atomically
 from eightgen.config import ReportConfig
 from eightgen.errors import EightgenError
 from eightgen.rundir import REPORT, is_run_dir, trajectories, write_report
-from reports import figures, stats
+from reports import compare_figures, figures, stats
 from reports.formatting import fmt_int, fmt_num, fmt_pct, fmt_prob, fmt_raw, fmt_scale, fmt_step, table_rows
 from reports.images import Img, figure_img
 from reports.narrative import classes_of, dataset_table, default_title, headline, model_facts, plabel_of, run_facts, warnings_of
@@ -221,25 +221,25 @@ def compare_context(runs: list[Run], out: Path) -> dict:
     overall = "; ".join(f"{n}: {fmt_pct(t[t['group'] == ALL]['success_rate'].iloc[0])}" for n, t in tables.items())
     figs = {
         "success": figure_img(
-            figures.success_compare_figure(tables, **named),
+            compare_figures.success_compare_figure(tables, **named),
             f"Grouped bar chart of the success rate per start group, one bar per run, with 95% bootstrap intervals. Overall: {overall}.",
             "Share of starts classified as the target at the last step, per run (95% bootstrap intervals).",
             "fig-compare-success",
         ),
         "median_p": figure_img(
-            figures.median_p_compare_figure(medians, plabel, **named),
+            compare_figures.median_p_compare_figure(medians, plabel, **named),
             f"Small multiples per start group of the median {plabel} against step, one line per run.",
             f"Median {plabel} over each group's starts at every step, per run.",
             "fig-compare-p",
         ),
         "survival": figure_img(
-            figures.survival_compare_figure(curves, **named),
+            compare_figures.survival_compare_figure(curves, **named),
             "Small multiples per start group of Kaplan-Meier curves of the share not yet flipped, one line per run.",
             "Kaplan-Meier share of starts not yet flipped, per run (never-flipped starts censored at their last step).",
             "fig-compare-survival",
         ),
         "l2": figure_img(
-            figures.l2_compare_figure(l2, **named),
+            compare_figures.l2_compare_figure(l2, **named),
             "Box plots of the final L2 change per start group, one box per run.",
             "Final L2 of x − x0 (pixel units of [0, 1] images), per start group and run.",
             "fig-compare-l2",
