@@ -1,4 +1,5 @@
-"""`eightgen serve`: register the pipeline (nightly and manual), the stage re-runs and the aligned experiment as deployments, and run them."""
+"""`eightgen serve`: register the pipeline (nightly and manual), the stage re-runs, the aligned and the diffusion experiment as
+deployments, and run them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from cli.options import build_config
-from eightgen.config import ExperimentConfig
+from eightgen.config import DiffusionConfig, ExperimentConfig
 from eightgen.errors import EightgenError
 from prefect_api.server import check_api
 from runtime.environment import process_env
@@ -57,6 +58,7 @@ def deployments(
     """Runner deployments: the pipeline on `schedule` and on demand, stage re-runs by run name, the data, the aligned experiment."""
     from eightgen.config import AlignedConfig
     from flows.aligned import aligned_flow
+    from flows.diffusion import diffusion_flow
     from flows.pipeline import pipeline, rerun_attack, rerun_report, rerun_train
     from flows.stages import assemble_flow
 
@@ -77,7 +79,15 @@ def deployments(
         rerun_attack.to_deployment("manual", parameters={**where, "attack": cfg.attack.model_dump(mode="json")}, tags=TAGS),
         rerun_report.to_deployment("manual", parameters={**where, "report": cfg.report.model_dump(mode="json")}, tags=TAGS),
         aligned_flow.to_deployment("manual", parameters={"cfg": aligned.model_dump(mode="json")}, tags=TAGS),
+        diffusion_flow.to_deployment("manual", parameters={"cfg": three_ways(cfg).model_dump(mode="json")}, tags=TAGS),
     ]
+
+
+def three_ways(cfg: ExperimentConfig) -> DiffusionConfig:
+    """The served diffusion experiment: its defaults, on the served data source, runs folder and cache."""
+    base = DiffusionConfig().aligned
+    data = base.dataset.model_copy(update={"source": cfg.dataset.source, "mnist_dir": cfg.dataset.mnist_dir, "local_path": cfg.dataset.local_path})
+    return DiffusionConfig(aligned=base.model_copy(update={"dataset": data, "runs_root": cfg.runs_root, "cache_dir": cfg.cache_dir}))
 
 
 RERUNS = ("rerun-attack", "rerun-train", "rerun-report")

@@ -56,7 +56,7 @@ def to_pixels(x: Tensor) -> Tensor:
 
 def q_sample(x0: Tensor, t: Tensor, noise: Tensor, schedule: Schedule) -> Tensor:
     """x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε, per image (x0 and noise in model space [-1, 1], t [n] integers)."""
-    ab = schedule.alpha_bar.to(x0.device)[t].to(x0.dtype).reshape(-1, 1, 1, 1)
+    ab = schedule.alpha_bar[t.cpu()].to(device=x0.device, dtype=x0.dtype).reshape(-1, 1, 1, 1)  # float64 stays on the CPU (MPS has none)
     return ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise
 
 
@@ -175,7 +175,7 @@ def ddim_sample(
     watch = watch if watch is not None else (guide.detector if guide is not None else None)
     x = x_t.float()
     ts = ddim_timesteps(start, steps) if start >= 0 else []
-    ab_all = schedule.alpha_bar.to(x.device)
+    ab_all = schedule.alpha_bar.float().to(x.device)
     pixels = to_pixels(x).clamp(0.0, 1.0) if start >= 0 else x
     snaps, snap_steps, probs = [pixels.half().cpu()], [0], [_target_prob(watch, pixels)]
     for i, t in enumerate(ts):

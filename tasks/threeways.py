@@ -1,5 +1,5 @@
 """Stage task of the diffusion experiment: judge every path's results on identical starts and write the
-"three ways" report (diffusion.html, diffusion.json, results.parquet, images.npz) as one directory.
+"three ways" report (diffusion.html, diffusion.json, results.parquet, images.npz, trajectories.npz) as one directory.
 
 torch and the referees load inside the task body: a cached run never pays for them.
 """
@@ -21,7 +21,8 @@ from tasks.caching import STAGE_KEY, CachedStage
 
 THREE_WAYS = CachedStage(None)
 RESULTS = "results.parquet"
-IMAGES = "images.npz"
+IMAGES = "images.npz"  # run_id, x0 and every path's final images, in one start order
+TRAJECTORIES = "trajectories.npz"  # per diffusion path: x̂₀ snapshots and the robust detector's p(target) per DDIM step
 START_ATOL = 2e-3  # the gradient runs keep their starts as float16 snapshots
 
 
@@ -106,6 +107,12 @@ def judge_three_ways(
         )
         results.to_parquet(tmp / RESULTS, index=False)
         np.savez_compressed(tmp / IMAGES, run_id=run_ids, x0=x0, **{p.replace("-", "_"): x for p, x in images.items()})
-        write_manifest(tmp, {"kind": "diffusion", "targets_met": summary["targets_met"], STAGE_KEY: key}, [DIFFUSION_HTML, DIFFUSION_JSON, RESULTS, IMAGES])
+        steps = {}
+        for path, t in trajectories.items():
+            name = path.replace("-", "_")
+            steps |= {f"{name}_snapshot_steps": t["snapshot_steps"], f"{name}_snapshots": t["snapshots"], f"{name}_p_target": t["p_target"]}
+        np.savez_compressed(tmp / TRAJECTORIES, run_id=run_ids, **steps)
+        files = [DIFFUSION_HTML, DIFFUSION_JSON, RESULTS, IMAGES, TRAJECTORIES]
+        write_manifest(tmp, {"kind": "diffusion", "targets_met": summary["targets_met"], STAGE_KEY: key}, files)
     get_run_logger().info("three ways: targets %s", "met" if summary["targets_met"] else "missed")
     return artifact_of(run_dir)

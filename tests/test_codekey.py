@@ -10,7 +10,10 @@ import pytest
 from eightgen.codekey import PROJECT_PACKAGES, code_digest, code_files
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("tasks.assemble", "tasks.train", "tasks.attack", "tasks.collect", "tasks.report", "tasks.referees", "tasks.judge", "tasks.aligned")
+STAGES = (
+    "tasks.assemble", "tasks.train", "tasks.attack", "tasks.collect", "tasks.report", "tasks.referees", "tasks.judge", "tasks.aligned",
+    "tasks.denoise", "tasks.threeways",
+)
 
 
 @pytest.fixture
@@ -41,9 +44,12 @@ def test_the_optimisation_engine_keys_the_chunks_but_not_the_report(checkout: Pa
 
 
 def test_a_template_or_report_module_keys_only_the_reports(checkout: Path) -> None:
-    assert changed_after(checkout, "reports/templates/run.html.j2", "{# edited #}\n") == {"tasks.report", "tasks.aligned"}
-    assert changed_after(checkout, "reports/figures.py") == {"tasks.report", "tasks.aligned"}
-    assert changed_after(checkout, "reports/aligned.py") == {"tasks.aligned"}
+    reporting = {"tasks.report", "tasks.aligned", "tasks.threeways"}
+    assert changed_after(checkout, "reports/templates/run.html.j2", "{# edited #}\n") == reporting
+    assert changed_after(checkout, "reports/figures.py") == reporting
+    # the three-ways stage reads the aligned runs through reports.aligned
+    assert changed_after(checkout, "reports/aligned.py") == {"tasks.aligned", "tasks.threeways"}
+    assert changed_after(checkout, "reports/diffusion.py") == {"tasks.threeways"}
 
 
 def test_a_module_no_stage_imports_keys_nothing(checkout: Path) -> None:
@@ -55,7 +61,12 @@ def test_shared_modules_key_every_stage_that_imports_them(checkout: Path) -> Non
     assert changed_after(checkout, "eightgen/config.py") == set(STAGES)
     assert changed_after(checkout, "tasks/caching.py") == set(STAGES)
     # the referees train with it, and judging loads the referees; assembling, attacking and reporting do not
-    assert changed_after(checkout, "eightgen/training.py") == {"tasks.train", "tasks.referees", "tasks.judge"}
+    assert changed_after(checkout, "eightgen/training.py") == {"tasks.train", "tasks.referees", "tasks.judge", "tasks.denoise", "tasks.threeways"}
+
+
+def test_the_denoiser_keys_the_diffusion_stages_only(checkout: Path) -> None:
+    assert changed_after(checkout, "eightgen/unet.py") == {"tasks.denoise", "tasks.threeways"}
+    assert changed_after(checkout, "eightgen/frechet.py") == {"tasks.threeways"}
 
 
 def test_an_import_added_by_an_edit_joins_the_key(checkout: Path) -> None:

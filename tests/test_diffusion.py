@@ -182,3 +182,62 @@ def test_settings_are_checked() -> None:
     cfg = DiffusionConfig()
     assert cfg.denoiser_dataset.max_train is None and cfg.aligned.dataset.max_train == 8000
     assert cfg.run_label.startswith("diffusion-") and cfg.run_label != DiffusionConfig(guidance_scale=3.0).run_label
+
+
+TINY_OPTIONS = [
+    "--pool-per-digit", "3", "--valid-fraction", "0.01", "--referee-fraction", "0.05", "--max-train", "500", "--epochs", "1",
+    "--adv-eps", "1", "--adv-steps", "2", "--referee-epochs", "1", "--referee-eps", "2", "--budget", "3", "--seeds", "3",
+    "--steps", "6", "--digits", "1,3", "--grid-seeds", "1", "--device", "cpu", "--denoiser-epochs", "1", "--denoiser-widths",
+    "4,8,8", "--denoiser-max-train", "256", "--timesteps", "50", "--ddim-steps", "5", "--chunk-size", "5",
+]
+
+
+@pytest.mark.slow
+def test_the_diffusion_flow_judges_three_ways_and_comes_back_cached(prefect_harness, mnist_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    import pandas as pd
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from cli.diffusion import build_diffusion_config, summary_lines
+    from cli.main import parser
+    from flows.diffusion import diffusion_flow
+    from prefect_api.records import task_run_states, wait_for_records
+
+    args = parser().parse_args(["diffusion", *TINY_OPTIONS, "--mnist-dir", str(mnist_dir), "--runs-root", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
+    cfg = build_diffusion_config(args)
+    states = []
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "cache" / "prefect-results"}):
+        for _ in range(2):
+            state = diffusion_flow(cfg, return_state=True)
+            assert state.is_completed(), state
+            wait_for_records(state.state_details.flow_run_id)
+            states.append(task_run_states(state.state_details.flow_run_id))
+    html = cfg.run_dir / "diffusion.html"
+    assert Path(state.result()) == html
+    page = html.read_text()
+    for anchor in ("three-answer", "targets-table", "paths-table", "three-grid", "grid-noise", "grid-1", "grid-3", "fig-diffusion-p", "three-method"):
+        assert f'id="{anchor}"' in page, anchor
+    assert "http://" not in page and "https://" not in page
+    summary = json.loads((cfg.run_dir / "diffusion.json").read_text())
+    assert [t["key"] for t in summary["targets"]] == ["knn_guided", "frechet_guided", "unguided_tenth"]
+    results = pd.read_parquet(cfg.run_dir / "results.parquet")
+    # 3 noise + 2 digits x 3 seeds = 9 starts, on each of five paths, every one judged
+    assert results.groupby("path").size().to_dict() == {p: 9 for p in ("standard-gradient", "robust-gradient", "diffusion-none", "diffusion-standard", "diffusion-robust")}
+    assert results["knn10_is_target"].notna().all() and results.loc[results.start_kind == "digit", "knn2_is_target"].notna().all()
+    assert len(summary_lines(summary)) == 1 + 10 + 1 + 3
+    first, second = states
+    assert len(first["sample-chunk"]) == 6  # 9 starts in chunks of 5, for each of three paths
+    for name in ("train-denoiser", "sample-chunk", "judge-three-ways"):
+        assert set(second[name]) == {"Cached"}, (name, second[name])
+
+
+def test_the_served_experiment_takes_the_served_data_and_folders(tmp_path: Path) -> None:
+    from cli.serve import three_ways
+    from eightgen.config import DatasetConfig, ExperimentConfig
+
+    served = ExperimentConfig(dataset=DatasetConfig(source="idx", mnist_dir=tmp_path / "mnist"), runs_root=tmp_path / "runs", cache_dir=tmp_path / "cache")
+    cfg = three_ways(served)
+    assert (cfg.aligned.dataset.source, cfg.aligned.dataset.mnist_dir) == ("idx", tmp_path / "mnist")
+    assert (cfg.aligned.runs_root, cfg.aligned.cache_dir) == (tmp_path / "runs", tmp_path / "cache")
+    assert cfg.run_dir.parent == tmp_path / "runs" and cfg.denoiser == DiffusionConfig().denoiser

@@ -58,6 +58,7 @@ DEPLOYMENTS = {
     "rerun-attack/manual",
     "rerun-report/manual",
     "aligned/manual",
+    "diffusion/manual",
 }
 TINY_CHUNKS = math.ceil((2 + 1) * 2 / 2)  # tiny.TINY: 2 start digits + noise, 2 seeds each, 2 starts per chunk
 
@@ -235,6 +236,9 @@ def test_serve_registers_nightly_manual_rerun_and_aligned_deployments(served: di
     assert deps["rerun-report/manual"].parameters["report"]["title"] == manual.parameters["cfg"]["report"]["title"]
     assert "cfg" in deps["aligned/manual"].parameter_openapi_schema["properties"]
     assert "cfg" in deps["aligned/manual"].parameters
+    three = deps["diffusion/manual"].parameters["cfg"]
+    assert {"aligned", "denoiser", "guidance_scale", "ddim_steps"} <= fields(deps["diffusion/manual"], "cfg")
+    assert three["aligned"]["cache_dir"] == str(served["cache"]) and three["aligned"]["runs_root"] == str(served["runs"])
     # nothing a user would have to type by hand: no hashes, no artifact paths, no required parameter
     for name, dep in deps.items():
         schema = dep.parameter_openapi_schema
