@@ -24,11 +24,14 @@ from tasks.threeways import DIFFUSION_HTML, judge_three_ways
 def diffusion_flow(cfg: DiffusionConfig = DiffusionConfig(), force: bool = False, overwrite: bool = False) -> Path:
     """Three ways to the target from identical starts: standard gradient, robust gradient, guided diffusion."""
     a = cfg.aligned
+    # The denoiser first: the longest stage, and independent of the aligned experiment, which a concurrent
+    # `eightgen aligned` of the same settings can be computing meanwhile into the same cache.
+    with nested_stages():
+        denoiser_data = assemble_flow(cfg.denoiser_dataset, a.cache_dir)
+    denoiser = train_denoiser_model(cfg.denoiser, denoiser_data, a.cache_dir, force)
     with nested_stages():
         aligned_flow(a, force=force, overwrite=overwrite)
-        denoiser_data = assemble_flow(cfg.denoiser_dataset, a.cache_dir)
     found = gradient_runs(a)
-    denoiser = train_denoiser_model(cfg.denoiser, denoiser_data, a.cache_dir, force)
     attack = a.attack_at(a.matched_budget)
     detectors = {name: found[f"model-{name}"] for name in a.detectors}
     samples = {}
