@@ -420,7 +420,7 @@ class DiffusionConfig(_Frozen):
     )
     denoiser: DenoiserConfig = DenoiserConfig()
     guidance: tuple[Guidance, ...] = ("none", "standard", "robust")
-    guidance_scale: float = Field(2.0, ge=0)  # L2 move of x̂₀ per step (pixel units) at full noise
+    guidance_scale: float = Field(6.0, ge=0)  # L2 move of x̂₀ per step (pixel units) at full noise
     ddim_steps: int = Field(50, gt=0)
     start_level: float = Field(0.6, gt=0, le=1)  # how far real digit starts are noised (1: pure noise)
     record_every: int = Field(5, gt=0)

@@ -36,9 +36,10 @@ def diffusion_flow(cfg: DiffusionConfig = DiffusionConfig(), force: bool = False
     detectors = {name: found[f"model-{name}"] for name in a.detectors}
     samples = {}
     for guidance in cfg.guidance:
+        scale = cfg.guidance_scale if guidance != "none" else 0.0  # unguided samples never depend on the scale
         futures = [
             sample_chunk.submit(
-                attack, guidance, cfg.guidance_scale, cfg.ddim_steps, cfg.start_level, cfg.record_every, cfg.chunk_size, i,
+                attack, guidance, scale, cfg.ddim_steps, cfg.start_level, cfg.record_every, cfg.chunk_size, i,
                 denoiser, detectors, found["dataset"], cfg.device, a.cache_dir, force,
             )
             for i in range(n_sample_chunks(attack, cfg.chunk_size))
