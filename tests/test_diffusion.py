@@ -241,3 +241,23 @@ def test_the_served_experiment_takes_the_served_data_and_folders(tmp_path: Path)
     assert (cfg.aligned.dataset.source, cfg.aligned.dataset.mnist_dir) == ("idx", tmp_path / "mnist")
     assert (cfg.aligned.runs_root, cfg.aligned.cache_dir) == (tmp_path / "runs", tmp_path / "cache")
     assert cfg.run_dir.parent == tmp_path / "runs" and cfg.denoiser == DiffusionConfig().denoiser
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--guidance", "robust,robust"], "guidance must name distinct detectors"),
+        (["--guidance", "magic"], "guidance"),
+        (["--start-level", "0"], "start_level"),
+        (["--ddim-steps", "0"], "ddim_steps"),
+        (["--denoiser-widths", "4,8"], "denoiser.widths"),
+        (["--grid-seeds", "40"], "grid_seeds (40) exceeds"),
+    ],
+)
+def test_bad_settings_stop_the_command_in_one_line_before_any_work(option: list[str], message: str, capsys, tmp_path: Path) -> None:
+    from cli.main import main
+
+    rc = main(["diffusion", *option, "--cache-dir", str(tmp_path / "cache"), "--runs-root", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("eightgen: error:") and message in err[0], err
+    assert not (tmp_path / "runs").exists()
