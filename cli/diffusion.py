@@ -143,6 +143,9 @@ def summary_lines(summary: dict) -> list[str]:
             f"{c['label']:<31} {c['kind']:<6} {c['n']:>4} {pct(c['knn10']):>9} {pct(c['knn2']):>8} {pct(c['robust']):>9} "
             f"{num(c['frechet'], 1):>8} {num(c['diversity'], 2):>7} {num(c['l2_median'], 2):>5}"
         )
+    if summary.get("sanity"):
+        c = summary["sanity"]
+        lines.append(f"{'diffusion, unguided (sanity)':<31} {'noise':<6} {c['n']:>4} {pct(c['knn10']):>9} {pct(None):>8} {pct(c['robust']):>9}")
     lines.append("targets:")
     for t in summary["targets"]:
         if t["unit"] == "share":

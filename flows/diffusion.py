@@ -15,6 +15,7 @@ from flows.stages import assemble_flow
 from prefect_api.subflows import nested_stages
 from runtime.httpd import report_link
 from tasks.denoise import gradient_runs, n_sample_chunks, sample_chunk, train_denoiser_model
+from tasks.sanity import SANITY_FACTOR, n_sanity_chunks, sample_noise_chunk
 from tasks.report import artifact_key
 from tasks.threeways import DIFFUSION_HTML, judge_three_ways
 
@@ -45,8 +46,16 @@ def diffusion_flow(cfg: DiffusionConfig = DiffusionConfig(), force: bool = False
             for i in range(n_sample_chunks(attack, cfg.chunk_size))
         ]
         samples[guidance] = [f.result() for f in futures]
+    sanity = []
+    if "none" in cfg.guidance and a.attack.include_noise:
+        seeds = SANITY_FACTOR * a.attack.seeds
+        futures = [
+            sample_noise_chunk.submit(seeds, cfg.ddim_steps, cfg.chunk_size, i, denoiser, detectors["robust"], cfg.device, a.cache_dir, force)
+            for i in range(n_sanity_chunks(seeds, cfg.chunk_size))
+        ]
+        sanity = [f.result() for f in futures]
     runs = {name: found[name] for name in a.detectors} | {"referees": found["referees"]}
-    report = judge_three_ways(cfg, runs, samples, denoiser, cfg.run_dir, force)
+    report = judge_three_ways(cfg, runs, samples, denoiser, sanity, cfg.run_dir, force)
     html = report.path / DIFFUSION_HTML
     create_markdown_artifact(
         f"## {cfg.run_label}\n\nthree ways report: `{html.resolve()}`\n",

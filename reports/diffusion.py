@@ -84,8 +84,22 @@ def cell_of(cells: Sequence[dict], path: str, kind: str) -> dict | None:
     return next((c for c in cells if c["path"] == path and c["kind"] == kind), None)
 
 
-def targets(cells: Sequence[dict]) -> list[dict]:
-    """The experiment's targets (noise starts), each with its value, threshold, margin and whether it is met."""
+def sanity_cell(judged: pd.DataFrame | None) -> dict | None:
+    """The unguided sanity samples (many noise seeds): the k-NN and robust referee's target shares (95% intervals)."""
+    if judged is None or judged.empty:
+        return None
+    return {
+        "n": int(len(judged)),
+        "knn10": _share(stats.as_bool(judged["knn10_is_target"]), "sanity/knn10"),
+        "robust": _share(stats.as_bool(judged["robust_is_target"]), "sanity/robust"),
+        "classes": np.bincount(np.asarray(judged["robust_pred"], dtype=np.int64), minlength=10).tolist(),
+    }
+
+
+def targets(cells: Sequence[dict], sanity: dict | None = None) -> list[dict]:
+    """The experiment's targets (noise starts), each with its value, threshold, margin and whether it is met.
+
+    The one-in-ten check of unguided samples uses the sanity samples (many noise seeds) when there are some."""
     guided, unguided, gradient = (cell_of(cells, p, "noise") for p in ("diffusion-robust", "diffusion-none", "robust-gradient"))
     out = []
     if guided is not None:
@@ -96,9 +110,9 @@ def targets(cells: Sequence[dict]) -> list[dict]:
         v, ref = guided["frechet"], gradient["frechet"]
         out.append({"key": "frechet_guided", "what": "Fréchet distance of robust-guided diffusion ≤ the robust gradient path's (noise starts)",
                     "value": v, "op": "<=", "threshold": ref, "margin": ref - v, "unit": "distance"})
-    if unguided is not None:
-        k = unguided["knn10"]
-        out.append({"key": "unguided_tenth", "what": "unguided diffusion from noise: the 95% interval of its k-NN target share holds 1 in 10",
+    if sanity is not None or unguided is not None:
+        k, n = (sanity or unguided)["knn10"], (sanity or unguided)["n"]
+        out.append({"key": "unguided_tenth", "what": f"unguided diffusion from {n} noise starts: the 95% interval of its k-NN target share holds 1 in 10",
                     "value": k["share"], "op": "in", "threshold": UNGUIDED_SHARE, "lo": k["lo"], "hi": k["hi"],
                     "margin": min(UNGUIDED_SHARE - k["lo"], k["hi"] - UNGUIDED_SHARE), "unit": "share"})
     for t in out:
@@ -226,12 +240,14 @@ def render_diffusion(
     target: int,
     classes: ClassSet = MNIST,
     grid_seeds: int = 2,
+    sanity: pd.DataFrame | None = None,
 ) -> dict:
     """Write diffusion.html and diffusion.json into out_dir; return the summary."""
     cells = summarise(results, measures)
-    ts = targets(cells)
+    checked = sanity_cell(sanity)
+    ts = targets(cells, checked)
     name = classes.name_of(target)
-    summary = {"target": target, "target_name": name, "cells": cells, "targets": ts,
+    summary = {"target": target, "target_name": name, "cells": cells, "sanity": checked, "targets": ts,
                "targets_met": bool(ts) and all(t["met"] for t in ts), "answer": answer(cells, classes, target), "facts": facts}
     by_kind = {}
     for path, t in trajectories.items():

@@ -41,10 +41,12 @@ def judge_three_ways(
     runs: dict[str, Artifact],
     samples: dict[str, list[Artifact]],
     denoiser: Artifact,
+    sanity: list[Artifact],
     run_dir: Path,
     force: bool = False,
 ) -> Artifact:
-    """Judge the gradient runs and the diffusion samples with the referees on identical starts; write the report."""
+    """Judge the gradient runs and the diffusion samples with the referees on identical starts, and the unguided
+    sanity samples from many noise seeds; write the report."""
     from eightgen.denoiser import read_denoiser_info
     from eightgen.devices import pick_device
     from eightgen.referees import load_referees
@@ -91,6 +93,10 @@ def judge_three_ways(
             for kind in ("noise", "digit") if (kinds == kind).sum() >= 2
         }
     results = pd.concat(frames, ignore_index=True)
+    checked = None
+    if sanity:
+        s = concat_samples([read_samples(verified(a)) for a in sanity])
+        checked = judge_images(refs, s.x_final, s.x0, np.full(len(s), -1, dtype=np.int64), target)
     info = read_denoiser_info(verified(denoiser))
     record = grad["robust"].record
     facts = {
@@ -103,7 +109,7 @@ def judge_three_ways(
     with staged_dir(run_dir) as tmp:
         summary = render_diffusion(
             tmp, results=results, measures=measures, images=images, x0=x0, run_ids=run_ids, trajectories=trajectories,
-            facts=facts, target=target, classes=cfg.aligned.dataset.classes, grid_seeds=cfg.grid_seeds,
+            facts=facts, target=target, classes=cfg.aligned.dataset.classes, grid_seeds=cfg.grid_seeds, sanity=checked,
         )
         results.to_parquet(tmp / RESULTS, index=False)
         np.savez_compressed(tmp / IMAGES, run_id=run_ids, x0=x0, **{p.replace("-", "_"): x for p, x in images.items()})

@@ -12,7 +12,7 @@ from eightgen.codekey import PROJECT_PACKAGES, code_digest, code_files
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (
     "tasks.assemble", "tasks.train", "tasks.attack", "tasks.collect", "tasks.report", "tasks.referees", "tasks.judge", "tasks.aligned",
-    "tasks.denoise", "tasks.threeways",
+    "tasks.denoise", "tasks.sanity", "tasks.threeways",
 )
 
 
@@ -61,11 +61,13 @@ def test_shared_modules_key_every_stage_that_imports_them(checkout: Path) -> Non
     assert changed_after(checkout, "eightgen/config.py") == set(STAGES)
     assert changed_after(checkout, "tasks/caching.py") == set(STAGES)
     # the referees train with it, and judging loads the referees; assembling, attacking and reporting do not
-    assert changed_after(checkout, "eightgen/training.py") == {"tasks.train", "tasks.referees", "tasks.judge", "tasks.denoise", "tasks.threeways"}
+    assert changed_after(checkout, "eightgen/training.py") == {
+        "tasks.train", "tasks.referees", "tasks.judge", "tasks.denoise", "tasks.sanity", "tasks.threeways"
+    }
 
 
 def test_the_denoiser_keys_the_diffusion_stages_only(checkout: Path) -> None:
-    assert changed_after(checkout, "eightgen/unet.py") == {"tasks.denoise", "tasks.threeways"}
+    assert changed_after(checkout, "eightgen/unet.py") == {"tasks.denoise", "tasks.sanity", "tasks.threeways"}
     assert changed_after(checkout, "eightgen/frechet.py") == {"tasks.threeways"}
 
 

@@ -225,10 +225,12 @@ def test_the_diffusion_flow_judges_three_ways_and_comes_back_cached(prefect_harn
     # 3 noise + 2 digits x 3 seeds = 9 starts, on each of five paths, every one judged
     assert results.groupby("path").size().to_dict() == {p: 9 for p in ("standard-gradient", "robust-gradient", "diffusion-none", "diffusion-standard", "diffusion-robust")}
     assert results["knn10_is_target"].notna().all() and results.loc[results.start_kind == "digit", "knn2_is_target"].notna().all()
-    assert len(summary_lines(summary)) == 1 + 10 + 1 + 3
+    assert summary["sanity"]["n"] == 30  # ten unguided samples per noise start
+    assert len(summary_lines(summary)) == 1 + 10 + 1 + 1 + 3
     first, second = states
     assert len(first["sample-chunk"]) == 6  # 9 starts in chunks of 5, for each of three paths
-    for name in ("train-denoiser", "sample-chunk", "judge-three-ways"):
+    assert len(first["sample-noise-chunk"]) == 6  # 30 sanity samples in chunks of 5
+    for name in ("train-denoiser", "sample-chunk", "sample-noise-chunk", "judge-three-ways"):
         assert set(second[name]) == {"Cached"}, (name, second[name])
 
 
