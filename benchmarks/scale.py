@@ -165,6 +165,9 @@ def table(rows: dict[int, dict], steps: int, title: str) -> str:
     line("image-steps/s (optimise)", [f"{rate[n]:,.0f}" if n in rate else "—" for n in sizes])
     line("run dir bytes per start", [f"{rows[n]['run_bytes'] / n:,.0f}" for n in sizes])
     line("chunk cache bytes per start", [f"{rows[n]['chunk_bytes'] / n:,.0f}" for n in sizes])
+    if len(sizes) < 2:
+        lines.append(json.dumps({str(n): rows[n] for n in sizes}))
+        return "\n".join(lines)
     lines.append("log-log exponent against starts (time ≈ 1, memory ≈ 0 are linear time and flat memory):")
     for stage in PER_START:
         have = [n for n in sizes if stage in rows[n]["stages"]]

@@ -173,3 +173,9 @@ def test_stage_windows_span_each_stages_task_runs(tmp_path: Path) -> None:
     windows = stage_windows(db, t0, t0 + 60)
     assert windows["optimise"] == (t0 + 10, t0 + 35, "Completed")
     assert windows["train"] == (t0 + 5, t0 + 5, "Cached") and "report" not in windows
+
+
+def test_one_size_has_no_fit() -> None:
+    stage = {"seconds": 2.0, "peak_mib": 800.0, "state": "Completed"}
+    text = table({1000: {"wall": 3.0, "peak_mib": 900.0, "stages": {"optimise": stage}, "run_bytes": 1, "chunk_bytes": 1}}, 10, "t")
+    assert "exponent" not in text and "5,000" in text  # 1,000 starts x 10 steps in 2 s
