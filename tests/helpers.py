@@ -69,3 +69,16 @@ def run_bytes(run_dir: Path) -> dict[str, bytes]:
 
     paths = [run_dir / RESULTS, run_dir / RESULTS_CSV, *trajectories(run_dir).paths]
     return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in paths}
+
+
+def run_pipeline(cfg: ExperimentConfig, cache: Path) -> None:
+    """Run the pipeline flow in this process (results stored under the cache) and wait until every record landed."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from flows.pipeline import pipeline
+    from prefect_api.records import wait_for_records
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: cache / "prefect-results"}):
+        state = pipeline(cfg, return_state=True)
+        assert state.is_completed(), state
+        wait_for_records(state.state_details.flow_run_id)

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from pydantic import ValidationError
 
 from cli.main import build_config, parser
@@ -21,9 +20,7 @@ from eightgen.config import DatasetConfig, ExperimentConfig
 from eightgen.errors import EightgenError
 from eightgen.rundir import load_record
 from eightgen.sources import load_mnist
-from flows.pipeline import pipeline
-from helpers import TINY, shared_cache
-from prefect_api.records import wait_for_records
+from helpers import TINY, run_pipeline, shared_cache
 
 # The label feature of zalando-datasets/fashion_mnist on the Hub (its names are not the report's).
 HUB_NAMES = ["T - shirt / top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -114,10 +111,7 @@ def _run(fashion: dict, kind: str, prefect_harness, tmp_path_factory: pytest.Tem
     argv = ["run", *TINY, "--max-train", "600", "--dataset", "fashion_mnist", "--target", "8", *fashion["options"][kind]]
     argv += ["--cache-dir", str(cache), "--runs-root", str(tmp_path_factory.mktemp(f"fashion-{kind}") / "runs")]
     cfg = build_config(parser().parse_args(argv))
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: cache / "prefect-results"}):
-        state = pipeline(cfg, return_state=True)
-        assert state.is_completed(), state
-        wait_for_records(state.state_details.flow_run_id)
+    run_pipeline(cfg, cache)
     return cfg
 
 

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from pydantic import ValidationError
 
 from cli.aligned import build_aligned_config, summary_lines
@@ -17,9 +16,7 @@ from cli.main import build_config, main, parser
 from eightgen.classes import FASHION_MNIST, MNIST
 from eightgen.config import AttackConfig, DatasetConfig, ExperimentConfig, all_but
 from eightgen.rundir import load_record
-from flows.pipeline import pipeline
-from helpers import shared_cache, tiny_config
-from prefect_api.records import wait_for_records
+from helpers import run_pipeline, shared_cache, tiny_config
 from reports.aligned import AlignedRun, aligned_summary, budget_figure
 
 
@@ -98,10 +95,7 @@ def three(prefect_harness, mnist_dir: Path, tmp_path_factory: pytest.TempPathFac
     """A tiny real pipeline run toward target 3 (starts: noise, 1s and 8s) on the MNIST test set."""
     cache = shared_cache(tmp_path_factory)
     cfg = tiny_config(mnist_dir, cache, tmp_path_factory.mktemp("target3") / "runs", "--target", "3", "--digits", "1,8", "--max-train", "600")
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: cache / "prefect-results"}):
-        state = pipeline(cfg, return_state=True)
-        assert state.is_completed(), state
-        wait_for_records(state.state_details.flow_run_id)
+    run_pipeline(cfg, cache)
     return cfg
 
 
