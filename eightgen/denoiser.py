@@ -11,8 +11,7 @@ import fastai.callback.progress  # noqa: F401  (adds Learner.no_bar)
 import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
 import numpy as np
 import torch
-from fastai.callback.core import Callback
-from fastai.learner import Learner, Recorder
+from fastai.learner import Learner
 from fastai.losses import MSELossFlat
 from fastai.torch_core import set_seed
 
@@ -22,35 +21,11 @@ from eightgen.assembly import load_assembled
 from eightgen.config import DenoiserConfig
 from eightgen.diffusion import NoisePrediction, Schedule, linear_schedule
 from eightgen.errors import EightgenError
-from eightgen.training import make_dataloaders
+from eightgen.training import EpochReport, make_dataloaders
 from eightgen.unet import UNet, n_parameters
 
 DENOISER_FILE = "denoiser.pt"
 DENOISER_SPEC = "denoiser.json"
-
-
-class LossReport(Callback):
-    """One line per epoch (train and validation loss, seconds); `batches(done, total)` hears of every training batch."""
-
-    order = Recorder.order + 1  # after the Recorder has the epoch's losses
-
-    def __init__(self, history: list[dict], total: int, report: Callable[[str], None] | None, batches: Callable[[int, int], None] | None) -> None:
-        self.history, self.total, self.report, self.batches = history, total, report, batches
-        self.started = time.perf_counter()
-
-    def before_epoch(self) -> None:
-        self.started = time.perf_counter()
-
-    def after_batch(self) -> None:
-        if self.batches is not None and self.training:
-            self.batches(len(self.history) * self.n_iter + self.iter + 1, self.total * self.n_iter)
-
-    def after_epoch(self) -> None:
-        train_loss, valid_loss = (float(v) for v in self.learn.final_record[:2])
-        row = {"epoch": len(self.history) + 1, "train_loss": train_loss, "valid_loss": valid_loss, "seconds": round(time.perf_counter() - self.started, 3)}
-        self.history.append(row)
-        if self.report is not None:
-            self.report(f"denoiser epoch {row['epoch']}/{self.total}: train_loss {train_loss:.4f} valid_loss {valid_loss:.4f} ({row['seconds']:.1f}s)")
 
 
 def build_denoiser(cfg: DenoiserConfig) -> UNet:
@@ -82,7 +57,7 @@ def train_denoiser(
     learn = Learner(dls, model, loss_func=MSELossFlat())
     history: list[dict] = []
     started = time.perf_counter()
-    with learn.no_bar(), learn.no_logging(), learn.added_cbs([NoisePrediction(schedule), LossReport(history, cfg.epochs, progress, batches)]):
+    with learn.no_bar(), learn.no_logging(), learn.added_cbs([NoisePrediction(schedule), EpochReport(history, cfg.epochs, progress, batches, what="denoiser ")]):
         learn.fit_one_cycle(cfg.epochs, cfg.lr)
     seconds = time.perf_counter() - started
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -99,12 +99,12 @@ def split_resnet(model: PixelClassifier) -> list:
 
 
 class EpochReport(Callback):
-    """Collects each epoch's losses and error rate and passes a one-line summary to `report`.
+    """Collects each epoch's losses and metrics and passes a one-line summary to `report` ("<what>epoch 2/5: ...").
 
     `batches(done, total)`, if given, hears of every training batch, counted over all `total` epochs.
     """
 
-    order = Recorder.order + 1
+    order = Recorder.order + 1  # after the Recorder has the epoch's losses
 
     def __init__(
         self,
@@ -112,8 +112,9 @@ class EpochReport(Callback):
         total: int,
         report: Callable[[str], None] | None,
         batches: Callable[[int, int], None] | None = None,
+        what: str = "",
     ) -> None:
-        self.history, self.total, self.report, self.batches = history, total, report, batches
+        self.history, self.total, self.report, self.batches, self.what = history, total, report, batches, what
         self.started = time.perf_counter()
 
     def before_epoch(self) -> None:
@@ -130,10 +131,8 @@ class EpochReport(Callback):
         row["seconds"] = round(time.perf_counter() - self.started, 3)
         self.history.append(row)
         if self.report is not None:
-            self.report(
-                f"epoch {row['epoch']}/{self.total}: train_loss {row['train_loss']:.4f} "
-                f"valid_loss {row['valid_loss']:.4f} error_rate {row['error_rate']:.4f} ({row['seconds']:.1f}s)"
-            )
+            values = " ".join(f"{n} {row[n]:.4f}" for n in names)
+            self.report(f"{self.what}epoch {row['epoch']}/{self.total}: {values} ({row['seconds']:.1f}s)")
 
 
 def make_learner(cfg: TrainConfig, spec: ModelSpec, dls: DataLoaders) -> Learner:
