@@ -192,7 +192,6 @@ TINY_OPTIONS = [
 ]
 
 
-@pytest.mark.slow
 def test_the_diffusion_flow_judges_three_ways_and_comes_back_cached(prefect_harness, mnist_dir: Path, tmp_path: Path) -> None:
     import json
 
