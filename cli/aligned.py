@@ -11,7 +11,6 @@ from typing import Any
 
 from cli.options import apply_data_options, data_options, digits_arg
 from eightgen.config import AlignedConfig
-from eightgen.errors import EightgenError
 from runtime.environment import process_env
 
 OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -141,16 +140,11 @@ def aligned_command(args: argparse.Namespace) -> int:
     for run in runs:
         check_target(run.run_dir, run, args.overwrite)
     from flows.aligned import aligned_flow
-    from prefect_api.records import wait_for_records
+    from prefect_api.records import outcome, wait_for_records
 
     state = aligned_flow(cfg, force=args.force, overwrite=args.overwrite, return_state=True)
     wait_for_records(state.state_details.flow_run_id)
-    if not state.is_completed():
-        exc = state.result(raise_on_failure=False)
-        if isinstance(exc, Exception):
-            raise exc  # an EightgenError stays one line; anything else is logged with its traceback
-        raise EightgenError(f"aligned experiment ended {state.name}")
-    report = Path(state.result())
+    report = Path(outcome(state, "aligned experiment"))
     summary = json.loads((report.parent / "aligned.json").read_text())
     print("\n".join(summary_lines(summary)))
     print(f"report: {report.resolve()}")

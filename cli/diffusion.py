@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from eightgen.config import DiffusionConfig
-from eightgen.errors import EightgenError
 from runtime.environment import process_env
 
 # option dest -> (config path of each field it sets)
@@ -178,22 +177,14 @@ def diffusion_command(args: argparse.Namespace) -> int:
         for run in runs:
             check_target(run.run_dir, run, args.overwrite)
         from flows.diffusion import diffusion_flow
-        from prefect_api.records import flush_workers, wait_for_records
+        from prefect_api.records import outcome, settle
 
         with server.wait():
             state = diffusion_flow(cfg, force=args.force, overwrite=args.overwrite, return_state=True)
-            if not server.outlives_command:  # it stops with this command: wait until it has every record
-                wait_for_records(state.state_details.flow_run_id)
-            else:
-                flush_workers()
+            settle(state.state_details.flow_run_id, server.outlives_command)
     finally:
         server.stop()
-    if not state.is_completed():
-        exc = state.result(raise_on_failure=False)
-        if isinstance(exc, Exception):
-            raise exc  # an EightgenError stays one line; anything else is logged with its traceback
-        raise EightgenError(f"diffusion experiment ended {state.name}")
-    report = Path(state.result())
+    report = Path(outcome(state, "diffusion experiment"))
     summary = json.loads((report.parent / "diffusion.json").read_text())
     print("\n".join(summary_lines(summary)))
     print(f"report: {report.resolve()}")

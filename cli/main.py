@@ -79,7 +79,7 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"eightgen: warning: {line}", file=sys.stderr, flush=True)
         mark("checked")
         from flows.pipeline import pipeline
-        from prefect_api.records import flush_workers, wait_for_records
+        from prefect_api.records import outcome, settle
 
         mark("flows imported")
         with server.wait():
@@ -88,19 +88,11 @@ def run_command(args: argparse.Namespace) -> int:
                 cfg, force=args.force, task_runner=kind, dask_address=args.dask_address, overwrite=args.overwrite, return_state=True
             )
             mark("flow done")
-            if not server.outlives_command:  # it stops with this command: wait until it has every record
-                wait_for_records(state.state_details.flow_run_id)
-            else:  # a running server records what it was sent after this process is gone
-                flush_workers()
+            settle(state.state_details.flow_run_id, server.outlives_command)
             mark("recorded")
     finally:
         server.stop()
-    if not state.is_completed():
-        exc = state.result(raise_on_failure=False)
-        if isinstance(exc, Exception):
-            raise exc  # an EightgenError stays one line; anything else is logged with its traceback
-        raise EightgenError(f"pipeline ended {state.name}")
-    report = state.result()
+    report = outcome(state, "pipeline")  # a failure's traceback goes to the error log
     print(f"report: {Path(report).resolve()}")
     return 0
 

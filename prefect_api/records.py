@@ -67,3 +67,25 @@ def wait_for_records(flow_run_id: UUID, timeout: float = 60.0, settle_polls: int
             last = len(runs)
             time.sleep(0.1)
     return last
+
+
+def settle(flow_run_id: UUID, server_stays: bool) -> None:
+    """Make a finished flow run's records durable: flush them to a server that stays up, or wait until one that
+    stops with this command holds every record."""
+    if server_stays:  # a running server records what it was sent after this process is gone
+        flush_workers()
+    else:
+        wait_for_records(flow_run_id)
+
+
+def outcome(state, what: str):
+    """A finished flow run's result; its exception when it failed (an EightgenError stays one line), or an
+    EightgenError naming `what` when it ended otherwise."""
+    if state.is_completed():
+        return state.result()
+    exc = state.result(raise_on_failure=False)
+    if isinstance(exc, Exception):
+        raise exc
+    from eightgen.errors import EightgenError
+
+    raise EightgenError(f"{what} ended {state.name}")

@@ -17,7 +17,7 @@ from eightgen.classes import classes_of
 from eightgen.errors import EightgenError
 from eightgen.rundir import RunRecord, trajectories
 from reports import figures, stats
-from reports.formatting import fmt_num, fmt_pct, json_safe
+from reports.formatting import fmt_num, fmt_pct, plain_json
 from reports.images import array_img, figure_img
 from reports.narrative import warnings_of
 from reports.render import environment
@@ -343,14 +343,6 @@ def _warnings(runs: Sequence[AlignedRun]) -> list[dict]:
     return out
 
 
-def _plain(value):
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return json_safe(value)
-
-
 def render_aligned(
     runs: Sequence[AlignedRun], out_dir: Path, *, matched_budget: float, title: str | None = None, grid_seeds: int = 2
 ) -> tuple[Path, dict]:
@@ -404,5 +396,5 @@ def render_aligned(
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(html, encoding="utf-8")
     tmp.replace(target)
-    (out_dir / ALIGNED_JSON).write_text(json.dumps(_plain(summary), indent=2) + "\n")
+    (out_dir / ALIGNED_JSON).write_text(json.dumps(plain_json(summary), indent=2) + "\n")
     return target, summary

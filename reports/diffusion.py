@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from eightgen.artifacts import write_text_atomically
 from eightgen.classes import MNIST, ClassSet
 from reports import figures, stats
-from reports.formatting import fmt_num, fmt_pct, json_safe
+from reports.formatting import fmt_num, fmt_pct, plain_json
 from reports.images import array_img, figure_img
 from reports.render import environment
 
@@ -219,14 +219,6 @@ def strips(trajectories: Mapping[str, dict], run_ids: Sequence[str], target_name
     return out
 
 
-def _plain(value):
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return json_safe(value)
-
-
 def render_diffusion(
     out_dir: Path,
     *,
@@ -274,5 +266,5 @@ def render_diffusion(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out_dir / DIFFUSION_HTML, html)
-    write_text_atomically(out_dir / DIFFUSION_JSON, json.dumps(_plain(summary), indent=2) + "\n")
+    write_text_atomically(out_dir / DIFFUSION_JSON, json.dumps(plain_json(summary), indent=2) + "\n")
     return summary

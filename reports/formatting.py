@@ -66,6 +66,15 @@ def json_safe(x):
     return x
 
 
+def plain_json(value):
+    """Nested dicts, lists and tuples with json_safe leaves (string keys): what json.dumps takes."""
+    if isinstance(value, dict):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    return json_safe(value)
+
+
 def table_rows(table: pd.DataFrame) -> list[dict]:
     """A table as JSON-safe row dicts."""
     return [{k: json_safe(v) for k, v in r.items()} for r in table.to_dict("records")]
