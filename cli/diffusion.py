@@ -133,23 +133,25 @@ def build_diffusion_config(args: argparse.Namespace) -> DiffusionConfig:
 
 def summary_lines(summary: dict) -> list[str]:
     """The three-ways summary as plain text: one line per path and start kind, then the targets."""
-    pct = lambda x: "    —" if x is None else f"{100 * x['share']:5.1f}%"  # noqa: E731
+    from reports.formatting import fmt_share
+
+    pct = lambda x: "—" if x is None else f"{100 * x['share']:.1f}% [{100 * x['lo']:.0f}–{100 * x['hi']:.0f}]"  # noqa: E731
     num = lambda x, d: "—" if x is None or x != x else f"{x:.{d}f}"  # noqa: E731
     name = summary["target_name"]
-    lines = [f"{'path':<31} {'starts':<6} {'n':>4} {'kNN10 ' + name:>9} {'kNN2 ' + name:>8} {'robust ' + name:>9} {'Fréchet':>8} {'divers.':>7} {'L2':>5}"]
+    lines = [f"{'path':<31} {'starts':<6} {'n':>4} {'kNN10 ' + name:>16} {'kNN2 ' + name:>16} {'robust ' + name:>16} {'Fréchet':>8} {'divers.':>7} {'L2':>5}"]
     for c in summary["cells"]:
         lines.append(
-            f"{c['label']:<31} {c['kind']:<6} {c['n']:>4} {pct(c['knn10']):>9} {pct(c['knn2']):>8} {pct(c['robust']):>9} "
+            f"{c['label']:<31} {c['kind']:<6} {c['n']:>4} {pct(c['knn10']):>16} {pct(c['knn2']):>16} {pct(c['robust']):>16} "
             f"{num(c['frechet'], 1):>8} {num(c['diversity'], 2):>7} {num(c['l2_median'], 2):>5}"
         )
     if summary.get("sanity"):
         c = summary["sanity"]
-        lines.append(f"{'diffusion, unguided (sanity)':<31} {'noise':<6} {c['n']:>4} {pct(c['knn10']):>9} {pct(None):>8} {pct(c['robust']):>9}")
+        lines.append(f"{'diffusion, unguided (sanity)':<31} {'noise':<6} {c['n']:>4} {pct(c['knn10']):>16} {pct(None):>16} {pct(c['robust']):>16}")
     lines.append("targets:")
     for t in summary["targets"]:
         if t["unit"] == "share":
-            value = f"{100 * t['value']:.1f}%" + (f" [{100 * t['lo']:.0f}–{100 * t['hi']:.0f}%]" if t["op"] == "in" else "")
-            need = {">=": "≥ ", "<=": "≤ ", "in": "interval holds "}[t["op"]] + f"{100 * t['threshold']:.0f}%"
+            value = fmt_share(t | {"share": t["value"]})
+            need = {">=": "lower bound ≥ ", "<=": "upper bound ≤ ", "in": "interval holds "}[t["op"]] + f"{100 * t['threshold']:.0f}%"
             margin = f"{100 * t['margin']:+.1f} points"
         else:
             value, need, margin = f"{t['value']:.1f}", f"≤ {t['threshold']:.1f}", f"{t['margin']:+.1f}"

@@ -12,7 +12,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from eightgen.classes import MNIST, ClassSet
-from reports.figures import REFERENCE, _boxes, _finite, _label_outer, _panels, group_title, group_tick, run_colour, styled
+from reports.figures import REFERENCE, _boxes, _finite, _label_outer, _panels, group_title, group_tick, run_colour, styled, survival_step
 from reports.stats import ALL, NOISE
 
 
@@ -80,8 +80,8 @@ def median_p_compare_figure(medians: Mapping[str, Mapping[str, np.ndarray]], pla
 
 @styled
 def survival_compare_figure(curves: Mapping[str, Mapping[str, np.ndarray]], *, classes: ClassSet = MNIST) -> Figure:
-    """Small multiples per start group: Kaplan-Meier share not yet flipped, one line per run."""
-    fig, axes = _run_panels(curves, lambda ax, y, c: ax.step(np.arange(y.size), y, where="post", color=c, lw=1.6), classes)
+    """Small multiples per start group: Kaplan-Meier share not yet flipped with its 95% band, one line per run."""
+    fig, axes = _run_panels(curves, lambda ax, y, c: survival_step(ax, y, c, lw=1.6), classes)
     axes[0].set_ylim(-0.02, 1.05)
     _label_outer(axes, min(5, len(axes)), "step", "not yet flipped")
     return fig

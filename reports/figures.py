@@ -148,7 +148,7 @@ def digit_error_figure(error_by_digit: Mapping[str, float], target: int, *, clas
 
 @styled
 def success_figure(table: pd.DataFrame, *, classes: ClassSet = MNIST, target: int = 8) -> Figure:
-    """Success rate per start group with 95% bootstrap intervals; the overall rate as a dashed line."""
+    """Success rate per start group with exact 95% intervals; the overall rate as a dashed line."""
     rows = table[table["group"] != ALL]
     fig = Figure(figsize=(min(8.5, 3.0 + 0.55 * len(rows)), 3.1), layout="constrained")
     ax = fig.subplots()
@@ -191,28 +191,37 @@ def p_bands_figure(bands: Mapping[str, np.ndarray], target: int, *, classes: Cla
     return fig
 
 
+def survival_step(ax: Axes, band: np.ndarray, colour: str, lw: float = 1.8) -> None:
+    """A Kaplan-Meier curve as steps, with its 95% band shaded when given (band: [curve] or [curve, lo, hi] per step)."""
+    band = np.atleast_2d(band)
+    steps = np.arange(band.shape[1])
+    if band.shape[0] == 3:
+        ax.fill_between(steps, band[1], band[2], step="post", color=colour, alpha=0.18, lw=0)
+    ax.step(steps, band[0], where="post", color=colour, lw=lw)
+
+
 @styled
 def survival_figure(
     curves: Mapping[str, np.ndarray], overall: np.ndarray | None = None, *, classes: ClassSet = MNIST, target: int = 8
 ) -> Figure:
-    """Small multiples: Kaplan-Meier share of starts not yet flipped per step, all starts in grey for reference."""
+    """Small multiples: Kaplan-Meier share of starts not yet flipped per step with its 95% band, all starts in grey."""
     labels = list(curves)
     fig, axes = _panels(len(labels))
     for ax, g in zip(axes, labels):
         if overall is not None:
-            ax.step(np.arange(overall.size), overall, where="post", color=REFERENCE, lw=1)
-        curve = curves[g]
-        ax.step(np.arange(curve.size), curve, where="post", color=group_colour(g, target), lw=1.8)
-        ax.text(0.97, 0.93, f"end: {curve[-1]:.0%}", transform=ax.transAxes, ha="right", va="top", fontsize=7.5)
+            ax.step(np.arange(np.atleast_2d(overall).shape[1]), np.atleast_2d(overall)[0], where="post", color=REFERENCE, lw=1)
+        curve = np.atleast_2d(curves[g])
+        survival_step(ax, curve, group_colour(g, target))
+        ax.text(0.97, 0.93, f"end: {curve[0, -1]:.0%}", transform=ax.transAxes, ha="right", va="top", fontsize=7.5)
         ax.set_title(group_title(g, classes))
     axes[0].set_ylim(-0.02, 1.05)
     _label_outer(axes, min(5, len(labels)), "step", "not yet flipped")
     if overall is not None:
         fig.legend(
-            handles=[Line2D([], [], color="black", lw=1.8), Line2D([], [], color=REFERENCE, lw=1)],
-            labels=["this group", "all starts"],
+            handles=[Line2D([], [], color="black", lw=1.8), Patch(facecolor="black", alpha=0.18), Line2D([], [], color=REFERENCE, lw=1)],
+            labels=["this group", "95% band", "all starts"],
             loc="outside upper right",
-            ncols=2,
+            ncols=3,
         )
     return fig
 

@@ -22,6 +22,14 @@ def fmt_pct(x, digits: int = 1) -> str:
     return "—" if _nan(x) else f"{100 * float(x):.{digits}f}%"
 
 
+def fmt_share(share: dict | None, digits: int = 1) -> str:
+    """A share with its 95% interval and counts, e.g. "98.1% [93.5–99.8], 106 of 108"; "—" for none."""
+    if share is None or _nan(share["share"]):
+        return "—"
+    lo, hi = (f"{100 * share[b]:.{digits}f}" for b in ("lo", "hi"))
+    return f"{fmt_pct(share['share'], digits)} [{lo}–{hi}], {share['k']} of {share['n']}"
+
+
 def fmt_prob(x) -> str:
     """A probability: three decimals, scientific notation below 0.001."""
     if _nan(x):

@@ -48,11 +48,12 @@ def headline(run: Run, x0_norms: np.ndarray | None = None) -> dict:
     start_norm = float(np.median(x0_norms[res["traj_row"].to_numpy()[digit_rows]])) if x0_norms is not None and digit_rows.any() else np.nan
     l2_median = float(np.nanmedian(l2_flip)) if np.isfinite(l2_flip).any() else np.nan
     ratio = l2_median / start_norm if start_norm and np.isfinite(start_norm) and start_norm > 0 else np.nan
-    crossed_share = float(np.isfinite(crossed).mean())
+    crossed_ci = stats.share_ci(np.isfinite(crossed))
+    crossed_share = crossed_ci["share"]
     crossed_median = float(np.nanmedian(crossed)) if np.isfinite(crossed).any() else np.nan
     rms = l2_median / math.sqrt(_channels(run) * PIXELS) if np.isfinite(l2_median) else np.nan
     return {
-        "answer": _answer(plabel_of(run), crossed_share, crossed_median, l2_median, rms, ratio, start_norm, classes_of(run), run.target),
+        "answer": _answer(plabel_of(run), crossed_ci, crossed_median, l2_median, rms, ratio, start_norm, classes_of(run), run.target),
         "method": attack.method,
         "loss": attack.loss_name,
         "lr": attack.step_size,
@@ -72,6 +73,8 @@ def headline(run: Run, x0_norms: np.ndarray | None = None) -> dict:
         "valid_error": model.metrics.get("valid_error"),
         "all": all_row,
         "crossed_share": crossed_share,
+        "crossed_lo": crossed_ci["lo"],
+        "crossed_hi": crossed_ci["hi"],
         "crossed_median": crossed_median,
         "l2_flip_median": l2_median,
         "rms_flip": rms,
@@ -81,13 +84,15 @@ def headline(run: Run, x0_norms: np.ndarray | None = None) -> dict:
 
 
 def _answer(
-    plabel: str, share: float, median_step: float, l2: float, rms: float, ratio: float, start_norm: float, classes: ClassSet, target: int
+    plabel: str, crossed: dict, median_step: float, l2: float, rms: float, ratio: float, start_norm: float, classes: ClassSet, target: int
 ) -> str:
     """The seed experiment's question answered in one or two plain sentences."""
-    if share == 0:
-        return f"No: {plabel} never crossed 0.5 for any start within the step budget."
+    if crossed["k"] == 0:
+        return (f"No: {plabel} never crossed 0.5 for any of {crossed['n']} starts within the step budget "
+                f"(95% CI 0–{fmt_pct(crossed['hi'], 0)} of such starts).")
     said = (
-        f"{plabel} crossed 0.5 for {fmt_pct(share, 0)} of starts after a median of {fmt_step(median_step)} steps, "
+        f"{plabel} crossed 0.5 for {fmt_pct(crossed['share'], 0)} of starts (95% CI {fmt_pct(crossed['lo'], 0)}–{fmt_pct(crossed['hi'], 0)}, "
+        f"{crossed['k']} of {crossed['n']}) after a median of {fmt_step(median_step)} steps, "
         f"while the median L2 change at the flip was {fmt_num(l2)} (an RMS change of {fmt_num(rms, 3)} per pixel on the 0–1 scale"
     )
     if not np.isfinite(ratio):
@@ -139,6 +144,11 @@ def run_facts(run: Run) -> list[tuple[str, str]]:
     ]
 
 
+def _ci(a: pd.Series, key: str) -> str:
+    """A summary row's share with its exact 95% interval, e.g. "12.5% (95% CI 3–29%)"."""
+    return f"{fmt_pct(a[key])} (95% CI {fmt_pct(a[key + '_lo'], 0)}–{fmt_pct(a[key + '_hi'], 0)})"
+
+
 def _yes(flag) -> str:
     return "?" if flag is None else ("yes" if flag else "no")
 
@@ -156,7 +166,7 @@ def warnings_of(run: Run) -> list[dict]:
             {
                 "level": "warning",
                 "id": "warn-dead-units",
-                "text": f"{zero} of {succ} successes ({fmt_pct(a['grad_zero_success_share'])}) end with an exactly zero input "
+                "text": f"{zero} of {succ} successes ({_ci(a, 'grad_zero_success_share')}) end with an exactly zero input "
                 "gradient. That is the signature of dead-unit collapse: a large step silenced every active unit and the "
                 "logits fell back to the biases, which happen to favour the target. These flips say little about the images.",
             }
@@ -166,7 +176,7 @@ def warnings_of(run: Run) -> list[dict]:
             {
                 "level": "note",
                 "id": "note-dead-units",
-                "text": f"{fmt_pct(a['grad_zero_success_share'])} of successes end with an exactly zero input gradient "
+                "text": f"{_ci(a, 'grad_zero_success_share')} of successes end with an exactly zero input gradient "
                 "(possible dead-unit collapse for those starts).",
             }
         )
@@ -177,7 +187,7 @@ def warnings_of(run: Run) -> list[dict]:
             {
                 "level": "warning",
                 "id": "warn-saturated",
-                "text": f"{fmt_pct(a['saturated_failure_share'])} of the failures started with {plabel} within "
+                "text": f"{_ci(a, 'saturated_failure_share')} of the failures started with {plabel} within "
                 f"{stats.SATURATED_P:g} of 0 or 1: a loss on the softmax probability has a gradient proportional to p(1 - p), so these "
                 "starts barely move. Relate success to the starting probability before reading it as robustness.",
             }
@@ -187,7 +197,7 @@ def warnings_of(run: Run) -> list[dict]:
             {
                 "level": "note",
                 "id": "note-outside",
-                "text": f"{fmt_pct(a['outside_share'])} of the final images have pixels outside [0, 1] (the method does not "
+                "text": f"{_ci(a, 'outside_share')} of the final images have pixels outside [0, 1] (the method does not "
                 "clamp). Images in this report are clipped to [0, 1] for display; norms use the unclipped values.",
             }
         )
@@ -196,7 +206,7 @@ def warnings_of(run: Run) -> list[dict]:
             {
                 "level": "note",
                 "id": "note-start-target",
-                "text": f"{fmt_pct(a['start_is_target_share'])} of the starts were already classified as {target_name} "
+                "text": f"{_ci(a, 'start_is_target_share')} of the starts were already classified as {target_name} "
                 f"({plabel} ≥ 0.5) before any step.",
             }
         )
@@ -216,7 +226,7 @@ def _collapse_warnings(a: pd.Series, target: str) -> list[dict]:
             "id": "warn-collapse",
             "text": f"Dead-unit collapse: at the final image of {collapsed} of {n} starts every input of the detector's last "
             f"linear layer is zero, so its logits are just that layer's bias and no longer depend on the image. "
-            f"{in_success} of the {succ} successes ({fmt_pct(in_success / succ if succ else float('nan'))}) were reached this way "
+            f"{in_success} of the {succ} successes ({_ci(a, 'collapse_success_share')}) were reached this way "
             f"(the bias favours {target}): those flips say nothing about what the image looks like.",
         }
     ]

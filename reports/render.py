@@ -47,7 +47,7 @@ def _figure_imgs(run: Run, part: Callable[[], None] = lambda: None) -> dict[str,
     p = run.p_target[res["traj_row"].to_numpy()]
     bands = stats.quantile_bands(p, groups, order)
     horizon = p.shape[1] - 1
-    curves = {g: stats.survival_of(res[groups == g], horizon) for g in order}
+    curves = {g: np.stack(stats.survival_band_of(res[groups == g], horizon)) for g in order}
     overall = stats.survival_of(res, horizon)
     l2_final = {g: stats.as_float(res.loc[groups == g, "l2_final"]) for g in order}
     l2_flip = {g: stats.as_float(res.loc[groups == g, "l2_at_flip"]) for g in order}
@@ -67,10 +67,10 @@ def _figure_imgs(run: Run, part: Callable[[], None] = lambda: None) -> dict[str,
     return {
         "success": img(
             figures.success_figure(table, **named),
-            "Bar chart of the success rate per start group with 95% bootstrap intervals. "
-            + listing({r.group: f"{fmt_pct(r.success_rate)} ({fmt_pct(r.success_lo, 0)}–{fmt_pct(r.success_hi, 0)})" for r in per_group.itertuples()}),
-            f"Share of starts classified as {classes.name_of(target)} at the last step; bars are 95% percentile-bootstrap intervals "
-            "(fixed RNG); the dashed line is the rate over all starts.",
+            "Bar chart of the success rate per start group with exact 95% intervals. "
+            + listing({r.group: f"{fmt_pct(r.success_rate)} ({fmt_pct(r.success_lo, 0)}–{fmt_pct(r.success_hi, 0)}, {r.successes} of {r.n})" for r in per_group.itertuples()}),
+            f"Share of starts classified as {classes.name_of(target)} at the last step; bars are exact (Clopper–Pearson) 95% intervals; "
+            "the dashed line is the rate over all starts.",
             "fig-success",
         ),
         "bands": img(
@@ -83,9 +83,9 @@ def _figure_imgs(run: Run, part: Callable[[], None] = lambda: None) -> dict[str,
         "survival": img(
             figures.survival_figure(curves, overall, **named),
             f"Small multiples of Kaplan-Meier curves: share of starts not yet classified as {classes.name_of(target)} against step. Share "
-            "never flipped at the end: " + listing({g: fmt_pct(c[-1]) for g, c in curves.items()}),
-            f"Kaplan-Meier estimate of the share not yet flipped (argmax not yet {classes.name_of(target)}); starts that never flip count "
-            "as censored at their last step. Grey: all starts.",
+            "never flipped at the end, with its 95% band: " + listing({g: f"{fmt_pct(c[0, -1])} ({fmt_pct(c[1, -1], 0)}–{fmt_pct(c[2, -1], 0)})" for g, c in curves.items()}),
+            f"Kaplan-Meier estimate of the share not yet flipped (argmax not yet {classes.name_of(target)}; scipy.stats.ecdf on censored data); "
+            "starts that never flip count as censored at their last step. Shaded: pointwise 95% band (Greenwood, log-log). Grey: all starts.",
             "fig-survival",
         ),
         "l2": img(
@@ -213,17 +213,21 @@ def compare_context(runs: list[Run], out: Path) -> dict:
         p = r.p_target[r.results["traj_row"].to_numpy()]
         horizon = p.shape[1] - 1
         medians[n] = {g: np.median(p[groups == g], axis=0) for g in r.order}
-        curves[n] = {g: stats.survival_of(r.results[groups == g], horizon) for g in r.order}
+        curves[n] = {g: np.stack(stats.survival_band_of(r.results[groups == g], horizon)) for g in r.order}
         l2[n] = {g: stats.as_float(r.results.loc[groups == g, "l2_final"]) for g in r.order}
     rows = []
     for n, r in zip(names, runs):
         rows.append({"name": n, "run": r, "head": headline(r), "link": _relative_link(r, out), "warnings": warnings_of(r)})
-    overall = "; ".join(f"{n}: {fmt_pct(t[t['group'] == ALL]['success_rate'].iloc[0])}" for n, t in tables.items())
+    overall = "; ".join(
+        f"{n}: {fmt_pct(a['success_rate'])} ({fmt_pct(a['success_lo'], 0)}–{fmt_pct(a['success_hi'], 0)}, {a['successes']} of {a['n']})"
+        for n, t in tables.items()
+        for a in [t[t["group"] == ALL].iloc[0]]
+    )
     figs = {
         "success": figure_img(
             compare_figures.success_compare_figure(tables, **named),
-            f"Grouped bar chart of the success rate per start group, one bar per run, with 95% bootstrap intervals. Overall: {overall}.",
-            "Share of starts classified as the target at the last step, per run (95% bootstrap intervals).",
+            f"Grouped bar chart of the success rate per start group, one bar per run, with exact 95% intervals. Overall: {overall}.",
+            "Share of starts classified as the target at the last step, per run (exact Clopper–Pearson 95% intervals).",
             "fig-compare-success",
         ),
         "median_p": figure_img(
@@ -234,8 +238,8 @@ def compare_context(runs: list[Run], out: Path) -> dict:
         ),
         "survival": figure_img(
             compare_figures.survival_compare_figure(curves, **named),
-            "Small multiples per start group of Kaplan-Meier curves of the share not yet flipped, one line per run.",
-            "Kaplan-Meier share of starts not yet flipped, per run (never-flipped starts censored at their last step).",
+            "Small multiples per start group of Kaplan-Meier curves of the share not yet flipped with 95% bands, one line per run.",
+            "Kaplan-Meier share of starts not yet flipped, per run (never-flipped starts censored at their last step); shaded: pointwise 95% band.",
             "fig-compare-survival",
         ),
         "l2": figure_img(

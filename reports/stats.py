@@ -1,19 +1,20 @@
-"""Summary statistics of a results frame: bootstrap intervals, Kaplan-Meier curves, per-start-group tables."""
+"""Summary statistics of a results frame: exact intervals of shares, Kaplan-Meier curves with bands, per-start-group tables."""
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
+from scipy import stats as sps
 
 NOISE = "noise"
 ALL = "all"
 # Within this of 0 or 1, p(target) leaves the softmax almost no gradient (as eightgen.metrics.SATURATED).
 SATURATED_P = 1e-6
 LEVEL = 0.95
-N_BOOT = 4000
 
 
 def as_float(values: pd.Series | np.ndarray) -> np.ndarray:
@@ -50,42 +51,76 @@ def stable_seed(label: str, base: int = 0) -> int:
     return base + zlib.crc32(label.encode())
 
 
-def bootstrap_rate_ci(success: np.ndarray, *, level: float = LEVEL, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of a success rate (starts resampled with replacement, fixed RNG)."""
-    success = np.asarray(success, dtype=bool)
-    n = success.size
+def rate_ci(successes: int, n: int, *, level: float = LEVEL) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval of a share successes/n; never zero-width for n > 0, (NaN, NaN) for n = 0."""
     if n == 0:
         return (np.nan, np.nan)
-    rng = np.random.default_rng(seed)
-    # The mean of n outcomes resampled with replacement from the observed ones is Binomial(n, rate) / n.
-    draws = rng.binomial(n, success.mean(), size=n_boot) / n
-    tail = (1.0 - level) / 2.0
-    lo, hi = np.quantile(draws, [tail, 1.0 - tail])
-    return (float(lo), float(hi))
+    ci = sps.binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="exact")
+    return (float(ci.low), float(ci.high))
+
+
+def share_ci(flags: np.ndarray | pd.Series, *, level: float = LEVEL) -> dict:
+    """The share of true flags with its exact interval: {"share", "lo", "hi", "k", "n"} (missing flags read as False)."""
+    flags = as_bool(flags) if isinstance(flags, pd.Series) else np.asarray(flags, dtype=bool)
+    k, n = int(flags.sum()), int(flags.size)
+    lo, hi = rate_ci(k, n, level=level)
+    return {"share": k / n if n else np.nan, "lo": lo, "hi": hi, "k": k, "n": n}
+
+
+def at_least(share: dict, threshold: float) -> bool:
+    """Whether a share is shown to be at least the threshold: its interval's lower bound meets it."""
+    return bool(np.isfinite(share["lo"]) and share["lo"] >= threshold)
+
+
+def at_most(share: dict, threshold: float) -> bool:
+    """Whether a share is shown to be at most the threshold: its interval's upper bound meets it."""
+    return bool(np.isfinite(share["hi"]) and share["hi"] <= threshold)
+
+
+def survival_band(event_step: np.ndarray, observed: np.ndarray, horizon: int, *, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Kaplan-Meier share not yet flipped at steps 0..horizon and its pointwise band (scipy.stats.ecdf, log-log Greenwood).
+
+    A start not flipped is right-censored at its last step: it was watched through that step.
+    Where the band is undefined (the curve at 0 or 1) it is the curve itself."""
+    t = np.asarray(event_step, dtype=float)
+    observed = np.asarray(observed, dtype=bool)
+    steps = np.arange(horizon + 1, dtype=float)
+    if t.size == 0:
+        empty = np.full(horizon + 1, np.nan)
+        return empty, empty.copy(), empty.copy()
+    if not observed.any():  # nothing flipped: the curve stays at 1
+        ones = np.ones(horizon + 1)
+        return ones, ones.copy(), ones.copy()
+    fit = sps.ecdf(sps.CensoredData(uncensored=t[observed], right=t[~observed]))
+    curve = fit.sf.evaluate(steps)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # undefined at 0 and 1, filled below
+        band = fit.sf.confidence_interval(confidence_level=level, method="log-log")
+        lo, hi = band.low.evaluate(steps), band.high.evaluate(steps)
+    return curve, np.where(np.isfinite(lo), lo, curve), np.where(np.isfinite(hi), hi, curve)
 
 
 def kaplan_meier(event_step: np.ndarray, observed: np.ndarray, horizon: int) -> np.ndarray:
     """Share of starts not yet flipped at steps 0..horizon (Kaplan-Meier; unflipped starts censored at their last step)."""
-    t = np.clip(np.asarray(event_step, dtype=np.int64), 0, horizon + 1)
-    observed = np.asarray(observed, dtype=bool)
-    if t.size == 0:
-        return np.full(horizon + 1, np.nan)
-    events = np.bincount(t[observed], minlength=horizon + 2)[: horizon + 1]
-    censored = np.bincount(t[~observed], minlength=horizon + 2)[: horizon + 1]
-    # At risk at s: everyone not flipped and not censored before s (a start censored at s was watched through s).
-    left_before = np.concatenate([[0], np.cumsum(events + censored)[:-1]])
-    at_risk = t.size - left_before
-    hazard = np.divide(events, at_risk, out=np.zeros(horizon + 1), where=at_risk > 0)
-    return np.cumprod(1.0 - hazard)
+    return survival_band(event_step, observed, horizon)[0]
 
 
-def survival_of(results: pd.DataFrame, horizon: int) -> np.ndarray:
-    """Kaplan-Meier 'not yet flipped' curve of a results frame (censored at each row's steps)."""
+def _event_times(results: pd.DataFrame, horizon: int) -> tuple[np.ndarray, np.ndarray]:
     flip = as_float(results["flip_step"])
     observed = ~np.isnan(flip)
     steps = as_float(results["steps"]) if "steps" in results else np.full(len(results), float(horizon))
     when = np.where(observed, flip, steps)
-    return kaplan_meier(np.nan_to_num(when, nan=horizon).astype(np.int64), observed, horizon)
+    return np.nan_to_num(when, nan=horizon), observed
+
+
+def survival_of(results: pd.DataFrame, horizon: int) -> np.ndarray:
+    """Kaplan-Meier 'not yet flipped' curve of a results frame (censored at each row's steps)."""
+    return kaplan_meier(*_event_times(results, horizon), horizon)
+
+
+def survival_band_of(results: pd.DataFrame, horizon: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Kaplan-Meier 'not yet flipped' curve of a results frame with its 95% band: (curve, lo, hi)."""
+    return survival_band(*_event_times(results, horizon), horizon)
 
 
 def km_median(curve: np.ndarray) -> float:
@@ -104,10 +139,13 @@ def _q(values: np.ndarray, q: float) -> float:
     return float(np.quantile(values, q)) if values.size else np.nan
 
 
-def _share(mask: np.ndarray, among: np.ndarray | None = None) -> float:
-    if among is not None:
-        mask = mask[among]
-    return float(mask.mean()) if mask.size else np.nan
+def _share(mask: np.ndarray, among: np.ndarray | None = None) -> dict:
+    return share_ci(mask[among] if among is not None else mask)
+
+
+def _with_interval(name: str, share: dict) -> dict:
+    """A share as summary-row columns: name, name_lo, name_hi (exact 95% interval)."""
+    return {name: share["share"], f"{name}_lo": share["lo"], f"{name}_hi": share["hi"]}
 
 
 def indicators(results: pd.DataFrame) -> pd.DataFrame:
@@ -131,30 +169,37 @@ def indicators(results: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def summarise(results: pd.DataFrame, label: str, *, seed: int = 0) -> dict:
-    """One summary row for a set of starts: rates, bootstrap interval, flip steps, norms, indicator shares."""
+def summarise(results: pd.DataFrame, label: str) -> dict:
+    """One summary row for a set of starts: shares with exact 95% intervals (`_lo`, `_hi`), flip steps, norms, indicators."""
     success = as_bool(results["success"])
     flip = as_float(results["flip_step"])
     flipped = ~np.isnan(flip)
     censored = as_bool(results["censored"]) if "censored" in results else ~flipped
-    ind = indicators(results)
-    lo, hi = bootstrap_rate_ci(success, seed=stable_seed(label, seed))
+    ind = {k: v.to_numpy() for k, v in indicators(results).items()}
     l2_flip = as_float(results["l2_at_flip"])
     l2_final = as_float(results["l2_final"])
     horizon = int(np.nanmax(as_float(results["steps"]))) if len(results) else 0
     stays = as_bool(results["stays_flipped"]) if "stays_flipped" in results else np.zeros(len(results), bool)
-    return {
+    shares = {
+        "success_rate": _share(success),
+        "censored_share": _share(censored),
+        "stays_flipped_share": _share(stays, flipped),
+        "grad_zero_share": _share(ind["grad_zero_final"]),
+        "grad_zero_success_share": _share(ind["grad_zero_final"], success),
+        "saturated_share": _share(ind["saturated_start"]),
+        "saturated_failure_share": _share(ind["saturated_start"], ~success),
+        "outside_share": _share(ind["outside_01"]),
+        "collapse_share": _share(ind["collapse_final"]),
+        "collapse_success_share": _share(ind["collapse_final"], success),
+        "start_is_target_share": _share(as_float(results["p_target_start"]) >= 0.5),
+    }
+    row = {
         "group": label,
         "n": int(len(results)),
         "successes": int(success.sum()),
-        "success_rate": _share(success),
-        "success_lo": lo,
-        "success_hi": hi,
         "flipped": int(flipped.sum()),
         "flip_median": _q(flip, 0.5),
         "flip_km_median": km_median(survival_of(results, horizon)) if len(results) else np.nan,
-        "censored_share": _share(censored),
-        "stays_flipped_share": _share(stays, flipped),
         "l2_flip_median": _q(l2_flip, 0.5),
         "l2_flip_q25": _q(l2_flip, 0.25),
         "l2_flip_q75": _q(l2_flip, 0.75),
@@ -164,20 +209,16 @@ def summarise(results: pd.DataFrame, label: str, *, seed: int = 0) -> dict:
         "linf_final_median": _q(as_float(results["linf_final"]), 0.5),
         "p_start_median": _q(as_float(results["p_target_start"]), 0.5),
         "p_final_median": _q(as_float(results["p_target_final"]), 0.5),
-        "grad_zero_share": _share(ind["grad_zero_final"].to_numpy()),
-        "grad_zero_success_share": _share(ind["grad_zero_final"].to_numpy(), success),
-        "saturated_share": _share(ind["saturated_start"].to_numpy()),
-        "saturated_failure_share": _share(ind["saturated_start"].to_numpy(), ~success),
-        "outside_share": _share(ind["outside_01"].to_numpy()),
-        "collapse_share": _share(ind["collapse_final"].to_numpy()),
-        "collapse_success_share": _share(ind["collapse_final"].to_numpy(), success),
-        "start_is_target_share": _share(as_float(results["p_target_start"]) >= 0.5),
     }
+    for name, share in shares.items():
+        row |= _with_interval(name, share)
+    row["success_lo"], row["success_hi"] = row.pop("success_rate_lo"), row.pop("success_rate_hi")
+    return row
 
 
-def group_table(results: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
+def group_table(results: pd.DataFrame) -> pd.DataFrame:
     """One summary row per start group (noise, then digits) and a last row "all"."""
     labels = group_labels(results)
-    rows = [summarise(results[labels == g], g, seed=seed) for g in group_order(labels)]
-    rows.append(summarise(results, ALL, seed=seed))
+    rows = [summarise(results[labels == g], g) for g in group_order(labels)]
+    rows.append(summarise(results, ALL))
     return pd.DataFrame(rows)

@@ -37,10 +37,12 @@ def summary_markdown(run: Run) -> str:
         f"eps {_md(h['eps'] if h['eps'] is not None else '—')}), {h['steps']} steps, {h['n']:,} start{'s' if h['n'] != 1 else ''} on {_md(h['device'])}",
         f"- **model** {_md(h['arch'])}, validation error {fmt_pct(h['valid_error'], 2)}",
         f"- **success** {a['successes']:,} / {a['n']:,} = {fmt_pct(a['success_rate'])} "
-        f"(95% CI {fmt_pct(a['success_lo'])}–{fmt_pct(a['success_hi'])})",
-        f"- **median flip step** {fmt_step(a['flip_median'])} (flipped starts; {fmt_pct(a['censored_share'])} never flipped)",
+        f"(exact 95% CI {fmt_pct(a['success_lo'])}–{fmt_pct(a['success_hi'])})",
+        f"- **median flip step** {fmt_step(a['flip_median'])} (flipped starts; {fmt_pct(a['censored_share'])} never flipped, "
+        f"95% CI {fmt_pct(a['censored_share_lo'])}–{fmt_pct(a['censored_share_hi'])})",
         f"- **median L2 at flip** {fmt_num(a['l2_flip_median'])}, final {fmt_num(a['l2_final_median'])} (pixel units, [0, 1] scale)",
-        f"- **{_md(plabel)} crossed 0.5** for {fmt_pct(h['crossed_share'])} of starts after a median of {fmt_step(h['crossed_median'])} steps",
+        f"- **{_md(plabel)} crossed 0.5** for {fmt_pct(h['crossed_share'])} of starts (95% CI {fmt_pct(h['crossed_lo'])}–"
+        f"{fmt_pct(h['crossed_hi'])}) after a median of {fmt_step(h['crossed_median'])} steps",
     ]
     for w in warnings_of(run):
         if w["level"] == "warning":

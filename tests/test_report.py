@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import binomtest
 import pytest
 
 from eightgen.errors import EightgenError
@@ -119,10 +120,13 @@ def test_table_equals_recomputed_numbers(page: Page, run_dir: Path) -> None:
                 assert np.allclose(got, v, rtol=1e-6, equal_nan=True), (g, col)
             else:
                 assert np.isclose(value(cell), v, rtol=1e-6, equal_nan=True), (g, col, value(cell), v)
-        ci = page.cells[(g, "success_ci")]
-        lo, hi, n = float(ci["data-lo"]), float(ci["data-hi"]), want["n"]
-        assert lo <= want["success_rate"] <= hi
-        assert np.isclose(lo * n, round(lo * n)) and np.isclose(hi * n, round(hi * n))
+        # Every share's interval is the exact one, recomputed with scipy from the stored rows.
+        n = want["n"]
+        cells = [("success_ci", want["success_rate"])] + [(c, v) for c, v in want.items() if c.endswith("_share")]
+        for col, share in cells:
+            cell = page.cells[(g, col)]
+            ci = binomtest(round(share * n), n).proportion_ci(method="exact")
+            assert np.isclose(float(cell["data-lo"]), ci.low, atol=1e-9) and np.isclose(float(cell["data-hi"]), ci.high, atol=1e-9), (g, col)
     assert page.cells[("all", "n")]["data-value"] == repr(float(len(results)))
 
 
@@ -265,28 +269,78 @@ def test_kaplan_meier_matches_direct_product() -> None:
         events = np.sum((when == t) & observed)
         surv *= 1 - events / at_risk if at_risk else 1
         expected.append(surv)
-    assert np.allclose(curve, expected)
+    assert np.allclose(curve, expected, atol=1e-12, rtol=0)
     # Censored only at the budget's end: the curve is the plain share not yet flipped.
     flips = rng.integers(0, horizon + 1, n)
     flipped = rng.uniform(size=n) < 0.6
     curve = stats.kaplan_meier(np.where(flipped, flips, horizon), flipped, horizon)
     plain = [1 - np.mean(flipped & (flips <= t)) for t in range(horizon + 1)]
-    assert np.allclose(curve, plain)
+    assert np.allclose(curve, plain, atol=1e-12, rtol=0)
 
 
-def test_bootstrap_interval() -> None:
-    assert stats.bootstrap_rate_ci(np.ones(20, bool)) == (1.0, 1.0)
-    assert stats.bootstrap_rate_ci(np.zeros(20, bool)) == (0.0, 0.0)
-    rng = np.random.default_rng(1)
-    small = rng.uniform(size=40) < 0.3
-    large = rng.uniform(size=4000) < 0.3
-    lo_s, hi_s = stats.bootstrap_rate_ci(small, seed=5)
-    lo_l, hi_l = stats.bootstrap_rate_ci(large, seed=5)
-    assert lo_s <= small.mean() <= hi_s and lo_l <= large.mean() <= hi_l
-    assert hi_l - lo_l < hi_s - lo_s
-    se = np.sqrt(large.mean() * (1 - large.mean()) / large.size)
-    assert np.isclose(hi_l - lo_l, 2 * 1.96 * se, rtol=0.1)
-    assert stats.bootstrap_rate_ci(small, seed=5) == (lo_s, hi_s)
+def test_kaplan_meier_band_is_log_log_greenwood() -> None:
+    """The band equals exp(-exp(log(-log S) ± z·σ)) with Greenwood's σ, computed here step by step."""
+    rng = np.random.default_rng(3)
+    horizon, n = 25, 60
+    when = rng.integers(1, horizon + 1, n)
+    observed = rng.uniform(size=n) < 0.6
+    curve, lo, hi = stats.survival_band(when, observed, horizon)
+    z = 1.959963984540054
+    surv, green = 1.0, 0.0
+    for t in range(horizon + 1):
+        at_risk, events = np.sum(when >= t), np.sum((when == t) & observed)
+        if events:
+            surv *= 1 - events / at_risk
+            green += events / (at_risk * (at_risk - events)) if at_risk > events else np.inf
+        assert curve[t] == pytest.approx(surv, abs=1e-12)
+        if 0 < surv < 1:
+            sigma = np.sqrt(green) / abs(np.log(surv))
+            assert lo[t] == pytest.approx(np.exp(-np.exp(np.log(-np.log(surv)) + z * sigma)), abs=1e-9)
+            assert hi[t] == pytest.approx(np.exp(-np.exp(np.log(-np.log(surv)) - z * sigma)), abs=1e-9)
+            assert lo[t] < surv < hi[t]
+    # Nothing flipped: the curve stays at 1; every start flipped at once: it drops to 0.
+    ones = stats.survival_band(np.full(5, 10), np.zeros(5, bool), 10)
+    assert all(np.array_equal(b, np.ones(11)) for b in ones)
+    drop, lo, hi = stats.survival_band(np.full(5, 3), np.ones(5, bool), 6)
+    assert drop.tolist() == [1, 1, 1, 0, 0, 0, 0] and np.isfinite(lo).all() and np.isfinite(hi).all()
+
+
+def test_exact_interval_never_zero_width() -> None:
+    from scipy.stats import beta
+
+    for k, n in [(0, 32), (32, 32), (1, 8), (7, 8), (150, 320), (0, 1)]:
+        share = stats.share_ci(np.arange(n) < k)
+        assert share["k"] == k and share["n"] == n and share["share"] == k / n
+        assert share["hi"] - share["lo"] > 0.01
+        # Clopper–Pearson: beta quantiles, with the open end at 0 or 1.
+        lo = 0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1)
+        hi = 1.0 if k == n else beta.ppf(0.975, k + 1, n - k)
+        assert share["lo"] == pytest.approx(lo, abs=1e-9) and share["hi"] == pytest.approx(hi, abs=1e-9)
+    assert stats.rate_ci(32, 32)[0] == pytest.approx(0.025 ** (1 / 32), abs=1e-12)  # about 89%
+    assert np.isnan(stats.rate_ci(0, 0)).all()
+    assert stats.at_least(stats.share_ci(np.ones(32, bool)), 0.85) and not stats.at_least(stats.share_ci(np.ones(32, bool)), 0.90)
+    assert stats.at_most(stats.share_ci(np.zeros(100, bool)), 0.05) and not stats.at_most(stats.share_ci(np.zeros(20, bool)), 0.05)
+
+
+def test_group_table_gives_every_share_an_interval() -> None:
+    rng = np.random.default_rng(2)
+    n = 24
+    results = pd.DataFrame(
+        {
+            "start_kind": ["noise"] * 8 + ["digit"] * 16, "start_digit": [None] * 8 + [3] * 8 + [5] * 8,
+            "success": [True] * 8 + list(rng.uniform(size=16) < 0.5), "flip_step": [4.0] * 8 + [np.nan] * 16, "steps": [20] * n,
+            "l2_at_flip": rng.uniform(size=n), "l2_final": rng.uniform(size=n), "linf_final": rng.uniform(size=n),
+            "p_target_start": rng.uniform(size=n), "p_target_final": rng.uniform(size=n), "grad_norm_final": np.zeros(n),
+        }
+    )
+    table = stats.group_table(results)
+    noise = table[table["group"] == "noise"].iloc[0]
+    assert noise["success_rate"] == 1.0 and noise["success_lo"] == pytest.approx(0.025 ** (1 / 8)) and noise["success_hi"] == 1.0
+    for col in [c for c in table if c.endswith("_share")]:
+        rows = table[table[col].notna()]  # a share among none (e.g. of no flips) has no value and no interval
+        assert len(rows) and table.loc[table[col].isna(), col + "_lo"].isna().all(), col
+        assert (rows[col + "_lo"] <= rows[col]).all() and (rows[col] <= rows[col + "_hi"]).all(), col
+        assert (rows[col + "_hi"] - rows[col + "_lo"] > 0).all(), col  # never zero-width, even at 0 of n or n of n
 
 
 def test_renders_500_starts_quickly(tmp_path: Path) -> None:

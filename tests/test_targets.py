@@ -168,7 +168,7 @@ def test_aligned_summary_answer_and_figure_name_the_target() -> None:
     assert "its gradient draws a 3;" in summary["answer"] and "8" not in summary["answer"].replace("budget of 8", "")
     titles = [ax.get_title() for ax in budget_figure(summary).axes]
     assert titles[:4] == ["detector says 3 (flip)", "k-NN: nearer to real 3s", "robust referee says 3", "standard referee says 3"]
-    assert summary_lines(summary)[0].split()[4:8] == ["kNN", "3", "robust", "3"]
+    assert summary_lines(summary)[0].split()[5:9] == ["kNN", "3", "robust", "3"]
 
 
 def test_aligned_words_name_a_fashion_target() -> None:
