@@ -102,10 +102,12 @@ def build_aligned_config(args: argparse.Namespace) -> AlignedConfig:
 
 def summary_lines(summary: dict) -> list[str]:
     """The aligned summary as plain text lines: one per (budget, detector), then the targets."""
-    pct = lambda x: "  —  " if x is None else f"{100 * x:5.1f}%"  # noqa: E731
+    from reports.formatting import fmt_share
+
+    ci = lambda x: "—" if x is None else f"{100 * x['share']:.1f}% [{100 * x['lo']:.0f}–{100 * x['hi']:.0f}]"  # noqa: E731
     name = str(summary.get("target_name", "target"))[:10]
     lines = [
-        f"{'budget':>6} {'detector':<9} {'flipped':>7} {'L2':>5} {'kNN ' + name:>7} {'robust ' + name:>8} {'std ' + name:>7} {'still start':>11}"
+        f"{'budget':>6} {'detector':<9} {'n':>4} {'flipped':>16} {'L2':>5} {'kNN ' + name:>16} {'robust ' + name:>16} {'std ' + name:>16} {'still start':>16}"
     ]
     for c in summary["cells"]:
         d = c["digits"]
@@ -113,16 +115,17 @@ def summary_lines(summary: dict) -> list[str]:
             continue
         l2 = d["l2_final_median"]
         lines.append(
-            f"{c['budget']:>6g} {c['detector']:<9} {pct(d['success']['share'])} {'—' if l2 is None else f'{l2:.2f}':>5} "
-            f"{pct(d['referees']['knn']['share'])} {pct(d['referees']['robust']['share']):>8} {pct(d['referees']['cnn']['share'])} "
-            f"{pct(d['still_start']['robust']['share']):>11}"
+            f"{c['budget']:>6g} {c['detector']:<9} {d['n']:>4} {ci(d['success']):>16} {'—' if l2 is None else f'{l2:.2f}':>5} "
+            f"{ci(d['referees']['knn']):>16} {ci(d['referees']['robust']):>16} {ci(d['referees']['cnn']):>16} "
+            f"{ci(d['still_start']['robust']):>16}"
         )
+    lines.append("shares with exact 95% intervals; a target is judged on the interval's bound")
     lines.append(f"targets at budget {summary['matched_budget']:g}:")
     for t in summary["targets"]:
         op = "≥" if t["op"] == ">=" else "≤"
         lines.append(
-            f"  {'met   ' if t['met'] else 'MISSED'} {t['what']}: {100 * t['value']:.1f}% (needs {op} {100 * t['threshold']:.0f}%, "
-            f"margin {100 * t['margin']:+.1f} points)"
+            f"  {'met   ' if t['met'] else 'MISSED'} {t['what']}: {fmt_share(t | {'share': t['value']})} (needs {'lower' if op == '≥' else 'upper'} bound "
+            f"{op} {100 * t['threshold']:.0f}%, margin {100 * t['margin']:+.1f} points)"
         )
     return lines
 

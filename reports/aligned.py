@@ -84,33 +84,23 @@ def load_aligned_run(run_dir: Path) -> AlignedRun:
     return AlignedRun(run_dir, aligned.detector, aligned.budget, run, run.results, x0[rows], x_final[rows])
 
 
-def _share_ci(flags: np.ndarray, label: str) -> dict:
-    flags = np.asarray(flags, dtype=bool)
-    lo, hi = stats.bootstrap_rate_ci(flags, seed=stats.stable_seed(label))
-    return {"share": float(flags.mean()) if flags.size else math.nan, "lo": lo, "hi": hi, "n": int(flags.size)}
-
-
-def summarise(results: pd.DataFrame, label: str) -> dict:
-    """Success, median L2, each referee's target share and the still-start-digit shares (95% intervals) of some starts."""
+def summarise(results: pd.DataFrame) -> dict:
+    """Success, median L2, each referee's target share and the still-start-digit shares (exact 95% intervals) of some starts."""
     success = stats.as_bool(results["success"])
     l2_final, l2_flip = stats.as_float(results["l2_final"]), stats.as_float(results["l2_at_flip"])
     ind = stats.indicators(results)
-    out = {
+    return {
         "n": int(len(results)),
-        "success": _share_ci(success, label + "/success"),
+        "success": stats.share_ci(success),
         "l2_final_median": float(np.nanmedian(l2_final)) if np.isfinite(l2_final).any() else math.nan,
         "l2_flip_median": float(np.nanmedian(l2_flip)) if np.isfinite(l2_flip).any() else math.nan,
-        "referees": {k: _share_ci(stats.as_bool(results[col]), f"{label}/{k}") for k, (_, col) in REFEREES.items()},
-        "referees_start": {
-            k: float(stats.as_bool(results[col + "_start"]).mean()) if col + "_start" in results else math.nan
-            for k, (_, col) in REFEREES.items()
-        },
-        "still_start": {k: _share_ci(stats.as_bool(results[col]), f"{label}/start-{k}") for k, col in STILL_START.items()},
-        "agree_robust_knn": float(np.mean(stats.as_bool(results["ref_robust_is_target"]) == stats.as_bool(results["knn_is_target"]))),
-        "collapse_share": float(ind["collapse_final"].mean()),
-        "grad_zero_share": float(ind["grad_zero_final"].mean()),
+        "referees": {k: stats.share_ci(results[col]) for k, (_, col) in REFEREES.items()},
+        "referees_start": {k: stats.share_ci(results[col + "_start"]) for k, (_, col) in REFEREES.items() if col + "_start" in results},
+        "still_start": {k: stats.share_ci(results[col]) for k, col in STILL_START.items()},
+        "agree_robust_knn": stats.share_ci(stats.as_bool(results["ref_robust_is_target"]) == stats.as_bool(results["knn_is_target"])),
+        "collapse_share": stats.share_ci(ind["collapse_final"].to_numpy()),
+        "grad_zero_share": stats.share_ci(ind["grad_zero_final"].to_numpy()),
     }
-    return out
 
 
 def _is_noise(results: pd.DataFrame) -> np.ndarray:
@@ -122,14 +112,13 @@ def aligned_summary(runs: Sequence[AlignedRun], matched_budget: float) -> dict:
     cells = []
     for r in sorted(runs, key=lambda r: (r.budget, DETECTORS.index(r.detector))):
         noise = _is_noise(r.results)
-        label = f"{r.detector}/{r.budget:g}"
         cells.append(
             {
                 "detector": r.detector,
                 "budget": r.budget,
                 "run": r.path.name,
-                "digits": summarise(r.results[~noise], label) if (~noise).any() else None,
-                "noise": summarise(r.results[noise], label + "/noise") if noise.any() else None,
+                "digits": summarise(r.results[~noise]) if (~noise).any() else None,
+                "noise": summarise(r.results[noise]) if noise.any() else None,
             }
         )
     noise_rows = [r.results[_is_noise(r.results)] for r in runs]
@@ -138,8 +127,9 @@ def aligned_summary(runs: Sequence[AlignedRun], matched_budget: float) -> dict:
     if noise_rows:
         first = noise_rows[0]  # every run starts from the same noise images
         for k, (_, col) in REFEREES.items():
-            share = float(stats.as_bool(first[col + "_start"]).mean()) if col + "_start" in first else math.nan
-            noise_referees[k] = {"start_share": share, "informative": bool(share < NOISE_UNINFORMATIVE)}
+            share = stats.share_ci(first[col + "_start"]) if col + "_start" in first else stats.share_ci(np.zeros(0, bool))
+            # Informative only when its interval shows it calls fewer untouched noise starts the target than the threshold.
+            noise_referees[k] = {"start_share": share, "informative": stats.at_most(share, NOISE_UNINFORMATIVE)}
     first = runs[0].run
     classes = first.record.config.dataset.classes
     summary = {
@@ -174,17 +164,21 @@ def targets(summary: dict) -> list[dict]:
         return []
     name = summary["target_name"]
     rows = [
-        ("knn_robust", f"k-NN calls the robust detector's results {name}", "robust", rob["referees"]["knn"]["share"], ">=", KNN_ROBUST_MIN),
-        ("knn_standard", f"k-NN calls the standard detector's results {name}", "standard", std["referees"]["knn"]["share"], "<=", KNN_STANDARD_MAX),
-        ("flip_robust", "the robust detector flips its starts", "robust", rob["success"]["share"], ">=", FLIP_MIN),
-        ("flip_standard", "the standard detector flips its starts", "standard", std["success"]["share"], ">=", FLIP_MIN),
+        ("knn_robust", f"k-NN calls the robust detector's results {name}", "robust", rob["referees"]["knn"], ">=", KNN_ROBUST_MIN),
+        ("knn_standard", f"k-NN calls the standard detector's results {name}", "standard", std["referees"]["knn"], "<=", KNN_STANDARD_MAX),
+        ("flip_robust", "the robust detector flips its starts", "robust", rob["success"], ">=", FLIP_MIN),
+        ("flip_standard", "the standard detector flips its starts", "standard", std["success"], ">=", FLIP_MIN),
         ("agree_robust", "robust referee agrees with k-NN on the robust detector's results", "robust", rob["agree_robust_knn"], ">=", AGREE_MIN),
     ]
-    out = []
-    for key, what, detector, value, op, threshold in rows:
-        margin = value - threshold if op == ">=" else threshold - value
-        out.append({"key": key, "what": what, "detector": detector, "value": value, "op": op, "threshold": threshold, "met": bool(margin >= 0), "margin": margin})
-    return out
+    return [judged(key, what, share, op, threshold) | {"detector": detector} for key, what, detector, share, op, threshold in rows]
+
+
+def judged(key: str, what: str, share: dict, op: str, threshold: float) -> dict:
+    """A share's target judged on its exact interval: "≥ t" is met when the lower bound is ≥ t, "≤ t" when the upper bound is ≤ t."""
+    bound = share["lo"] if op == ">=" else share["hi"]
+    margin = bound - threshold if op == ">=" else threshold - bound
+    return {"key": key, "what": what, "value": share["share"], "lo": share["lo"], "hi": share["hi"], "n": share["n"], "k": share["k"],
+            "bound": bound, "op": op, "threshold": threshold, "met": bool(np.isfinite(margin) and margin >= 0), "margin": margin}
 
 
 def answer(summary: dict) -> str:
@@ -366,7 +360,7 @@ def render_aligned(
             for d in DETECTORS
             if cell(summary, d, matched_budget) is not None
         ),
-        f"{classes.noun.capitalize()} starts only. Bars: 95% percentile-bootstrap intervals over starts. Dashed lines on the k-NN panel: the "
+        f"{classes.noun.capitalize()} starts only. Bars: exact (Clopper–Pearson) 95% intervals over starts. Dashed lines on the k-NN panel: the "
         f"targets ({fmt_pct(KNN_STANDARD_MAX, 0)} for the standard, {fmt_pct(KNN_ROBUST_MIN, 0)} for the robust detector); dotted: the matched budget.",
         "fig-aligned",
     )
