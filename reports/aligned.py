@@ -17,7 +17,7 @@ from eightgen.classes import classes_of
 from eightgen.errors import EightgenError
 from eightgen.rundir import RunRecord, trajectories
 from reports import figures, stats
-from reports.formatting import fmt_num, fmt_pct, plain_json
+from reports.formatting import fmt_ci, fmt_num, fmt_pct, plain_json
 from reports.images import array_img, figure_img
 from reports.narrative import warnings_of
 from reports.render import environment
@@ -187,29 +187,30 @@ def answer(summary: dict) -> str:
     std, rob = cell(summary, "standard", b), cell(summary, "robust", b)
     if std is None or rob is None:
         return "No answer: the runs lack a standard or a robust detector at the matched budget."
-    k_r, k_s = rob["referees"]["knn"]["share"], std["referees"]["knn"]["share"]
+    k_r, k_s = rob["referees"]["knn"], std["referees"]["knn"]
     classes, target = classes_of(summary["dataset"]), summary["target"]
     name, many, noun = classes.name_of(target), classes.plural(target), classes.noun
     said = (
-        f"At an L2 budget of {b:g}, the standard detector flips {fmt_pct(std['success']['share'])} and the robust one "
-        f"{fmt_pct(rob['success']['share'])} of the held-out {noun} starts. "
-        f"{fmt_pct(k_r)} of the robust detector's results lie nearer to real {many} than to real images of their start {noun} "
-        f"(5-NN vote), against {fmt_pct(k_s)} of the standard detector's; the robust referee calls "
-        f"{fmt_pct(rob['referees']['robust']['share'])} and {fmt_pct(std['referees']['robust']['share'])} of them {name}. "
+        f"At an L2 budget of {b:g}, the standard detector flips {fmt_ci(std['success'])} and the robust one "
+        f"{fmt_ci(rob['success'])} of the held-out {noun} starts. "
+        f"{fmt_ci(k_r)} of the robust detector's results lie nearer to real {many} than to real images of their start {noun} "
+        f"(5-NN vote), against {fmt_ci(k_s)} of the standard detector's; the robust referee calls "
+        f"{fmt_ci(rob['referees']['robust'])} and {fmt_ci(std['referees']['robust'])} of them {name}. "
     )
-    if k_r >= 0.5 > k_s:
+    # Verdicts on the intervals: "most" means the lower bound is above one half, "few" the upper bound below it.
+    if stats.at_least(k_r, 0.5) and k_s["hi"] < 0.5:
         said += (
             f"So yes, but only with the robust detector: its gradient draws {classes.with_article(target)}; the standard "
             f"detector's gradient flips the label while the image stays its start {noun}."
         )
-    elif k_r >= 0.5 and k_s >= 0.5:
+    elif stats.at_least(k_r, 0.5) and stats.at_least(k_s, 0.5):
         said += f"Both detectors' results move toward real {many} at this budget."
     else:
-        said += f"At this budget the robust detector's results do not yet look like {many} to the k-NN vote."
-    cnn = std["referees"]["cnn"]["share"]
-    if cnn > 2 * max(k_s, 0.05):
+        said += f"At this budget the k-NN vote does not show that most of the robust detector's results look like {many}."
+    cnn = std["referees"]["cnn"]
+    if cnn["lo"] > 2 * max(k_s["hi"], 0.05):
         said += (
-            f" The standard 10-class referee calls {fmt_pct(cnn)} of the standard detector's results {name}: adversarial "
+            f" The standard 10-class referee calls {fmt_ci(cnn)} of the standard detector's results {name}: adversarial "
             "perturbations transfer between standard networks, so that referee's verdict is no evidence."
         )
     return said

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from eightgen.artifacts import write_text_atomically
 from eightgen.classes import MNIST, ClassSet
 from reports import figures, stats
-from reports.formatting import fmt_num, fmt_pct, plain_json
+from reports.formatting import fmt_ci, fmt_num, fmt_pct, plain_json
 from reports.images import array_img, figure_img
 from reports.render import environment
 
@@ -126,11 +126,11 @@ def answer(cells: Sequence[dict], classes: ClassSet, target: int) -> str:
     for path in PATHS:
         c = cell_of(cells, path, "noise")
         if c is not None:
-            parts.append(f"{PATH_LABELS[path]} {fmt_pct(c['knn10']['share'])} (Fréchet {fmt_num(c['frechet'], 1)})")
+            parts.append(f"{PATH_LABELS[path]} {fmt_ci(c['knn10'])}, Fréchet {fmt_num(c['frechet'], 1)}")
     said = f"From the same noise starts, the share of results the ten-class k-NN vote calls {a}: " + "; ".join(parts) + ". "
     g, r = cell_of(cells, "diffusion-robust", "noise"), cell_of(cells, "robust-gradient", "noise")
     if g is not None and r is not None:
-        if g["knn10"]["share"] >= 0.5 and g["frechet"] <= r["frechet"]:
+        if stats.at_least(g["knn10"], 0.5) and g["frechet"] <= r["frechet"]:
             said += (f"A denoiser that knows what {classes.nouns} look like, steered by the robust detector, draws {a} that is closer "
                      "to real ones than what the robust gradient alone reaches; the standard detector's gradient only fools it.")
         else:

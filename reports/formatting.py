@@ -30,6 +30,13 @@ def fmt_share(share: dict | None, digits: int = 1) -> str:
     return f"{fmt_pct(share['share'], digits)} [{lo}–{hi}], {share['k']} of {share['n']}"
 
 
+def fmt_ci(share: dict | None, digits: int = 1) -> str:
+    """A share with its 95% interval in prose, e.g. "98.1% (95% CI 93–100%, 106 of 108)"; "—" for none."""
+    if share is None or _nan(share["share"]):
+        return "—"
+    return f"{fmt_pct(share['share'], digits)} (95% CI {100 * share['lo']:.0f}–{100 * share['hi']:.0f}%, {share['k']} of {share['n']})"
+
+
 def fmt_prob(x) -> str:
     """A probability: three decimals, scientific notation below 0.001."""
     if _nan(x):
