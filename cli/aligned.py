@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from cli.options import apply_data_options, data_options, digits_arg
-from eightgen.config import AlignedConfig
+from eightgen.config import AlignedConfig, referee_eps_for
+from eightgen.errors import EightgenError
 from runtime.environment import process_env
 
 OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -24,7 +25,7 @@ OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
     "valid_fraction": (("dataset",), "valid_fraction"),
     "referee_fraction": (("dataset",), "referee_fraction"),
     "epochs": (("standard", "robust"), "epochs"),
-    "adv_eps": (("robust",), "adv_eps"),
+    "eval_eps": ((), "eval_eps"),
     "adv_steps": (("robust",), "adv_steps"),
     "referee_epochs": (("referees",), "epochs"),
     "referee_eps": (("referees",), "robust_eps"),
@@ -61,7 +62,11 @@ def add_aligned_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--referee-fraction", type=float, help=f"share of non-pool images held out for the referees (default {d.dataset.referee_fraction})")
     g = p.add_argument_group("detectors and referees")
     g.add_argument("--epochs", type=int, help=f"training epochs of both detectors (default {d.standard.epochs})")
-    g.add_argument("--adv-eps", type=float, help=f"L2 PGD radius of the robust detector's training (default {d.robust.adv_eps})")
+    g.add_argument(
+        "--adv-eps", type=_numbers,
+        help=f"training radii, one detector each, e.g. 0,0.25,0.5,1,2,3 (0: standard training; one radius X: the pair 0,X; default 0,{d.robust.adv_eps:g})",
+    )
+    g.add_argument("--eval-eps", type=float, help="L2 radius of every detector's robust-accuracy check (default: the robust detector's, 2)")
     g.add_argument("--adv-steps", type=int, help=f"PGD steps per training batch (default {d.robust.adv_steps})")
     g.add_argument("--referee-epochs", type=int, help=f"training epochs of each 10-class referee (default {d.referees.epochs})")
     g.add_argument("--referee-eps", type=float, help=f"L2 PGD radius of the robust referee (default {d.referees.robust_eps})")
@@ -93,11 +98,27 @@ def build_aligned_config(args: argparse.Namespace) -> AlignedConfig:
             continue
         for section in sections or (None,):
             (data[section] if section else data)[field] = value
+    radii = getattr(args, "adv_eps", None)
+    if radii is not None:
+        apply_radii(data, radii, referee_eps_given=getattr(args, "referee_eps", None) is not None)
     apply_data_options(data, args)
     env_dir = os.environ.get("EIGHTGEN_MNIST_DIR")
     if env_dir and data["dataset"]["mnist_dir"] is None and data["dataset"]["local_path"] is None:
         data["dataset"]["mnist_dir"] = Path(env_dir)
     return AlignedConfig.model_validate(data)
+
+
+def apply_radii(data: dict[str, Any], radii: tuple[float, ...], referee_eps_given: bool) -> None:
+    """Set the training radii in an AlignedConfig dump: one radius X or the pair 0,X is the classic pair (robust.adv_eps X,
+    so its run names and cache entries stay those of the classic experiment); any other list is a sweep. Unless the
+    referee radius was given, it is raised to exceed the largest training radius."""
+    classic = sorted(radii)
+    if len(classic) == 1 and classic[0] != 0 or len(classic) == 2 and classic[0] == 0 < classic[1]:
+        data["robust"]["adv_eps"] = classic[-1]
+    else:
+        data["radii"] = list(radii)
+    if not referee_eps_given and all(r == r for r in radii):
+        data["referees"]["robust_eps"] = referee_eps_for(tuple(radii), data["referees"]["robust_eps"])
 
 
 def summary_lines(summary: dict) -> list[str]:
@@ -130,9 +151,25 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
+def sweep_lines(sweep: dict) -> list[str]:
+    """The sweep as plain text lines: per training radius the clean error, the robust accuracy and the k-NN share at each budget."""
+    ci = lambda x: "—" if not x else f"{100 * x['share']:.1f}% [{100 * x['lo']:.1f}–{100 * x['hi']:.1f}]"  # noqa: E731
+    ev = sweep["eval"]
+    rob = f"robust acc (ε {ev['eps']:g})" if ev else "robust acc"
+    knn = {(p["detector"], c["budget"]): p for c in sweep["curves"] if c["referee"] == "knn" for p in c["points"]}
+    lines = [f"{'radius':>6} {'clean error':>20} {rob:>20} " + " ".join(f"{f'kNN at {b:g}':>20}" for b in sweep["budgets"])]
+    for d in sweep["detectors"]:
+        shares = " ".join(f"{ci(knn.get((d['detector'], b))):>20}" for b in sweep["budgets"])
+        lines.append(f"{d['radius']:>6g} {ci(d['clean_error']):>20} {ci(d['robust_accuracy']):>20} {shares}")
+    lines.append(sweep["answer"])
+    return lines
+
+
 def aligned_command(args: argparse.Namespace) -> int:
     """Validate, run the aligned flow, wait for its records, print the summary and the targets."""
     cfg = build_aligned_config(args)
+    if args.check and (cfg.reference_radius is None or 0 not in cfg.radii_in_force):
+        raise EightgenError("--check needs the standard and a robust detector: give 0 and a radius above 0 in --adv-eps")
     process_env(cfg.cache_dir)
     from eightgen.rundir import check_target
     from runtime.preflight import preflight
@@ -150,6 +187,8 @@ def aligned_command(args: argparse.Namespace) -> int:
     report = Path(outcome(state, "aligned experiment"))
     summary = json.loads((report.parent / "aligned.json").read_text())
     print("\n".join(summary_lines(summary)))
+    if summary.get("sweep"):
+        print("\n".join(sweep_lines(summary["sweep"])))
     print(f"report: {report.resolve()}")
     if args.check and not summary["targets_met"]:
         return 1

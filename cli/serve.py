@@ -55,8 +55,9 @@ def deployments(
     force: bool = False,
     overwrite: bool = False,
 ) -> list[RunnerDeployment]:
-    """Runner deployments: the pipeline on `schedule` and on demand, stage re-runs by run name, the data, the aligned experiment."""
-    from eightgen.config import AlignedConfig
+    """Runner deployments: the pipeline on `schedule` and on demand, stage re-runs by run name, the data, the aligned experiment
+    and its robustness sweep, the diffusion experiment."""
+    from eightgen.config import SWEEP_MAX_TRAIN, AlignedConfig, sweep_of
     from flows.aligned import aligned_flow
     from flows.diffusion import diffusion_flow
     from flows.pipeline import pipeline, rerun_attack, rerun_report, rerun_train
@@ -79,6 +80,12 @@ def deployments(
         rerun_attack.to_deployment("manual", parameters={**where, "attack": cfg.attack.model_dump(mode="json")}, tags=TAGS),
         rerun_report.to_deployment("manual", parameters={**where, "report": cfg.report.model_dump(mode="json")}, tags=TAGS),
         aligned_flow.to_deployment("manual", parameters={"cfg": aligned.model_dump(mode="json")}, tags=TAGS),
+        aligned_flow.to_deployment(
+            "sweep",
+            parameters={"cfg": sweep_of(aligned.model_copy(update={"dataset": aligned.dataset.model_copy(update={"max_train": SWEEP_MAX_TRAIN})})).model_dump(mode="json")},
+            description="How much robustness does it take to draw the target? One detector per training radius (0-3), the same starts and budgets (aligned.html).",
+            tags=TAGS,
+        ),
         diffusion_flow.to_deployment("manual", parameters={"cfg": three_ways(cfg).model_dump(mode="json")}, tags=TAGS),
     ]
 

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from eightgen.classes import CLASS_SETS, ClassSet, DatasetName, classes_of
 
@@ -112,6 +112,11 @@ class TrainConfig(_Frozen):
         if self.adversarial != "none" and self.adv_eps is None:
             raise ValueError(f"adversarial={self.adversarial!r} needs adv_eps (the PGD radius)")
         return self
+
+    @property
+    def radius(self) -> float:
+        """The adversarial training radius: 0 for standard training."""
+        return 0.0 if self.adversarial == "none" else float(self.adv_eps or 0.0)
 
     @property
     def robust_eval(self) -> tuple[str, float] | None:
@@ -289,14 +294,22 @@ class RefereeConfig(_Frozen):
     device: Device = "auto"
 
 
+REFEREE_EPS_FACTOR = 1.5  # the robust referee's default radius over the largest detector radius (3 over the classic 2)
+
+
 class AlignedConfig(_Frozen):
-    """The aligned experiment: a standard and a robust detector pushed toward the target from identical starts,
-    seeds and L2 budgets, every result judged by the referees."""
+    """The aligned experiment: detectors trained at one or more adversarial radii (0: standard) pushed toward the target
+    from identical starts, seeds and L2 budgets, every result judged by the referees."""
 
     name: str = "aligned"
     dataset: DatasetConfig = DatasetConfig(pool_per_digit=16, valid_fraction=0.1, referee_fraction=0.3)
     standard: TrainConfig = TrainConfig(epochs=8)
+    # Every adversarially trained detector is this one at its radius; its adv_eps is the classic robust radius.
     robust: TrainConfig = TrainConfig(epochs=8, adversarial="l2", adv_eps=2.0, adv_steps=5)
+    # Training radii, one detector each (0: the standard detector); None: the classic pair, 0 and robust.adv_eps.
+    radii: tuple[float, ...] | None = None
+    # Radius of every detector's robust-accuracy check (L2 PGD), one for all so they compare; None: robust.adv_eps.
+    eval_eps: float | None = Field(None, gt=0)
     referees: RefereeConfig = RefereeConfig(epochs=6, robust_steps=5)
     # eps and (unless lr is given) the step size are set per budget: lr = step_factor * budget / steps.
     attack: AttackConfig = AttackConfig(method="pgd_l2", eps=1.0, steps=100, seeds=12, noise="uniform", record_every=10)
@@ -308,6 +321,29 @@ class AlignedConfig(_Frozen):
     runs_root: Path = Path("runs")
     cache_dir: Path = Path(".eightgen-cache")
     run_name: str | None = None
+
+    @field_validator("radii")
+    @classmethod
+    def _radii_valid(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("no training radii (--adv-eps): give at least one (0 = the standard detector)")
+        if any(r < 0 for r in v):
+            raise ValueError(f"training radii (--adv-eps) must be >= 0 (0 = the standard detector), got {list(v)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"training radii (--adv-eps) repeat: {list(v)}")
+        return tuple(sorted(float(r) for r in v))
+
+    @model_serializer(mode="wrap")
+    def _omit_classic(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # Unset radii and eval_eps are left out of every dump, so a classic experiment keeps its settings hash (its run
+        # names, the diffusion experiment's and their cache entries).
+        out = handler(self)
+        for key in ("radii", "eval_eps"):
+            if key in out and out[key] is None:
+                del out[key]
+        return out
 
     @field_validator("budgets")
     @classmethod
@@ -324,10 +360,12 @@ class AlignedConfig(_Frozen):
             raise ValueError(f"matched_budget {self.matched_budget:g} is not one of the budgets {list(self.budgets)}")
         if self.robust.adversarial == "none":
             raise ValueError("robust.adversarial must be l2 or linf (the robust detector is adversarially trained)")
-        if self.robust.adversarial == "l2" and self.referees.robust_eps <= (self.robust.adv_eps or 0.0):
+        top = max(self.radii_in_force)
+        if self.robust.adversarial == "l2" and self.referees.robust_eps <= top:
+            which = "the robust detector's adv_eps" if self.radii is None else "the largest training radius"
             raise ValueError(
-                f"referees.robust_eps ({self.referees.robust_eps:g}) must exceed the robust detector's adv_eps "
-                f"({self.robust.adv_eps:g}), so the referee is harder to fool than the detector"
+                f"referees.robust_eps ({self.referees.robust_eps:g}) must exceed {which} ({top:g}), so the referee is "
+                "harder to fool than every detector (raise --referee-eps)"
             )
         if self.dataset.referee_fraction <= 0:
             raise ValueError("dataset.referee_fraction must be > 0: the referees need images no detector trained on")
@@ -344,12 +382,42 @@ class AlignedConfig(_Frozen):
         return self.attack.model_copy(update={"eps": float(budget), "lr": lr})
 
     @property
+    def radii_in_force(self) -> tuple[float, ...]:
+        """The training radii, ascending: radii if given, else 0 and robust.adv_eps."""
+        return self.radii if self.radii is not None else (0.0, float(self.robust.adv_eps or 0.0))
+
+    @property
+    def eval_radius(self) -> float:
+        """The radius of every detector's robust-accuracy check: eval_eps if given, else robust.adv_eps."""
+        return self.eval_eps if self.eval_eps is not None else float(self.robust.adv_eps or 0.0)
+
+    @property
+    def reference_radius(self) -> float | None:
+        """The radius of the detector named "robust" (the targets'): robust.adv_eps if trained, else the largest above 0."""
+        above = [r for r in self.radii_in_force if r > 0]
+        if not above:
+            return None
+        return float(self.robust.adv_eps) if self.robust.adv_eps in above else above[-1]
+
+    def detector_name(self, radius: float) -> str:
+        """"standard" at radius 0, "robust" at the reference radius, else "robust<radius>" (robust0.25)."""
+        if radius == 0:
+            return "standard"
+        return "robust" if radius == self.reference_radius else f"robust{radius:g}"
+
+    @property
     def detectors(self) -> dict[str, TrainConfig]:
-        """The two detectors by name; the standard one's robust accuracy is measured at the robust one's L2 radius."""
-        standard = self.standard
-        if standard.robust_eval_eps is None and self.robust.adversarial == "l2":
-            standard = standard.model_copy(update={"robust_eval_eps": self.robust.adv_eps})
-        return {"standard": standard, "robust": self.robust}
+        """The detectors by name, ascending radius, each with its robust accuracy measured at eval_radius (L2 training).
+
+        A robust_eval_eps equal to the detector's own adv_eps is left unset (its default), so the classic pair keeps
+        its cache keys."""
+        out = {}
+        for r in self.radii_in_force:
+            tcfg = self.standard if r == 0 else self.robust.model_copy(update={"adv_eps": r})
+            if tcfg.robust_eval_eps is None and self.robust.adversarial == "l2" and r != self.eval_radius:
+                tcfg = tcfg.model_copy(update={"robust_eval_eps": self.eval_radius})
+            out[self.detector_name(r)] = tcfg
+        return out
 
     @property
     def run_label(self) -> str:
@@ -379,6 +447,21 @@ class AlignedConfig(_Frozen):
             cache_dir=self.cache_dir,
             run_name=label,
         )
+
+
+def referee_eps_for(radii: tuple[float, ...], default: float) -> float:
+    """The robust referee's radius for these training radii: the default, or REFEREE_EPS_FACTOR x the largest if that is more."""
+    return max(default, REFEREE_EPS_FACTOR * max(radii, default=0.0))
+
+
+SWEEP_RADII = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0)  # the robustness sweep's training radii
+SWEEP_MAX_TRAIN = 8000  # its training cap: six detectors fit half an hour on 2 cores
+
+
+def sweep_of(cfg: AlignedConfig, radii: tuple[float, ...] = SWEEP_RADII) -> AlignedConfig:
+    """The aligned experiment as a robustness sweep: one detector per radius, the robust referee raised past the largest."""
+    referees = cfg.referees.model_copy(update={"robust_eps": referee_eps_for(radii, cfg.referees.robust_eps)})
+    return AlignedConfig.model_validate({**cfg.model_dump(), "radii": radii, "referees": referees.model_dump()})
 
 
 class DenoiserConfig(_Frozen):

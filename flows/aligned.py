@@ -1,4 +1,4 @@
-"""The aligned experiment as a Prefect flow: the stage tasks, their caching, two detectors, one set of starts."""
+"""The aligned experiment as a Prefect flow: the stage tasks, their caching, one detector per training radius, one set of starts."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from tasks.report import artifact_key
 # One chunk at a time: each chunk already uses every core through torch.
 @flow(name="aligned", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def aligned_flow(cfg: AlignedConfig = AlignedConfig(), force: bool = False, overwrite: bool = False) -> Path:
-    """Standard vs robust target detector, identical starts and L2 budgets, every result judged by independent referees."""
+    """Target detectors at each training radius (standard vs robust, or a sweep), identical starts and L2 budgets, every
+    result judged by independent referees."""
     with nested_stages():
         dataset = assemble_flow(cfg.dataset, cfg.cache_dir)
         models = {name: train_flow(tcfg, dataset, cfg.cache_dir) for name, tcfg in cfg.detectors.items()}

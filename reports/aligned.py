@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,13 @@ from reports.images import array_img, figure_img
 from reports.narrative import warnings_of
 from reports.render import environment
 from reports.runs import Run, load_run
+from reports.sweep import detector_colours, detector_order, is_sweep, sweep_answer, sweep_img, sweep_summary
 
 ALIGNED_HTML = "aligned.html"
 ALIGNED_JSON = "aligned.json"
 DETECTORS = ("standard", "robust")
+# A detector's name: "standard", "robust" (the targets' robust detector) or "robust<radius>" in a sweep of radii.
+DETECTOR_NAME = re.compile(r"standard|robust[0-9.e+-]*")
 # Referee key -> (label, verdict column). k-NN: 5 nearest real images among the target and the start class.
 REFEREES = {
     "knn": ("k-NN vote", "knn_is_target"),
@@ -63,13 +67,18 @@ class AlignedRun:
         """The run's record."""
         return self.run.record
 
+    @property
+    def radius(self) -> float:
+        """The detector's adversarial training radius (0: standard training)."""
+        return self.record.config.train.radius
+
 
 def load_aligned_run(run_dir: Path) -> AlignedRun:
     """A judged run directory written by the aligned flow (config.json with an "aligned" section, referee columns)."""
     run_dir = Path(run_dir)
     run = load_run(run_dir)  # checks config.json, results.parquet and the trajectory shards
     aligned = run.record.aligned
-    if aligned is None or aligned.detector not in DETECTORS:
+    if aligned is None or not DETECTOR_NAME.fullmatch(aligned.detector):
         raise EightgenError(f"{run_dir / 'config.json'}: no aligned section (detector, budget); not an aligned run")
     missing = [c for c in REFEREE_COLUMNS if c not in run.results]
     if missing:
@@ -110,11 +119,12 @@ def _is_noise(results: pd.DataFrame) -> np.ndarray:
 def aligned_summary(runs: Sequence[AlignedRun], matched_budget: float) -> dict:
     """Per detector and budget the digit-start (and noise-start) summaries, the targets and the noise verdict of each referee."""
     cells = []
-    for r in sorted(runs, key=lambda r: (r.budget, DETECTORS.index(r.detector))):
+    for r in sorted(runs, key=lambda r: (r.budget, r.radius)):
         noise = _is_noise(r.results)
         cells.append(
             {
                 "detector": r.detector,
+                "radius": r.radius,
                 "budget": r.budget,
                 "run": r.path.name,
                 "digits": summarise(r.results[~noise]) if (~noise).any() else None,
@@ -145,6 +155,9 @@ def aligned_summary(runs: Sequence[AlignedRun], matched_budget: float) -> dict:
     summary["targets"] = targets(summary)
     summary["targets_met"] = all(t["met"] for t in summary["targets"]) if summary["targets"] else False
     summary["answer"] = answer(summary)
+    if is_sweep({r.detector for r in runs}):
+        summary["sweep"] = sweep_summary(cells, _detector_facts(runs), matched_budget)
+        summary["sweep"]["answer"] = sweep_answer(summary["sweep"], summary["target_name"], classes.plural(first.target))
     return summary
 
 
@@ -233,8 +246,10 @@ def budget_figure(summary: dict) -> Figure:
     ]
     fig = Figure(figsize=(11.0, 2.5), layout="constrained")
     axes = fig.subplots(1, len(panels), sharey=True)
+    order = detector_order(summary)
+    colours = detector_colours(order, DETECTOR_COLOURS)
     for ax, (title, pick, lines) in zip(axes, panels):
-        for d in DETECTORS:
+        for d in order:
             cs = [c for c in summary["cells"] if c["detector"] == d and c["digits"] is not None]
             if not cs:
                 continue
@@ -242,7 +257,7 @@ def budget_figure(summary: dict) -> Figure:
             v = [pick(c["digits"]) for c in cs]
             y = np.array([s["share"] for s in v])
             err = np.array([[s["share"] - s["lo"] for s in v], [s["hi"] - s["share"] for s in v]])
-            ax.errorbar(x, y, yerr=np.clip(err, 0, None), marker="o", ms=3.5, lw=1.4, capsize=2, color=DETECTOR_COLOURS[d], label=f"{d} detector")
+            ax.errorbar(x, y, yerr=np.clip(err, 0, None), marker="o", ms=3.5, lw=1.4, capsize=2, color=colours[d], label=f"{d} detector")
         for level in lines or ():
             ax.axhline(level, color=figures.REFERENCE, lw=0.8, ls="--")
         ax.axvline(summary["matched_budget"], color=figures.REFERENCE, lw=0.8, ls=":")
@@ -250,7 +265,7 @@ def budget_figure(summary: dict) -> Figure:
         ax.set_xlabel("L2 budget ε")
         ax.set_ylim(-0.03, 1.03)
     axes[0].set_ylabel(f"share of {noun} starts")
-    axes[0].legend(loc="lower right")
+    axes[0].legend(loc="lower right", fontsize=7 if len(order) > 2 else None)
     return fig
 
 
@@ -263,8 +278,8 @@ def _verdict_text(row: pd.Series, start_digit: int | None, classes, target: int)
     return f"k {knn} · r {classes.name_of(int(row['ref_robust_pred']))} · c {classes.name_of(int(row['ref_cnn_pred']))}"
 
 
-def image_grid(runs: Sequence[AlignedRun], budgets: Sequence[float], grid_seeds: int) -> list[dict]:
-    """Per start group: rows of start | standard result | robust result for every budget (the first grid_seeds seeds)."""
+def image_grid(runs: Sequence[AlignedRun], budgets: Sequence[float], grid_seeds: int, detectors: Sequence[str] = DETECTORS) -> list[dict]:
+    """Per start group: rows of start | each detector's result for every budget (the first grid_seeds seeds)."""
     by_key = {(r.detector, r.budget): r for r in runs}
     first = runs[0]
     classes, target = first.record.config.dataset.classes, first.run.target
@@ -280,7 +295,7 @@ def image_grid(runs: Sequence[AlignedRun], budgets: Sequence[float], grid_seeds:
             who = f"{figures.group_tick(g, classes)}, seed {int(row['seed'])}"
             cells = []
             for b in budgets:
-                for d in DETECTORS:
+                for d in detectors:
                     r = by_key.get((d, b))
                     if r is None:
                         cells.append(None)
@@ -311,17 +326,20 @@ def _detector_facts(runs: Sequence[AlignedRun]) -> list[dict]:
         out.append(
             {
                 "detector": r.detector,
+                "radius": r.radius,
                 "training": "standard" if train.adversarial == "none" else
                 f"PGD-{train.adversarial} adversarial, ε {train.adv_eps}, {train.adv_steps} steps",
                 "epochs": metrics.get("epochs"),
                 "n_train": metrics.get("n_train"),
                 "valid_error": metrics.get("valid_error"),
+                "n_valid": metrics.get("n_valid"),
+                "confusion": metrics.get("confusion"),
                 "robust": robust,
                 "seconds": metrics.get("train_seconds"),
                 "sha": model.sha256[:12],
             }
         )
-    return sorted(out, key=lambda f: DETECTORS.index(f["detector"]))
+    return sorted(out, key=lambda f: f["radius"])
 
 
 def _referee_facts(runs: Sequence[AlignedRun]) -> dict:
@@ -331,7 +349,7 @@ def _referee_facts(runs: Sequence[AlignedRun]) -> dict:
 
 def _warnings(runs: Sequence[AlignedRun]) -> list[dict]:
     out = []
-    for r in sorted(runs, key=lambda r: (DETECTORS.index(r.detector), r.budget)):
+    for r in sorted(runs, key=lambda r: (r.radius, r.budget)):
         for w in warnings_of(r.run):
             if w["id"] in ("warn-collapse", "warn-dead-units", "note-dead-units", "note-outside"):
                 out.append(dict(w, id=f"{w['id']}-{r.path.name}", text=f"{r.detector} detector, budget {r.budget:g}: {w['text']}"))
@@ -351,6 +369,8 @@ def render_aligned(
     classes = classes_of(summary["dataset"])
     name = summary["target_name"]
     budgets = summary["budgets"]
+    order = detector_order(summary)
+    sweep = summary.get("sweep")
     fig = budget_figure(summary)
     figure = figure_img(
         fig,
@@ -358,7 +378,7 @@ def render_aligned(
         f"referee {name} share, standard referee {name} share, robust referee still-start-{classes.noun} share. At the matched budget: "
         + "; ".join(
             f"{d}: k-NN {fmt_pct(cell(summary, d, matched_budget)['referees']['knn']['share'])}"
-            for d in DETECTORS
+            for d in order
             if cell(summary, d, matched_budget) is not None
         ),
         f"{classes.noun.capitalize()} starts only. Bars: exact (Clopper–Pearson) 95% intervals over starts. Dashed lines on the k-NN panel: the "
@@ -372,14 +392,18 @@ def render_aligned(
         "target_name": name,
         "figure": figure,
         "budgets": budgets,
-        "detectors": DETECTORS,
+        "detectors": order,
         "referees": REFEREES,
-        "grid": image_grid(runs, budgets, grid_seeds),
+        # A sweep's grid: every detector at the matched budget (one column per radius).
+        "grid_budgets": [matched_budget] if sweep else budgets,
+        "grid": image_grid(runs, [matched_budget] if sweep else budgets, grid_seeds, order),
+        "sweep": sweep,
+        "sweep_figure": sweep_img(sweep, summary["dataset"], summary["target"]) if sweep else None,
         "detector_facts": _detector_facts(runs),
         "referee_facts": _referee_facts(runs),
         "warnings": _warnings(runs),
         "cell": lambda d, b, kind="digits": cell(summary, d, b, kind),
-        "runs": sorted(runs, key=lambda r: (DETECTORS.index(r.detector), r.budget)),
+        "runs": sorted(runs, key=lambda r: (r.radius, r.budget)),
         "attack": runs[0].record.config.attack.model_dump(mode="json"),
         "fmt_pct": fmt_pct,
         "fmt_num": fmt_num,

@@ -58,6 +58,7 @@ DEPLOYMENTS = {
     "rerun-attack/manual",
     "rerun-report/manual",
     "aligned/manual",
+    "aligned/sweep",
     "diffusion/manual",
 }
 TINY_CHUNKS = math.ceil((2 + 1) * 2 / 2)  # tiny.TINY: 2 start digits + noise, 2 seeds each, 2 starts per chunk
@@ -236,6 +237,9 @@ def test_serve_registers_nightly_manual_rerun_and_aligned_deployments(served: di
     assert deps["rerun-report/manual"].parameters["report"]["title"] == manual.parameters["cfg"]["report"]["title"]
     assert "cfg" in deps["aligned/manual"].parameter_openapi_schema["properties"]
     assert "cfg" in deps["aligned/manual"].parameters
+    sweep = deps["aligned/sweep"].parameters["cfg"]
+    assert sweep["radii"] == [0.0, 0.25, 0.5, 1.0, 2.0, 3.0] and sweep["referees"]["robust_eps"] == 4.5
+    assert sweep["cache_dir"] == str(served["cache"]) and sweep["runs_root"] == str(served["runs"])
     three = deps["diffusion/manual"].parameters["cfg"]
     assert {"aligned", "denoiser", "guidance_scale", "ddim_steps"} <= fields(deps["diffusion/manual"], "cfg")
     assert three["aligned"]["cache_dir"] == str(served["cache"]) and three["aligned"]["runs_root"] == str(served["runs"])
