@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from cli.aligned import add_aligned_options, aligned_command
 from cli.diffusion import add_diffusion_options, diffusion_command
 from cli.options import build_config, experiment_options
+from cli.runs import add_runs_options, runs_command
 from cli.serve import add_serve_options, serve_command
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
@@ -45,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
 
     diffusion = sub.add_parser("diffusion", help="three ways to the target: standard gradient, robust gradient, guided diffusion: diffusion.html")
     add_diffusion_options(diffusion)
+
+    runs = sub.add_parser("runs", help="one line per run and experiment in a runs folder, newest first, with its headline share")
+    add_runs_options(runs)
     return top
 
 
@@ -112,9 +116,9 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def error_log(args: argparse.Namespace, argv: Sequence[str]) -> ErrorLog:
-    """The command's error log: under its cache dir (`report` has none: the temp dir), created only if needed."""
+    """The command's error log: under its cache dir (`report` and `runs` have none: the temp dir), created only if needed."""
     cache_dir = getattr(args, "cache_dir", None)
-    if cache_dir is None and args.command != "report":
+    if cache_dir is None and args.command not in ("report", "runs"):
         cache_dir = ExperimentConfig.model_fields["cache_dir"].default
     try:
         cwd = os.getcwd()
@@ -130,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"The 'mode\.chained_assignment' option is deprecated")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    commands = {"run": run_command, "report": report_command, "serve": serve_command, "aligned": aligned_command, "diffusion": diffusion_command}
+    commands = {"run": run_command, "report": report_command, "serve": serve_command, "aligned": aligned_command, "diffusion": diffusion_command, "runs": runs_command}
     log = error_log(args, argv)
     with log.prefect_tracebacks():
         try:

@@ -12,7 +12,7 @@ from eightgen.config import DiffusionConfig, ExperimentConfig
 from eightgen.errors import EightgenError
 from prefect_api.server import check_api
 from runtime.environment import process_env
-from runtime.httpd import ReportServer
+from runtime.httpd import Pages, ReportServer
 from runtime.runners import TaskRunnerKind, absolute_paths, probe_dask
 
 if TYPE_CHECKING:  # prefect is imported only after the CLI has set its environment
@@ -145,7 +145,10 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.dask_address:
         probe_dask(args.dask_address)
     url = check_api()
-    reports = ReportServer(cfg.runs_root, args.reports_port)  # binds the port now: a busy one fails before any work
+    from reports.index_page import compare_page, refresh_index
+
+    pages = Pages(index=refresh_index, compare=compare_page)
+    reports = ReportServer(cfg.runs_root, args.reports_port, pages=pages)  # binds the port now: a busy one fails before any work
     try:
         from runtime.preflight import preflight
 

@@ -15,6 +15,7 @@ from prefect_api.subflows import nested_stages
 from runtime.httpd import report_link
 from tasks.aligned import ALIGNED_HTML, render_aligned_report
 from tasks.attack import n_chunks, optimize_chunk
+from tasks.index import refresh_runs_index
 from tasks.judge import collect_judged_results
 from tasks.referees import train_referee_models
 from tasks.report import artifact_key
@@ -50,4 +51,5 @@ def aligned_flow(cfg: AlignedConfig = AlignedConfig(), force: bool = False, over
     link = report_link(report.path, ALIGNED_HTML)
     if link:
         create_link_artifact(link, link_text=ALIGNED_HTML, description="the aligned report")
+    refresh_runs_index(cfg.runs_root)
     return html

@@ -15,6 +15,7 @@ from flows.stages import assemble_flow
 from prefect_api.subflows import nested_stages
 from runtime.httpd import report_link
 from tasks.denoise import gradient_runs, n_sample_chunks, sample_chunk, train_denoiser_model
+from tasks.index import refresh_runs_index
 from tasks.sanity import SANITY_FACTOR, n_sanity_chunks, sample_noise_chunk
 from tasks.report import artifact_key
 from tasks.threeways import DIFFUSION_HTML, judge_three_ways
@@ -65,4 +66,5 @@ def diffusion_flow(cfg: DiffusionConfig = DiffusionConfig(), force: bool = False
     link = report_link(report.path, DIFFUSION_HTML)
     if link:
         create_link_artifact(link, link_text=DIFFUSION_HTML, description="the three ways report")
+    refresh_runs_index(a.runs_root)
     return html

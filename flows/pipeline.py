@@ -13,6 +13,7 @@ from flows.stages import DEFAULT_CACHE, assemble_flow, attack_flow_on, report_fl
 from prefect_api.subflows import nested_stages
 from runtime.httpd import report_link
 from runtime.runners import TaskRunnerKind
+from tasks.index import refresh_runs_index
 from tasks.report import publish_summary
 
 RUNS_ROOT = Path("runs")
@@ -33,6 +34,7 @@ def attack_and_report(
         run = attack(cfg, model, dataset, overwrite, force)
         report_flow(cfg.report, run, force)
     publish_summary(run, report_link(run.path))
+    refresh_runs_index(cfg.runs_root)
     return run.path / REPORT
 
 

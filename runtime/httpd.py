@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
+from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from eightgen.errors import EightgenError
 from eightgen.rundir import REPORT
@@ -18,21 +22,62 @@ REPORTS_URL = "EIGHTGEN_REPORTS_URL"
 REPORTS_ROOT = "EIGHTGEN_REPORTS_ROOT"
 
 
+@dataclass(frozen=True)
+class Pages:
+    """The pages the server makes besides static files (given by the command, which may import the reports)."""
+
+    index: Callable[[Path], Path]  # (runs root) -> index.html, written
+    compare: Callable[[Path, Sequence[str]], Path]  # (runs root, run names) -> comparison report, written under root
+
+
 class _QuietHandler(SimpleHTTPRequestHandler):
-    """Static files, without one stderr line per request."""
+    """Static files, without one stderr line per request; /compare?run=a&run=b renders a comparison and redirects to it."""
+
+    def __init__(self, *args: object, pages: Pages | None = None, **kwargs: object) -> None:
+        self.pages = pages
+        super().__init__(*args, **kwargs)
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         pass
+
+    def do_GET(self) -> None:  # noqa: N802 - the base class's name
+        url = urlsplit(self.path)
+        if url.path.rstrip("/") != "/compare":
+            return super().do_GET()
+        if self.pages is None:
+            return self._one_line(HTTPStatus.NOT_FOUND, "this server makes no comparisons")
+        names = parse_qs(url.query).get("run", [])
+        root = Path(self.directory)
+        try:
+            page = self.pages.compare(root, names)  # checks the names: run directories directly under root only
+            where = "/" + quote(page.resolve().relative_to(root.resolve()).as_posix())
+        except (EightgenError, ValueError) as exc:
+            return self._one_line(HTTPStatus.BAD_REQUEST, str(exc))
+        except Exception as exc:  # noqa: BLE001  one line for the browser; the server keeps serving
+            return self._one_line(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+        self.send_response(HTTPStatus.SEE_OTHER)
+        self.send_header("Location", where)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _one_line(self, status: HTTPStatus, text: str) -> None:
+        body = (" ".join(text.split()) + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 class ReportServer:
     """A threaded static http server for one folder, on 127.0.0.1, in a daemon thread."""
 
-    def __init__(self, root: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(self, root: Path, port: int = 0, host: str = "127.0.0.1", pages: Pages | None = None) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.pages = pages
         try:
-            self._httpd = ThreadingHTTPServer((host, port), partial(_QuietHandler, directory=str(self.root)))
+            self._httpd = ThreadingHTTPServer((host, port), partial(_QuietHandler, directory=str(self.root), pages=pages))
         except OSError as exc:
             why = "in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise EightgenError(f"cannot serve reports on {host}:{port} ({why}); pick another --reports-port") from None
@@ -46,7 +91,12 @@ class ReportServer:
         return f"http://{host}:{port}"
 
     def start(self) -> "ReportServer":
-        """Start answering requests; also export the URL and root for flow runs started from here."""
+        """Write the runs index, start answering requests; also export the URL and root for flow runs started from here."""
+        if self.pages is not None:
+            try:
+                self.pages.index(self.root)
+            except Exception as exc:  # noqa: BLE001  the reports are served without an index rather than not at all
+                print(f"eightgen: warning: runs index of {self.root} not written ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
         self._thread.start()
         os.environ[REPORTS_URL], os.environ[REPORTS_ROOT] = self.url, str(self.root)
         return self

@@ -1,0 +1,44 @@
+"""`eightgen runs`: one line per run and experiment in a runs folder, newest first (or the same as JSON)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from reports.formatting import fmt_step
+from reports.index import Entry, as_json, scan
+
+
+def add_runs_options(p: argparse.ArgumentParser) -> None:
+    """The options of `eightgen runs`."""
+    p.add_argument("--runs-root", type=Path, default=Path("runs"), help="the runs folder (default: runs)")
+    p.add_argument("--json", action="store_true", help="print the entries as a JSON list")
+
+
+def line(e: Entry, root: Path) -> list[str]:
+    """The columns of an entry's line (the report as a path under root)."""
+    when = f"{e.when:%Y-%m-%d %H:%M} UTC"
+    if e.kind == "unreadable":
+        return [e.name, "unreadable", f"{when}: {e.reason}"]
+    share = e.share
+    headline = f"{e.headline}: {100 * share.share:.1f}% [{100 * share.lo:.1f}–{100 * share.hi:.1f}], {share.k} of {share.n}" if share else "—"
+    return [
+        e.name, e.kind, e.dataset or "—", f"target {e.target or '—'}", e.method or "—", f"{e.starts} starts" if e.starts is not None else "—",
+        headline, f"median flip step {fmt_step(e.flip_median)}" if e.kind == "run" else "", when, str(root / e.report) if e.report else "no report",
+    ]
+
+
+def runs_command(args: argparse.Namespace) -> int:
+    """Print the runs index of a runs folder."""
+    entries = scan(args.runs_root)
+    if args.json:
+        print(as_json(entries))
+        return 0
+    rows = [line(e, args.runs_root) for e in entries]
+    # An unreadable line has a name, the kind and then its reason, which sets no column's width.
+    widths = [max((len(r[i]) for r in rows if len(r) > i + 1), default=0) for i in range(max((len(r) for r in rows), default=0))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
+    if not rows:
+        print(f"no runs in {args.runs_root}")
+    return 0
