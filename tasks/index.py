@@ -1,20 +1,30 @@
-"""The runs index after a run: the finished run's version appended to the runs folder's history, index.html rewritten."""
+"""The runs index after a run: the finished run's version appended to the runs folder's history, index.html rewritten.
+
+A plain call at the end of a flow, not a task: it is never cached, and every run's task states stay what they were.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
-
-@task(name="refresh-runs-index", cache_policy=NO_CACHE)
-def refresh_runs_index(runs_root: Path) -> Path | None:
-    """Record the runs folder's new versions and rewrite its index.html; a failure only warns (the run itself is done)."""
-    from reports.index_page import refresh_index
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
 
     try:
+        return get_run_logger()  # the flow run's log, so the warning shows in the UI
+    except MissingContextError:
+        return logging.getLogger("eightgen")
+
+
+def refresh_runs_index(runs_root: Path) -> Path | None:
+    """Record the runs folder's new versions and rewrite its index.html; a failure only warns (the run itself is done)."""
+    try:
+        from reports.index_page import refresh_index
+
         return refresh_index(Path(runs_root))
     except Exception as exc:  # noqa: BLE001  the index is a convenience: it never fails a run
-        get_run_logger().warning("runs index of %s not refreshed: %s: %s", runs_root, type(exc).__name__, exc)
+        _logger().warning("runs index of %s not refreshed: %s: %s", runs_root, type(exc).__name__, exc)
         return None

@@ -230,3 +230,19 @@ def test_a_real_pipeline_run_leaves_an_index_linking_its_report(prefect_harness,
     links.feed((runs / INDEX).read_text())
     assert links.hrefs == [f"{cfg.run_dir.name}/report.html"] and (runs / links.hrefs[0]).is_file()
     assert [v.name for v in read_history(runs)[0]] == [cfg.run_dir.name]
+
+
+def test_an_index_failure_only_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from tasks import index
+
+    warned: list[str] = []
+
+    class Log(logging.Logger):
+        def warning(self, msg: str, *args: object, **kwargs: object) -> None:
+            warned.append(msg % args)
+
+    monkeypatch.setattr(index, "_logger", lambda: Log("test"))
+    assert index.refresh_runs_index(tmp_path / "nowhere") is None
+    assert len(warned) == 1 and re.search(r"runs index of .* not refreshed: EightgenError: no runs folder", warned[0])
