@@ -12,13 +12,21 @@ import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO
+from typing import IO, Annotated
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 HISTORY = "index-history.jsonl"
+
+
+def _utc(when: datetime) -> datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+# A time without a zone is read as UTC, so every time sorts against every other.
+UTCTime = Annotated[datetime, AfterValidator(_utc)]
 
 
 class Share(BaseModel):
@@ -38,7 +46,7 @@ class Version(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")  # lines from later versions of eightgen may hold more
     name: str
     kind: str
-    when: datetime
+    when: UTCTime
     version: str  # sha256 of the directory's manifest: which output this is
     model_sha256: str | None = None
     dataset_sha256: str | None = None

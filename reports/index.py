@@ -21,7 +21,7 @@ from eightgen.classes import CLASS_SETS
 from eightgen.errors import EightgenError
 from eightgen.rundir import CONFIG, REPORT, RESULTS, load_record
 from reports import stats
-from reports.history import Share, Version
+from reports.history import Share, UTCTime, Version
 
 # The experiments' files, as tasks.aligned and tasks.threeways write them (reports.aligned / reports.diffusion name
 # the JSON and HTML; importing those would load matplotlib for a listing).
@@ -44,7 +44,7 @@ class Entry(BaseModel):
     headline: str | None = None  # what the share is
     share: Share | None = None
     flip_median: float | None = None
-    when: datetime
+    when: UTCTime
     report: str | None = None  # relative to the runs folder, when the report exists
     version: str | None = None  # sha256 of the manifest read
     model_sha256: str | None = None

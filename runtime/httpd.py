@@ -40,7 +40,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - the base class's name
+    def do_GET(self) -> None:
         url = urlsplit(self.path)
         if url.path.rstrip("/") != "/compare":
             return super().do_GET()
