@@ -28,6 +28,7 @@ OVERRIDES: dict[str, tuple[tuple[str, ...], ...]] = {
     "referee_epochs": (("aligned", "referees", "epochs"),),
     "referee_eps": (("aligned", "referees", "robust_eps"),),
     "seeds": (("aligned", "attack", "seeds"),),
+    "starts_per_digit": (("aligned", "attack", "starts_per_digit"),),
     "steps": (("aligned", "attack", "steps"),),
     "digits": (("aligned", "attack", "start_digits"),),
     "noise": (("aligned", "attack", "include_noise"),),
@@ -36,6 +37,12 @@ OVERRIDES: dict[str, tuple[tuple[str, ...], ...]] = {
     "denoiser_max_train": (("denoiser", "max_train"),),
     "denoiser_lr": (("denoiser", "lr"),),
     "timesteps": (("denoiser", "timesteps"),),
+    "schedule": (("denoiser", "schedule"),),
+    "ema_decay": (("denoiser", "ema_decay"),),
+    "unguided_seeds": (("unguided_seeds",),),
+    "frechet_n": (("frechet_n",),),
+    "check_per_class": (("check_per_class",),),
+    "check_level": (("check_level",),),
     "guidance": (("guidance",),),
     "guidance_scale": (("guidance_scale",),),
     "ddim_steps": (("ddim_steps",),),
@@ -82,7 +89,8 @@ def add_diffusion_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--referee-epochs", type=int, help=f"training epochs of each referee (default {a.referees.epochs})")
     g.add_argument("--referee-eps", type=float, help=f"L2 PGD radius of the robust referee (default {a.referees.robust_eps})")
     g.add_argument("--budget", type=float, help=f"L2 budget of the gradient paths (default {a.matched_budget:g})")
-    g.add_argument("--seeds", type=int, help=f"noise starts, and starts per digit (default {a.attack.seeds})")
+    g.add_argument("--seeds", type=int, help=f"noise starts (default {a.attack.seeds})")
+    g.add_argument("--starts-per-digit", type=int, help=f"starts of each start digit (default {a.attack.per_digit})")
     g.add_argument("--steps", type=int, help=f"gradient steps per start (default {a.attack.steps})")
     g.add_argument("--digits", type=_ints, help="start digits, e.g. 1,2 (default every class but the target)")
     g.add_argument("--noise", action=argparse.BooleanOptionalAction, default=None, help="include noise starts")
@@ -92,12 +100,19 @@ def add_diffusion_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--denoiser-max-train", type=int, help="cap the denoiser's training images (default: the whole training split)")
     g.add_argument("--denoiser-lr", type=float, help=f"denoiser learning rate (default {d.denoiser.lr})")
     g.add_argument("--timesteps", type=int, help=f"diffusion timesteps (default {d.denoiser.timesteps})")
+    g.add_argument("--schedule", help=f"noise schedule, linear or cosine (default {d.denoiser.schedule})")
+    g.add_argument("--ema-decay", type=float, help=f"decay of the denoiser's weight average, 0 for none (default {d.denoiser.ema_decay})")
     g.add_argument("--guidance", type=_names, help="paths, of none, standard, robust (default all three)")
     g.add_argument("--guidance-scale", type=float, help=f"L2 move of x̂₀ per step at full noise (default {d.guidance_scale:g})")
     g.add_argument("--ddim-steps", type=int, help=f"DDIM steps from noise (default {d.ddim_steps})")
     g.add_argument("--start-level", type=float, help=f"noise level of real starts, 0-1 (default {d.start_level})")
     g.add_argument("--chunk-size", type=int, help="starts per sampling and optimisation task")
     g.add_argument("--grid-seeds", type=int, help=f"starts per digit in the image grids (default {d.grid_seeds})")
+    g = p.add_argument_group("judging")
+    g.add_argument("--unguided-seeds", type=int, help=f"noise seeds of the one-in-ten check of unguided samples (default {d.unguided_seeds})")
+    g.add_argument("--frechet-n", type=int, help="images per Fréchet sample (default: the most that every row can have)")
+    g.add_argument("--check-per-class", type=int, help=f"real images per class in the judges' real-image check (default {d.check_per_class})")
+    g.add_argument("--check-level", type=float, help=f"noise level of the real-image check's denoiser round trip (default {d.check_level})")
     g.add_argument("--device", help="auto, cpu, cuda or mps (training, referees, optimisation and sampling)")
     g = p.add_argument_group("where")
     g.add_argument("--runs-root", type=Path, help="folder that holds the experiment directories (default runs/)")

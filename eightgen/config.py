@@ -467,10 +467,12 @@ def sweep_of(cfg: AlignedConfig, radii: tuple[float, ...] = SWEEP_RADII) -> Alig
 class DenoiserConfig(_Frozen):
     """The denoiser: a small U-Net trained with fastai on the DDPM objective over the dataset's training split."""
 
-    widths: tuple[int, int, int] = (16, 32, 64)  # channels at 28x28, 14x14 and 7x7
+    widths: tuple[int, int, int] = (32, 64, 128)  # channels at 28x28, 14x14 and 7x7
     emb_dim: int = Field(128, ge=8)
     timesteps: int = Field(1000, ge=2)
-    epochs: int = Field(5, gt=0)
+    schedule: Literal["linear", "cosine"] = "cosine"  # ᾱ_t: DDPM's linear β, or Nichol & Dhariwal 2021's cosine
+    ema_decay: float = Field(0.999, ge=0, lt=1)  # the weights kept are this moving average of the trained ones (0: none)
+    epochs: int = Field(4, gt=0)
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(128, gt=0)
     max_train: int | None = Field(None, gt=0)  # cap on the training images (default: the whole training split)
@@ -495,18 +497,26 @@ class DiffusionConfig(_Frozen):
 
     name: str = "diffusion"
     # The aligned experiment whose detectors, referees and gradient runs are reused (capped training split, so the
-    # whole experiment fits its time on 2 cores; 32 seeds for tighter intervals).
+    # whole experiment fits its time on 2 cores).
     aligned: AlignedConfig = AlignedConfig(
-        dataset=DatasetConfig(pool_per_digit=32, valid_fraction=0.1, referee_fraction=0.3, max_train=8000),
-        attack=AttackConfig(method="pgd_l2", eps=1.0, steps=100, seeds=32, noise="uniform", record_every=10),
+        dataset=DatasetConfig(pool_per_digit=36, valid_fraction=0.1, referee_fraction=0.3, max_train=8000),
+        # 320 noise starts and 9 x 36 digit starts: every share's exact 95% interval is at most ±6 points wide.
+        attack=AttackConfig(method="pgd_l2", eps=1.0, steps=100, seeds=320, starts_per_digit=36, noise="uniform", record_every=10),
         budgets=(8.0,),
     )
     denoiser: DenoiserConfig = DenoiserConfig()
     guidance: tuple[Guidance, ...] = ("none", "standard", "robust")
     guidance_scale: float = Field(6.0, ge=0)  # L2 move of x̂₀ per step (pixel units) at full noise
     ddim_steps: int = Field(50, gt=0)
-    start_level: float = Field(0.6, gt=0, le=1)  # how far real digit starts are noised (1: pure noise)
+    # How far real digit starts are noised (1: pure noise): t = 899 of 1,000, ᾱ 0.024 under the cosine schedule.
+    start_level: float = Field(0.9, gt=0, le=1)
     record_every: int = Field(5, gt=0)
+    unguided_seeds: int = Field(320, ge=2)  # noise seeds of the one-in-ten check of unguided samples
+    frechet_n: int | None = Field(None, ge=2)  # images per Fréchet sample; None: the most that every row can have
+    # The judges' real-image check: held-out real images per class, as they are, blurred, and after a denoiser round trip.
+    check_per_class: int = Field(300, ge=2)
+    check_level: float = Field(0.5, gt=0, le=1)  # noise level of the round trip
+    check_blur: float = Field(1.0, gt=0)  # Gaussian blur sigma, pixels
     chunk_size: int = Field(128, gt=0)
     device: Device = "auto"
     grid_seeds: int = Field(2, ge=1)
@@ -520,8 +530,14 @@ class DiffusionConfig(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> "DiffusionConfig":
-        if self.grid_seeds > self.aligned.attack.seeds:
-            raise ValueError(f"grid_seeds ({self.grid_seeds}) exceeds aligned.attack.seeds ({self.aligned.attack.seeds})")
+        attack = self.aligned.attack
+        if not isinstance(attack.per_digit, int):
+            raise ValueError("aligned.attack.starts_per_digit must be a number: every path samples the same starts")
+        if self.grid_seeds > min(attack.seeds, attack.per_digit):
+            raise ValueError(f"grid_seeds ({self.grid_seeds}) exceeds the starts per digit ({min(attack.seeds, attack.per_digit)})")
+        counts = ([attack.seeds] if attack.include_noise else []) + ([len(attack.start_digits) * attack.per_digit] if attack.start_digits else [])
+        if self.frechet_n is not None and self.frechet_n > min(counts):
+            raise ValueError(f"frechet_n ({self.frechet_n}) exceeds the starts of a kind ({min(counts)}): every Fréchet row compares n images")
         if self.aligned.attack.include_noise and self.aligned.attack.noise not in ("uniform", "auto"):
             raise ValueError("aligned.attack.noise must be uniform: diffusion noise starts are the same images, mapped to Gaussian noise")
         return self

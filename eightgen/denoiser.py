@@ -19,7 +19,7 @@ import eightgen
 from eightgen.artifacts import Artifact, read_manifest, read_timings, sha256_file, write_manifest, write_timings
 from eightgen.assembly import load_assembled
 from eightgen.config import DenoiserConfig
-from eightgen.diffusion import NoisePrediction, Schedule, linear_schedule
+from eightgen.diffusion import NoisePrediction, Schedule, WeightAverage, make_schedule
 from eightgen.errors import EightgenError
 from eightgen.training import EpochReport, make_dataloaders
 from eightgen.unet import UNet, n_parameters
@@ -53,11 +53,14 @@ def train_denoiser(
     # Labels are unused (the callback replaces them by the noise); the loaders serve [0, 1] float images.
     dls = make_dataloaders(x_train, np.zeros(len(x_train), np.int64), x_valid, np.zeros(len(x_valid), np.int64), 1, cfg.batch_size, device)
     model = build_denoiser(cfg)
-    schedule = linear_schedule(cfg.timesteps)
+    schedule = make_schedule(cfg.schedule, cfg.timesteps)
     learn = Learner(dls, model, loss_func=MSELossFlat())
     history: list[dict] = []
+    cbs = [NoisePrediction(schedule), EpochReport(history, cfg.epochs, progress, batches, what="denoiser ")]
+    if cfg.ema_decay > 0:
+        cbs.append(WeightAverage(cfg.ema_decay))
     started = time.perf_counter()
-    with learn.no_bar(), learn.no_logging(), learn.added_cbs([NoisePrediction(schedule), EpochReport(history, cfg.epochs, progress, batches, what="denoiser ")]):
+    with learn.no_bar(), learn.no_logging(), learn.added_cbs(cbs):
         learn.fit_one_cycle(cfg.epochs, cfg.lr)
     seconds = time.perf_counter() - started
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +93,8 @@ def load_denoiser(directory: Path, device: torch.device) -> tuple[UNet, Schedule
     """The trained denoiser in a directory (verified against its manifest; eval mode, frozen) and its schedule."""
     directory = Path(directory)
     read_manifest(directory)
-    cfg = DenoiserConfig.model_validate(read_denoiser_info(directory)["config"])
+    # Denoisers written before the schedule and the weight average were settings used the linear one and none.
+    cfg = DenoiserConfig.model_validate({"schedule": "linear", "ema_decay": 0.0, **read_denoiser_info(directory)["config"]})
     model = build_denoiser(cfg)
     model.load_state_dict(torch.load(directory / DENOISER_FILE, map_location="cpu", weights_only=True))
-    return model.to(device).eval().requires_grad_(False), linear_schedule(cfg.timesteps)
+    return model.to(device).eval().requires_grad_(False), make_schedule(cfg.schedule, cfg.timesteps)

@@ -44,6 +44,30 @@ def linear_schedule(timesteps: int = 1000, beta_start: float = 1e-4, beta_end: f
     return Schedule(torch.cumprod(1.0 - betas, dim=0))
 
 
+COSINE_OFFSET = 0.008  # s of Nichol & Dhariwal 2021: β_0 is not vanishingly small
+MAX_BETA = 0.999  # no step destroys all signal (the cosine ᾱ reaches 0 at t = T)
+
+
+def cosine_schedule(timesteps: int = 1000, offset: float = COSINE_OFFSET) -> Schedule:
+    """The cosine schedule (Nichol & Dhariwal 2021): ᾱ_t = f(t+1)/f(0), f(t) = cos²(π/2 · (t/T + s)/(1 + s)), β clipped at 0.999."""
+    if timesteps < 2:
+        raise EightgenError(f"a diffusion needs at least 2 timesteps, got {timesteps}")
+    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((t + offset) / (1.0 + offset) * math.pi / 2.0) ** 2
+    betas = (1.0 - f[1:] / f[:-1]).clamp(0.0, MAX_BETA)
+    return Schedule(torch.cumprod(1.0 - betas, dim=0))
+
+
+SCHEDULES: dict[str, Callable[[int], Schedule]] = {"linear": linear_schedule, "cosine": cosine_schedule}
+
+
+def make_schedule(name: str, timesteps: int) -> Schedule:
+    """The named noise schedule (linear or cosine) over `timesteps` steps."""
+    if name not in SCHEDULES:
+        raise EightgenError(f"unknown noise schedule {name!r} (have {', '.join(SCHEDULES)})")
+    return SCHEDULES[name](timesteps)
+
+
 def to_model_space(x: Tensor) -> Tensor:
     """Pixel images in [0, 1] -> the denoiser's [-1, 1]."""
     return x * 2.0 - 1.0
@@ -78,6 +102,53 @@ class NoisePrediction(Callback):
         noise = torch.randn_like(x0)
         self.learn.xb = (q_sample(x0, t, noise, self.schedule), t)
         self.learn.yb = (noise,)
+
+
+class WeightAverage(Callback):
+    """fastai callback keeping an exponential moving average of the model's weights (and buffers).
+
+    The average is what validation sees and what the model holds after fitting: averaged weights sample cleaner
+    images than the last step's (Ho et al. 2020; Nichol & Dhariwal 2021). The decay warms up as min(decay,
+    (1 + n)/(10 + n)) after n steps, so the first steps do not pin the average to the random start.
+    """
+
+    order = 90  # after the optimiser step
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    def before_fit(self) -> None:
+        """Start the average at the initial weights."""
+        self.shadow = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
+        self.updates = 0
+
+    def after_step(self) -> None:
+        """Move the average toward the weights the optimiser just wrote."""
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for k, v in self.learn.model.state_dict().items():
+                if v.dtype.is_floating_point:
+                    self.shadow[k].mul_(d).add_(v.detach(), alpha=1.0 - d)
+                else:
+                    self.shadow[k].copy_(v)
+
+    def _swap(self) -> None:
+        live = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
+        self.learn.model.load_state_dict(self.shadow)
+        self.shadow = live
+
+    def before_validate(self) -> None:
+        """Validate the averaged weights."""
+        self._swap()
+
+    def after_validate(self) -> None:
+        """Train on the live weights again."""
+        self._swap()
+
+    def after_fit(self) -> None:
+        """Leave the averaged weights in the model."""
+        self.learn.model.load_state_dict(self.shadow)
 
 
 def ddpm_loss(model: nn.Module, x0: Tensor, schedule: Schedule, generator: torch.Generator | None = None) -> Tensor:

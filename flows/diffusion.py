@@ -16,7 +16,7 @@ from prefect_api.subflows import nested_stages
 from runtime.httpd import report_link
 from tasks.denoise import gradient_runs, n_sample_chunks, sample_chunk, train_denoiser_model
 from tasks.index import refresh_runs_index
-from tasks.sanity import SANITY_FACTOR, n_sanity_chunks, sample_noise_chunk
+from tasks.sanity import n_sanity_chunks, sample_noise_chunk
 from tasks.report import artifact_key
 from tasks.threeways import DIFFUSION_HTML, judge_three_ways
 
@@ -49,7 +49,7 @@ def diffusion_flow(cfg: DiffusionConfig = DiffusionConfig(), force: bool = False
         samples[guidance] = [f.result() for f in futures]
     sanity = []
     if "none" in cfg.guidance and a.attack.include_noise:
-        seeds = SANITY_FACTOR * a.attack.seeds
+        seeds = cfg.unguided_seeds
         futures = [
             sample_noise_chunk.submit(seeds, cfg.ddim_steps, cfg.chunk_size, i, denoiser, detectors["robust"], cfg.device, a.cache_dir, force)
             for i in range(n_sanity_chunks(seeds, cfg.chunk_size))

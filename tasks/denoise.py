@@ -23,8 +23,10 @@ SAMPLE = CachedStage("samples")
 
 
 def n_samples(cfg: AttackConfig) -> int:
-    """How many starts a (seeds-per-digit) attack config asks for."""
-    return (len(cfg.start_digits or ()) + int(cfg.include_noise)) * cfg.seeds
+    """How many starts an attack config asks for: its noise seeds and its starts per start digit (a number)."""
+    if not isinstance(cfg.per_digit, int):
+        raise EightgenError(f"starts per digit must be a number here, got {cfg.per_digit!r}")
+    return len(cfg.start_digits or ()) * cfg.per_digit + int(cfg.include_noise) * cfg.seeds
 
 
 def n_sample_chunks(cfg: AttackConfig, chunk_size: int) -> int:

@@ -1,7 +1,7 @@
 """Stage task of the diffusion experiment: unguided samples from many noise seeds, for the one-in-ten sanity check.
 
-The noise starts of the three paths are few (the aligned experiment's seeds); whether unguided samples are the
-target about one time in ten needs more. torch and the sampler load inside the task body.
+Whether unguided samples are the target about one time in ten is told on its own count of noise seeds
+(DiffusionConfig.unguided_seeds; the paths' noise starts are the first of them). torch and the sampler load inside the task body.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from eightgen.artifacts import Artifact, artifact_of, staged_dir, verified, writ
 from tasks.caching import STAGE_KEY, CachedStage, produced_by
 
 SANITY = CachedStage("samples")
-SANITY_FACTOR = 10  # unguided noise samples per noise start of the paths
 
 
 def n_sanity_chunks(seeds: int, chunk_size: int) -> int:

@@ -14,11 +14,14 @@ from torch import nn
 from eightgen.config import DenoiserConfig, DiffusionConfig
 from eightgen.diffusion import (
     Guide,
+    WeightAverage,
+    cosine_schedule,
     ddim_sample,
     ddim_timesteps,
     ddpm_loss,
     gaussian_from_uniform,
     linear_schedule,
+    make_schedule,
     noised_start,
     start_noise,
     start_timestep,
@@ -97,6 +100,42 @@ def test_guidance_raises_the_target_probability(unet: UNet) -> None:
     assert torch.equal(zero.x_final, plain.x_final)
 
 
+def test_the_cosine_schedule_keeps_signal_longer_than_the_linear_one() -> None:
+    cos, lin = cosine_schedule(1000).alpha_bar, linear_schedule(1000).alpha_bar
+    assert bool((cos.diff() < 0).all()) and 0.9999 < float(cos[0]) < 1.0 and float(cos[-1]) < 1e-6
+    f = lambda t: np.cos((t / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731  Nichol & Dhariwal 2021, eq. 17
+    assert float(cos[499]) == pytest.approx(f(500) / f(0), rel=1e-9)
+    assert float(cos[599]) > 10 * float(lin[599])
+    assert torch.equal(make_schedule("cosine", 50).alpha_bar, cosine_schedule(50).alpha_bar)
+    with pytest.raises(EightgenError, match="unknown noise schedule"):
+        make_schedule("sigmoid", 50)
+
+
+def test_the_weight_average_follows_the_trained_weights() -> None:
+    from types import SimpleNamespace
+
+    model = nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    avg = WeightAverage(0.9)
+    avg.learn = SimpleNamespace(model=model)
+    avg.before_fit()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    avg.after_step()  # warm-up: decay min(0.9, 2/11)
+    assert float(avg.shadow["weight"][0, 0]) == pytest.approx(1 - 2 / 11)
+    for _ in range(200):
+        avg.after_step()
+    avg.before_validate()  # validation sees the average, training the live weights again after it
+    assert float(model.weight[0, 0]) == pytest.approx(1.0, abs=1e-6) and float(avg.shadow["weight"][0, 0]) == 1.0
+    avg.after_validate()
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    avg.after_step()
+    avg.after_fit()
+    assert float(model.weight[0, 0]) == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)
+
+
 def test_partial_noising() -> None:
     sched = linear_schedule(1000)
     x0 = torch.rand(2, 1, 28, 28)
@@ -163,14 +202,14 @@ def test_diversity_and_features() -> None:
 def test_the_denoiser_trains_with_fastai_and_loads_back(dataset_dir: Path, tmp_path: Path) -> None:
     from eightgen.denoiser import load_denoiser, read_denoiser_info, train_denoiser
 
-    cfg = DenoiserConfig(widths=TINY, emb_dim=16, timesteps=50, epochs=1, max_train=256, valid_images=64, batch_size=64, device="cpu")
+    cfg = DenoiserConfig(widths=TINY, emb_dim=16, timesteps=50, epochs=1, max_train=256, valid_images=64, batch_size=64, device="cpu", ema_decay=0.9)
     lines: list[str] = []
     train_denoiser(cfg, dataset_dir, tmp_path / "den", torch.device("cpu"), progress=lines.append)
     info = read_denoiser_info(tmp_path / "den")
     assert info["n_train"] == 256 and info["parameters"] > 0 and len(info["history"]) == 1 and info["train_seconds"] > 0
     assert lines and "denoiser epoch 1/1" in lines[0]
     model, sched = load_denoiser(tmp_path / "den", torch.device("cpu"))
-    assert sched.timesteps == 50 and not model.training
+    assert sched.timesteps == 50 and not model.training and torch.equal(sched.alpha_bar, cosine_schedule(50).alpha_bar)
     assert model(torch.randn(2, 1, 28, 28), torch.tensor([1, 2])).shape == (2, 1, 28, 28)
 
 
@@ -184,10 +223,30 @@ def test_settings_are_checked() -> None:
     assert cfg.run_label.startswith("diffusion-") and cfg.run_label != DiffusionConfig(guidance_scale=3.0).run_label
 
 
+def test_the_default_starts_tell_every_share_to_within_six_points() -> None:
+    from scipy.stats import binomtest
+
+    from tasks.denoise import n_samples
+
+    cfg = DiffusionConfig()
+    attack = cfg.aligned.attack
+    noise, digits = attack.seeds, len(attack.start_digits) * attack.per_digit
+    assert noise >= 320 and cfg.unguided_seeds >= 320 and n_samples(attack) == noise + digits
+    stated = {noise, digits, cfg.unguided_seeds, cfg.check_per_class}  # every count a share of the report is taken over
+
+    def widest(n: int) -> float:
+        return max((lambda ci: (ci.high - ci.low) / 2)(binomtest(k, n).proportion_ci(method="exact")) for k in range(n + 1))
+
+    assert max(widest(n) for n in stated) <= 0.06
+    # the denoiser's settings are its cache key: a different schedule or average is a different denoiser
+    assert DenoiserConfig().schedule == "cosine" and DenoiserConfig().ema_decay > 0
+    assert DiffusionConfig(denoiser=DenoiserConfig(schedule="linear")).run_label != cfg.run_label
+
+
 TINY_OPTIONS = [
     "--pool-per-digit", "3", "--valid-fraction", "0.01", "--referee-fraction", "0.05", "--max-train", "500", "--epochs", "1",
     "--adv-eps", "1", "--adv-steps", "2", "--referee-epochs", "1", "--referee-eps", "2", "--budget", "3", "--seeds", "3",
-    "--steps", "6", "--digits", "1,3", "--grid-seeds", "1", "--device", "cpu", "--denoiser-epochs", "1", "--denoiser-widths",
+    "--steps", "6", "--starts-per-digit", "3", "--unguided-seeds", "30", "--check-per-class", "4", "--digits", "1,3", "--grid-seeds", "1", "--device", "cpu", "--denoiser-epochs", "1", "--denoiser-widths",
     "4,8,8", "--denoiser-max-train", "256", "--timesteps", "50", "--ddim-steps", "5", "--chunk-size", "5",
 ]
 
@@ -253,6 +312,8 @@ def test_the_served_experiment_takes_the_served_data_and_folders(tmp_path: Path)
         (["--ddim-steps", "0"], "ddim_steps"),
         (["--denoiser-widths", "4,8"], "denoiser.widths"),
         (["--grid-seeds", "40"], "grid_seeds (40) exceeds"),
+        (["--frechet-n", "1000"], "frechet_n (1000) exceeds"),
+        (["--schedule", "sigmoid"], "schedule"),
     ],
 )
 def test_bad_settings_stop_the_command_in_one_line_before_any_work(option: list[str], message: str, capsys, tmp_path: Path) -> None:
