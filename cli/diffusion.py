@@ -179,12 +179,9 @@ def diffusion_command(args: argparse.Namespace) -> int:
     cfg = build_diffusion_config(args)
     aligned = cfg.aligned
     process_env(aligned.cache_dir)
-    from prefect_api.server import check_api
-    from runtime.embedded import EmbeddedServer
+    from cli.lifecycle import run_flow
 
-    check_api(required=False)
-    server = EmbeddedServer()  # boots while the settings are checked and the flows are imported; kept for the next command
-    try:
+    def prepare() -> None:
         from eightgen.rundir import check_target
         from runtime.preflight import preflight
 
@@ -193,15 +190,14 @@ def diffusion_command(args: argparse.Namespace) -> int:
             print(f"eightgen: warning: {line}", file=sys.stderr, flush=True)
         for run in runs:
             check_target(run.run_dir, run, args.overwrite)
-        from flows.diffusion import diffusion_flow
-        from prefect_api.records import outcome, settle
+        import flows.diffusion  # noqa: F401  imported while the server boots
 
-        with server.wait():
-            state = diffusion_flow(cfg, force=args.force, overwrite=args.overwrite, return_state=True)
-            settle(state.state_details.flow_run_id, server.outlives_command)
-    finally:
-        server.stop()
-    report = Path(outcome(state, "diffusion experiment"))
+    def start():
+        from flows.diffusion import diffusion_flow
+
+        return diffusion_flow(cfg, force=args.force, overwrite=args.overwrite, return_state=True)
+
+    report = Path(run_flow("diffusion experiment", prepare, start))
     summary = json.loads((report.parent / "diffusion.json").read_text())
     print("\n".join(summary_lines(summary)))
     print(f"report: {report.resolve()}")

@@ -13,12 +13,12 @@ from pydantic import ValidationError
 
 from cli.aligned import add_aligned_options, aligned_command
 from cli.diffusion import add_diffusion_options, diffusion_command
+from cli.lifecycle import run_flow
 from cli.options import build_config, experiment_options
 from cli.runs import add_runs_options, runs_command
 from cli.serve import add_serve_options, serve_command
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
-from prefect_api.server import check_api
 from runtime.environment import process_env
 from runtime.errorlog import ErrorLog, describe
 from runtime.phases import mark
@@ -72,31 +72,27 @@ def run_command(args: argparse.Namespace) -> int:
     process_env(cfg.cache_dir)
     if args.dask_address:
         probe_dask(args.dask_address)
-    check_api(required=False)
-    from runtime.embedded import EmbeddedServer
 
-    server = EmbeddedServer()  # boots while the data is checked and the flows are imported
-    try:
+    def prepare() -> None:
         from runtime.preflight import preflight
 
         for line in preflight(cfg, args.overwrite):
             print(f"eightgen: warning: {line}", file=sys.stderr, flush=True)
         mark("checked")
-        from flows.pipeline import pipeline
-        from prefect_api.records import outcome, settle
+        import flows.pipeline  # noqa: F401  imported while the server boots
 
         mark("flows imported")
-        with server.wait():
-            mark("server up")
-            state = pipeline(
-                cfg, force=args.force, task_runner=kind, dask_address=args.dask_address, overwrite=args.overwrite, return_state=True
-            )
-            mark("flow done")
-            settle(state.state_details.flow_run_id, server.outlives_command)
-            mark("recorded")
-    finally:
-        server.stop()
-    report = outcome(state, "pipeline")  # a failure's traceback goes to the error log
+
+    def start():
+        from flows.pipeline import pipeline
+
+        mark("server up")
+        state = pipeline(cfg, force=args.force, task_runner=kind, dask_address=args.dask_address, overwrite=args.overwrite, return_state=True)
+        mark("flow done")
+        return state
+
+    report = run_flow("pipeline", prepare, start)  # a failure's traceback goes to the error log
+    mark("recorded")
     print(f"report: {Path(report).resolve()}")
     return 0
 
@@ -143,9 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             problem = _one_line(exc)
         except EightgenError as exc:
             problem = str(exc)
-        except KeyboardInterrupt:
-            print("eightgen: interrupted", file=sys.stderr)
-            return 2
+        except KeyboardInterrupt:  # before or after a flow: a flow itself is stopped by cli.lifecycle
+            print("eightgen: interrupted; finished work is kept: run the same command to continue", file=sys.stderr)
+            return 130
         except Exception as exc:  # noqa: BLE001  anything else (a full disk, a failed task, a bug): one line, the traceback in the log
             log.write_traceback(exc)
             problem = describe(exc)

@@ -23,6 +23,7 @@ MANIFEST = "manifest.json"
 # How long things took, beside an artifact's files but outside its manifest: the same inputs give the same hash.
 TIMINGS = "timings.json"
 STAGING = ("partial", "new", "old")  # the kinds of hidden sibling folders a write goes through
+_LIVE_STAGING: set[Path] = set()  # the staging folders this process made and has not removed yet
 
 
 class Artifact(BaseModel):
@@ -131,9 +132,25 @@ def fresh_sibling(final: Path, why: str) -> Path:
         tmp = final.parent / f".{final.name}.{why}-{uuid.uuid4().hex[:12]}"
         try:
             tmp.mkdir()
+            _LIVE_STAGING.add(tmp)
             return tmp
         except FileExistsError:
             continue
+
+
+def remove_staging(tmp: Path) -> None:
+    """Delete a staging folder this process made (whatever it holds)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    _LIVE_STAGING.discard(tmp)
+
+
+def abandon_staging() -> list[Path]:
+    """Delete every staging folder this process made and has not finished: for a command stopped halfway."""
+    left = [p for p in list(_LIVE_STAGING) if p.exists()]
+    for p in left:
+        remove_staging(p)
+    _LIVE_STAGING.clear()
+    return left
 
 
 def clear_leftovers(final: Path) -> list[Path]:
@@ -197,7 +214,7 @@ def swap_in(new: Path, final: Path, tries: int = 100) -> None:
         raise OSError(errno.EBUSY, f"{final}: other writers kept replacing it; gave up after {tries} tries")
     finally:
         for old in aside:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_staging(old)
 
 
 @contextmanager
@@ -208,4 +225,4 @@ def staged_dir(final: Path) -> Iterator[Path]:
         yield tmp
         swap_in(tmp, final)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_staging(tmp)

@@ -16,6 +16,7 @@ from eightgen.artifacts import (
     artifact_of,
     fresh_sibling,
     read_manifest,
+    remove_staging,
     swap_in,
     write_manifest,
     write_text_atomically,
@@ -218,7 +219,7 @@ def write_run(
         write_manifest(tmp, {"run_name": record.run_name, **(stamp or {})}, [*RUN_FILES, *names])
         swap_in(tmp, run_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_staging(tmp)
     return artifact_of(run_dir)
 
 

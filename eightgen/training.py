@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from fastcore.foundation import L
 from torch import Tensor
 
 import eightgen
-from eightgen.artifacts import MANIFEST, Artifact, fresh_sibling, sha256_file, swap_in, write_manifest, write_timings
+from eightgen.artifacts import MANIFEST, Artifact, fresh_sibling, remove_staging, sha256_file, swap_in, write_manifest, write_timings
 from eightgen.assembly import binary_labels, load_assembled
 from eightgen.config import TrainConfig
 from eightgen.devices import pick_device
@@ -258,7 +257,7 @@ def train(
         written = write_manifest(tmp, meta, [LEARNER_FILE, MODEL_FILE, SPEC_FILE, METRICS_FILE])
         swap_in(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_staging(tmp)
         raise
     return Artifact(path=out_dir, sha256=written.sha256)
 

@@ -11,6 +11,7 @@ from eightgen.artifacts import Artifact
 from eightgen.config import DatasetConfig, ExperimentConfig, ReportConfig, TrainConfig
 from eightgen.errors import EightgenError
 from runtime.runners import TASK_RUNNERS, TaskRunnerKind, probe_dask
+from runtime.stopping import track_chunks
 from tasks.assemble import assemble_dataset, fingerprint_source
 from tasks.attack import n_chunks, optimize_chunk
 from tasks.collect import collect_results
@@ -39,6 +40,7 @@ def attack_flow(
 ) -> Artifact:
     """Model + dataset -> optimised chunks of starts -> the run directory named by the settings, written whole."""
     chunks = [optimize_chunk.submit(cfg.attack, model, dataset, i, cfg.cache_dir, force) for i in range(n_chunks(cfg.attack, dataset))]
+    track_chunks(chunks)
     return collect_results(cfg, [c.result() for c in chunks], model, dataset, cfg.run_dir, cfg.run_label, overwrite, force)
 
 

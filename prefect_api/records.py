@@ -6,7 +6,18 @@ import time
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+    TaskRunFilter,
+    TaskRunFilterFlowRunId,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
 
@@ -89,3 +100,28 @@ def outcome(state, what: str):
     from eightgen.errors import EightgenError
 
     raise EightgenError(f"{what} ended {state.name}")
+
+
+UNFINISHED = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
+
+
+def mark_stopped(tag: str, reason: str, timeout: float = 1.0) -> int:
+    """Mark the unfinished flow runs tagged `tag` Cancelled and their unfinished task runs Crashed; the number marked."""
+    from prefect.states import Cancelled, Crashed
+
+    marked = 0
+    with get_client(sync_client=True, httpx_settings={"timeout": timeout}) as client:
+        unfinished = FlowRunFilterState(type=FlowRunFilterStateType(any_=UNFINISHED))
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]), state=unfinished))
+        for run in runs:
+            client.set_flow_run_state(run.id, Cancelled(message=reason), force=True)
+            marked += 1
+        if runs:
+            tasks = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id={"any_": [r.id for r in runs]}),
+                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=UNFINISHED))),
+            )
+            for t in tasks:
+                client.set_task_run_state(t.id, Crashed(message=reason), force=True)
+                marked += 1
+    return marked

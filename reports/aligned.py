@@ -377,7 +377,7 @@ def render_aligned(
         f"Five panels against the L2 budget, one line per detector with 95% intervals: flip rate, k-NN {name} share, robust "
         f"referee {name} share, standard referee {name} share, robust referee still-start-{classes.noun} share. At the matched budget: "
         + "; ".join(
-            f"{d}: k-NN {fmt_pct(cell(summary, d, matched_budget)['referees']['knn']['share'])}"
+            f"{d}: k-NN {fmt_ci(cell(summary, d, matched_budget)['referees']['knn'])}"
             for d in order
             if cell(summary, d, matched_budget) is not None
         ),

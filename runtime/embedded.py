@@ -230,6 +230,37 @@ class EmbeddedServer:
             f"raise {STARTUP_TIMEOUT}, or start `prefect server start` and set PREFECT_API_URL"
         )
 
+    @property
+    def log(self) -> Path:
+        """The local server's log file."""
+        return self.home / LOG
+
+    def health(self) -> str:
+        """UP when the server answers, GONE when its process has exited, SILENT otherwise (stopping.UP/GONE/SILENT)."""
+        import httpx
+
+        from runtime.stopping import GONE, SILENT, UP
+
+        if self.pid is not None and not alive(self.pid):
+            return GONE
+        try:
+            return UP if httpx.get(f"{self.url}/health", timeout=2).status_code == 200 else SILENT
+        except httpx.HTTPError:
+            return SILENT
+
+    def give_back(self) -> None:
+        """Give up the lease without waiting for anything: a server no command uses any more is told to stop."""
+        if self.pid is None:
+            return
+        with locked(self.home):
+            self._release()
+            if self.idle == 0 and not live_leases(lease_dir(self.home, self.pid)):
+                try:
+                    os.kill(self.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        self.pid = None
+
     def stop(self, force: bool = False) -> None:
         """Give up this command's lease; stop the server now if it is not to be kept and no other command uses it."""
         if self.pid is None:

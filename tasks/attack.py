@@ -16,7 +16,7 @@ from eightgen.artifacts import Artifact, artifact_of, read_manifest, staged_dir,
 from eightgen.config import AttackConfig
 from eightgen.grid import n_starts
 from tasks.caching import STAGE_KEY, CachedStage, produced_by
-from tasks.faults import fail_once
+from tasks.faults import fail_once, hold
 from tasks.progress import meter
 
 OPTIMIZE = CachedStage("attacks")
@@ -76,4 +76,5 @@ def optimize_chunk(
     with staged_dir(out) as tmp:
         info = {"chunk": chunk, "device": str(device), "seconds": seconds, "model": spec.arch, STAGE_KEY: key}
         write_chunk(tmp, traj, x0.numpy(), meta, info)
+        hold(chunk)  # a fault rehearsal can stop here: the chunk written, not yet published
     return artifact_of(out)

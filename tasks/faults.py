@@ -6,6 +6,7 @@ every later run, a retry included, passes. Delete the marker to arm it again.
 
 EIGHTGEN_HOLD_IN=<task name> stops that task in the middle of its work (its output half made, or not yet
 written), touches EIGHTGEN_HOLD_MARKER and waits there to be killed: a `kill -9` lands in that stage.
+EIGHTGEN_HOLD_CHUNK=<i> holds only chunk i of a chunked task (optimize-chunk).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from prefect.context import TaskRunContext
 
 FAIL_ONCE = "EIGHTGEN_FAIL_ONCE"
 FAIL_ONCE_MARKER = "EIGHTGEN_FAIL_ONCE_MARKER"
-HOLD_IN, HOLD_MARKER = "EIGHTGEN_HOLD_IN", "EIGHTGEN_HOLD_MARKER"
+HOLD_IN, HOLD_MARKER, HOLD_CHUNK = "EIGHTGEN_HOLD_IN", "EIGHTGEN_HOLD_MARKER", "EIGHTGEN_HOLD_CHUNK"
 HOLD_SECONDS = 600  # then give up waiting and go on
 
 
@@ -41,11 +42,12 @@ def fail_once() -> None:
     raise InjectedFailure(f"{FAIL_ONCE}={name}: injected failure (marker {marker})")
 
 
-def hold() -> None:
-    """Inside a task: if EIGHTGEN_HOLD_IN names this task, touch EIGHTGEN_HOLD_MARKER and wait (to be killed)."""
-    name = os.environ.get(HOLD_IN)
+def hold(chunk: int | None = None) -> None:
+    """Inside a task: if EIGHTGEN_HOLD_IN names this task (and EIGHTGEN_HOLD_CHUNK, if set, this chunk), touch
+    EIGHTGEN_HOLD_MARKER and wait (to be killed or stopped)."""
+    name, at = os.environ.get(HOLD_IN), os.environ.get(HOLD_CHUNK)
     ctx = TaskRunContext.get()
-    if not name or ctx is None or ctx.task.name != name:
+    if not name or ctx is None or ctx.task.name != name or (at is not None and chunk is not None and int(at) != chunk):
         return
     Path(os.environ.get(HOLD_MARKER) or Path(tempfile.gettempdir()) / f"eightgen-held-in-{name}").touch()
     time.sleep(HOLD_SECONDS)
