@@ -162,11 +162,20 @@ def summary_lines(summary: dict) -> list[str]:
     if summary.get("sanity"):
         c = summary["sanity"]
         lines.append(f"{'diffusion, unguided (sanity)':<31} {'noise':<6} {c['n']:>4} {pct(c['knn10']):>16} {pct(None):>16} {pct(c['robust']):>16}")
+    if summary.get("frechet"):
+        f = summary["frechet"]
+        lines.append(f"Fréchet at n = {f['n']}: floor (a second sample of real {name}s) {f['floor']:.1f}, ceiling (real other classes) {f['ceiling']:.1f}")
+    if summary.get("judge_check"):
+        j = summary["judge_check"]
+        trip = j["variants"]["round trip"]
+        said = "; ".join(f"{who} {pct(trip[who]['recall'][summary['target']])}" for who in trip)
+        lines.append(f"real {name}s after a round trip called {name}: {said}; one-in-ten judged by {'the robust referee' if j['judge'] == 'robust' else 'k-NN'}")
     lines.append("targets:")
     for t in summary["targets"]:
         if t["unit"] == "share":
             value = fmt_share(t | {"share": t["value"]})
-            need = {">=": "lower bound ≥ ", "<=": "upper bound ≤ ", "in": "interval holds "}[t["op"]] + f"{100 * t['threshold']:.0f}%"
+            need = {">=": "lower bound ≥ ", "<=": "upper bound ≤ ", "in": "interval holds ", "within": "interval inside "}[t["op"]] + f"{100 * t['threshold']:.0f}%"
+            need += f"–{100 * t['threshold_hi']:.0f}%" if t["op"] == "within" else ""
             margin = f"{100 * t['margin']:+.1f} points"
         else:
             value, need, margin = f"{t['value']:.1f}", f"≤ {t['threshold']:.1f}", f"{t['margin']:+.1f}"

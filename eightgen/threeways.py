@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import torch
@@ -12,6 +14,7 @@ from eightgen.referees import Referees, as_shown, knn_vote
 
 NOISE_DIGIT = -1  # start_digit of a noise start
 BATCH = 1024
+FRECHET_SEED = 0
 
 
 @torch.no_grad()
@@ -42,17 +45,46 @@ def judge_images(refs: Referees, x: np.ndarray, x0: np.ndarray, start_digit: np.
     )
 
 
-def real_target_features(refs: Referees, target: int) -> np.ndarray:
-    """The robust referee's penultimate features of the real target images it was given (the referee split)."""
-    real = refs.knn_x[refs.knn_y == target].reshape(-1, 1, 28, 28)
-    if len(real) < 2:
-        raise EightgenError(f"fewer than 2 real images of the target ({len(real)}) to compare with")
-    return penultimate(refs.robust, real)
+@dataclass(frozen=True)
+class FrechetSamples:
+    """Which images every Fréchet distance compares, n against n: a path's results against real target sample A;
+    the floor is real target sample B (disjoint from A) against A, the ceiling real non-target images against A."""
+
+    n: int
+    seed: int
+    starts: dict[str, np.ndarray]  # per start kind: positions in the start order (the same starts on every path)
+    reference: np.ndarray  # positions in the real images: target sample A
+    floor: np.ndarray  # target sample B
+    ceiling: np.ndarray  # non-target images
 
 
-def frechet_to_real(refs: Referees, x: np.ndarray, real_features: np.ndarray) -> float:
-    """Fréchet distance between images and the real target images, on the robust referee's penultimate features."""
-    return frechet_distance(penultimate(refs.robust, as_shown(torch.as_tensor(x))), real_features)
+def frechet_samples(kinds: np.ndarray, real_y: np.ndarray, target: int, n: int | None = None, seed: int = FRECHET_SEED) -> FrechetSamples:
+    """Draw the Fréchet samples (fixed seed): n per row, n = the most that every row can have unless given."""
+    kinds, real_y = np.asarray(kinds).astype(str), np.asarray(real_y)
+    by_kind = {k: np.flatnonzero(kinds == k) for k in dict.fromkeys(kinds.tolist())}
+    targets, others = np.flatnonzero(real_y == target), np.flatnonzero(real_y != target)
+    most = min([len(v) for v in by_kind.values()] + [len(targets) // 2, len(others)])
+    n = most if n is None else n
+    if n > most or n < 2:
+        raise EightgenError(
+            f"Fréchet samples of n = {n}: the starts of a kind ({', '.join(f'{k} {len(v)}' for k, v in by_kind.items())}), "
+            f"half the {len(targets)} real target images (two disjoint samples) and {len(others)} other real images allow n ≤ {most}"
+        )
+    rng = np.random.default_rng(seed)
+    drawn = rng.permutation(targets)
+    pick = lambda where: np.sort(rng.permutation(where)[:n])  # noqa: E731
+    return FrechetSamples(
+        n=n, seed=seed, starts={k: pick(v) for k, v in by_kind.items()},
+        reference=np.sort(drawn[:n]), floor=np.sort(drawn[n : 2 * n]), ceiling=pick(others),
+    )
+
+
+def image_features(refs: Referees, x: np.ndarray) -> np.ndarray:
+    """The robust referee's penultimate features of images as shown ([n, C, 28, 28] pixels, or [n, 28, 28] uint8)."""
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        x = (x.astype(np.float32) / 255.0).reshape(len(x), 1, 28, 28)
+    return penultimate(refs.robust, as_shown(torch.as_tensor(x)))
 
 
 def path_diversity(x: np.ndarray, start_digit: np.ndarray) -> float:

@@ -55,7 +55,7 @@ def diffusion_flow(cfg: DiffusionConfig = DiffusionConfig(), force: bool = False
             for i in range(n_sanity_chunks(seeds, cfg.chunk_size))
         ]
         sanity = [f.result() for f in futures]
-    runs = {name: found[name] for name in a.detectors} | {"referees": found["referees"]}
+    runs = {name: found[name] for name in a.detectors} | {"referees": found["referees"], "dataset": found["dataset"]}
     report = judge_three_ways(cfg, runs, samples, denoiser, sanity, cfg.run_dir, force)
     html = report.path / DIFFUSION_HTML
     create_markdown_artifact(

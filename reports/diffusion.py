@@ -39,6 +39,13 @@ PATH_COLOURS = {
 KINDS = ("noise", "digit")
 KNN_GUIDED_MIN = 0.90  # robust-guided diffusion from noise: k-NN (ten classes) target share
 UNGUIDED_SHARE = 0.10  # unguided diffusion: about one class in ten
+CLASS_SHARE = (0.05, 0.15)  # unguided diffusion: every class's share, by the robust referee, inside these bounds
+# The judges' real-image check: a judge may hold the one-in-ten target when, on real images after a denoiser round
+# trip, it calls at least this share of the target images the target and at most that share of the others.
+CHECK_RECALL_MIN = 0.85
+CHECK_FALSE_MAX = 0.05
+JUDGE_LABELS = {"knn": "k-NN (ten classes)", "robust": "robust referee"}
+JUDGE_KEYS = {"knn": "knn10", "robust": "robust"}  # the judges' target shares in the summary cells
 
 
 def _share(flags: np.ndarray) -> dict:
@@ -90,14 +97,43 @@ def sanity_cell(judged: pd.DataFrame | None) -> dict | None:
         "knn10": _share(stats.as_bool(judged["knn10_is_target"])),
         "robust": _share(stats.as_bool(judged["robust_is_target"])),
         "classes": np.bincount(np.asarray(judged["robust_pred"], dtype=np.int64), minlength=10).tolist(),
+        "class_shares": [_share(np.asarray(judged["robust_pred"]) == c) for c in range(10)],
     }
 
 
-def targets(cells: Sequence[dict], sanity: dict | None = None) -> list[dict]:
+def judge_check(check: Mapping | None, target: int) -> dict | None:
+    """The judges on real held-out images (as they are, blurred, after a round trip): per-class recall, what they call
+    the real target images, the share of other images they call the target; which judge holds the one-in-ten target.
+
+    The k-NN vote holds it unless it fails the round-trip check and the robust referee passes."""
+    if check is None:
+        return None
+    y = np.asarray(check["y"], dtype=np.int64)
+    variants = {}
+    for variant, calls in check["calls"].items():
+        variants[variant] = {}
+        for judge, pred in calls.items():
+            pred = np.asarray(pred, dtype=np.int64)
+            called = np.bincount(pred[y == target] + 1, minlength=11)  # slot 0: no majority
+            variants[variant][judge] = {
+                "recall": [_share(pred[y == c] == c) for c in range(10)],
+                "target_called": {"none": int(called[0]), "classes": called[1:].tolist()},
+                "false_target": _share(pred[y != target] == target),
+            }
+    trip = variants["round trip"]
+    passes = {j: stats.at_least(r["recall"][target], CHECK_RECALL_MIN) and stats.at_most(r["false_target"], CHECK_FALSE_MAX) for j, r in trip.items()}
+    judge = "robust" if not passes.get("knn", False) and passes.get("robust", False) else "knn"
+    return {
+        "level": check["level"], "blur": check["blur"], "per_class": int(np.bincount(y).min()), "images": check["images"],
+        "variants": variants, "passes": passes, "judge": judge, "recall_min": CHECK_RECALL_MIN, "false_max": CHECK_FALSE_MAX,
+    }
+
+
+def targets(cells: Sequence[dict], sanity: dict | None = None, judge: str = "knn") -> list[dict]:
     """The experiment's targets (noise starts), each with its value, threshold, margin and whether it is met.
 
     Shares are judged on their exact 95% interval: "≥ t" on the lower bound. The one-in-ten check of unguided samples
-    uses the sanity samples (many noise seeds) when there are some."""
+    uses the sanity samples (many noise seeds) when there are some, and the judge that passed the real-image check."""
     guided, unguided, gradient = (cell_of(cells, p, "noise") for p in ("diffusion-robust", "diffusion-none", "robust-gradient"))
     out = []
     if guided is not None:
@@ -110,10 +146,17 @@ def targets(cells: Sequence[dict], sanity: dict | None = None) -> list[dict]:
         out.append({"key": "frechet_guided", "what": "Fréchet distance of robust-guided diffusion ≤ the robust gradient path's (noise starts)",
                     "value": v, "op": "<=", "threshold": ref, "margin": ref - v, "unit": "distance"})
     if sanity is not None or unguided is not None:
-        k, n = (sanity or unguided)["knn10"], (sanity or unguided)["n"]
-        out.append({"key": "unguided_tenth", "what": f"unguided diffusion from {n} noise starts: the 95% interval of its k-NN target share holds 1 in 10",
+        k, n = (sanity or unguided)[JUDGE_KEYS[judge]], (sanity or unguided)["n"]
+        out.append({"key": "unguided_tenth", "what": f"unguided diffusion from {n} noise starts: the 95% interval of its {JUDGE_LABELS[judge]} target share holds 1 in 10",
                     "value": k["share"], "op": "in", "threshold": UNGUIDED_SHARE, "lo": k["lo"], "hi": k["hi"], "k": k["k"], "n": k["n"],
-                    "margin": min(UNGUIDED_SHARE - k["lo"], k["hi"] - UNGUIDED_SHARE), "unit": "share"})
+                    "margin": min(UNGUIDED_SHARE - k["lo"], k["hi"] - UNGUIDED_SHARE), "unit": "share", "judge": judge})
+    if sanity is not None and sanity.get("class_shares"):
+        lo_t, hi_t = CLASS_SHARE
+        worst = min(range(10), key=lambda c: min(sanity["class_shares"][c]["lo"] - lo_t, hi_t - sanity["class_shares"][c]["hi"]))
+        k = sanity["class_shares"][worst]
+        out.append({"key": "unguided_classes", "what": f"unguided diffusion from {sanity['n']} noise starts: the 95% interval of every class's robust-referee share lies in 5–15% (the farthest out: class {worst})",
+                    "value": k["share"], "op": "within", "threshold": lo_t, "threshold_hi": hi_t, "lo": k["lo"], "hi": k["hi"], "k": k["k"], "n": k["n"],
+                    "margin": min(k["lo"] - lo_t, hi_t - k["hi"]), "unit": "share"})
     for t in out:
         t["met"] = bool(np.isfinite(t["margin"]) and t["margin"] >= 0)
     return out
@@ -232,13 +275,17 @@ def render_diffusion(
     classes: ClassSet = MNIST,
     grid_seeds: int = 2,
     sanity: pd.DataFrame | None = None,
+    frechet: Mapping | None = None,
+    check: Mapping | None = None,
 ) -> dict:
     """Write diffusion.html and diffusion.json into out_dir; return the summary."""
     cells = summarise(results, measures)
     checked = sanity_cell(sanity)
-    ts = targets(cells, checked)
+    judges = judge_check(check, target)
+    ts = targets(cells, checked, judges["judge"] if judges else "knn")
     name = classes.name_of(target)
-    summary = {"target": target, "target_name": name, "cells": cells, "sanity": checked, "targets": ts,
+    summary = {"target": target, "target_name": name, "cells": cells, "sanity": checked, "frechet": dict(frechet) if frechet else None,
+               "judge_check": judges, "targets": ts,
                "targets_met": bool(ts) and all(t["met"] for t in ts), "answer": answer(cells, classes, target), "facts": facts}
     by_kind = {}
     for path, t in trajectories.items():
@@ -259,6 +306,8 @@ def render_diffusion(
         "grid": image_grid(results, images, x0, run_ids, grid_seeds, classes, target),
         "grid_paths": [p for p in PATHS if p in images],
         "strips": strips(trajectories, shown_ids, name),
+        "check_images": {v: [array_img(figures.grey_uint8(x[c]), f"a real {classes.label(c)}, {v}") for c in range(len(x))]
+                         for v, x in (check or {}).get("examples", {}).items()},
         "classes": classes,
     }
     html = environment().get_template("diffusion.html.j2").render(**context)

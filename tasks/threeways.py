@@ -46,16 +46,25 @@ def judge_three_ways(
     force: bool = False,
 ) -> Artifact:
     """Judge the gradient runs and the diffusion samples with the referees on identical starts, and the unguided
-    sanity samples from many noise seeds; write the report."""
-    from eightgen.denoiser import read_denoiser_info
+    sanity samples from many noise seeds; check the judges on real held-out images; write the report.
+
+    The real images of the Fréchet samples and of the judges' check are the dataset's validation split: training-split
+    images that no referee, detector or denoiser trained on."""
+    from eightgen.assembly import load_assembled
+    from eightgen.denoiser import load_denoiser, read_denoiser_info
     from eightgen.devices import pick_device
+    from eightgen.frechet import frechet_distance
+    from eightgen.judgecheck import VARIANTS, blurred, judge_classes, per_class, round_trip
     from eightgen.referees import load_referees
     from eightgen.samples import concat_samples, read_samples
-    from eightgen.threeways import frechet_to_real, judge_images, path_diversity, real_target_features
+    from eightgen.threeways import frechet_samples, image_features, judge_images, path_diversity
 
     _, key = THREE_WAYS.here()
     target = cfg.target
-    refs = load_referees(verified(runs["referees"]), pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    refs = load_referees(verified(runs["referees"]), device)
+    data = load_assembled(verified(runs["dataset"]))
+    real_x, real_y = np.asarray(data.x_valid, np.uint8), np.asarray(data.y_valid, np.int64)
     grad = {}
     for name in ("standard", "robust"):
         run = load_aligned_run(runs[name].path)
@@ -82,16 +91,34 @@ def judge_three_ways(
             "run_id": run_ids, "start_kind": meta["start_kind"].astype(str).to_numpy(), "snapshot_steps": s.snapshot_steps,
             "snapshots": s.snapshots[rows], "p_target": s.p_target[rows],
         }
-    real = real_target_features(refs, target)
     frames, measures = [], {}
     kinds = meta["start_kind"].astype(str).to_numpy()
+    plan = frechet_samples(kinds, real_y, target, cfg.frechet_n)
+    reference = image_features(refs, real_x[plan.reference])
     for path, x in images.items():
         judged = judge_images(refs, x, x0, start_digit, target)
         frames.append(pd.concat([meta.assign(path=path), judged], axis=1))
         measures[path] = {
-            kind: {"frechet": frechet_to_real(refs, x[kinds == kind], real), "diversity": path_diversity(x[kinds == kind], start_digit[kinds == kind])}
-            for kind in ("noise", "digit") if (kinds == kind).sum() >= 2
+            kind: {"frechet": frechet_distance(image_features(refs, x[rows]), reference), "diversity": path_diversity(x[kinds == kind], start_digit[kinds == kind])}
+            for kind, rows in plan.starts.items()
         }
+    where = lambda rows: {"split": data.s_valid[rows].tolist(), "index": data.i_valid[rows].tolist()}  # noqa: E731  MNIST images
+    frechet = {
+        "n": plan.n, "seed": plan.seed, "features": "robust referee, penultimate layer", "real": "validation split",
+        "floor": frechet_distance(image_features(refs, real_x[plan.floor]), reference),
+        "ceiling": frechet_distance(image_features(refs, real_x[plan.ceiling]), reference),
+        "reference_images": where(plan.reference), "floor_images": where(plan.floor), "ceiling_images": where(plan.ceiling),
+        "ceiling_classes": np.bincount(real_y[plan.ceiling], minlength=10).tolist(),
+        "starts": {kind: run_ids[rows].tolist() for kind, rows in plan.starts.items()},
+    }
+    net, schedule = load_denoiser(verified(denoiser), device)
+    chosen = per_class(real_y, cfg.check_per_class)
+    shown = real_x[chosen].astype(np.float32).reshape(-1, 1, 28, 28) / 255.0
+    variants = dict(zip(VARIANTS, (shown, blurred(shown, cfg.check_blur), round_trip(net, schedule, shown, cfg.check_level, cfg.ddim_steps, device))))
+    check = {
+        "y": real_y[chosen], "calls": {v: judge_classes(refs, x) for v, x in variants.items()}, "level": cfg.check_level, "blur": cfg.check_blur,
+        "images": where(chosen), "examples": {v: x[per_class(real_y[chosen], 1)] for v, x in variants.items()},
+    }
     results = pd.concat(frames, ignore_index=True)
     checked = None
     if sanity:
@@ -102,7 +129,7 @@ def judge_three_ways(
     facts = {
         "budget": cfg.aligned.matched_budget, "attack_steps": cfg.aligned.attack.steps, "denoiser": info,
         "ddim_steps": cfg.ddim_steps, "start_level": cfg.start_level, "guidance_scale": cfg.guidance_scale,
-        "knn_k": int(refs.k), "n_real": int(len(real)), "detectors": {n: r.record.model.sha256[:12] for n, r in grad.items()},
+        "knn_k": int(refs.k), "detectors": {n: r.record.model.sha256[:12] for n, r in grad.items()},
         "sampling_seconds": {g: sum(float(read_timings(a.path).get("seconds", 0.0)) for a in chunks) for g, chunks in samples.items()},
         "dataset": record.dataset.sha256[:12],
     }
@@ -110,6 +137,7 @@ def judge_three_ways(
         summary = render_diffusion(
             tmp, results=results, measures=measures, images=images, x0=x0, run_ids=run_ids, trajectories=trajectories,
             facts=facts, target=target, classes=cfg.aligned.dataset.classes, grid_seeds=cfg.grid_seeds, sanity=checked,
+            frechet=frechet, check=check,
         )
         results.to_parquet(tmp / RESULTS, index=False)
         np.savez_compressed(tmp / IMAGES, run_id=run_ids, x0=x0, **{p.replace("-", "_"): x for p, x in images.items()})

@@ -278,13 +278,22 @@ def test_the_diffusion_flow_judges_three_ways_and_comes_back_cached(prefect_harn
         assert f'id="{anchor}"' in page, anchor
     assert "http://" not in page and "https://" not in page
     summary = json.loads((cfg.run_dir / "diffusion.json").read_text())
-    assert [t["key"] for t in summary["targets"]] == ["knn_guided", "frechet_guided", "unguided_tenth"]
+    assert [t["key"] for t in summary["targets"]] == ["knn_guided", "frechet_guided", "unguided_tenth", "unguided_classes"]
+    f = summary["frechet"]  # every row at one n: 3 noise starts allow 3; a floor and a ceiling on the same features
+    assert f["n"] == 3 and len(f["reference_images"]["index"]) == len(f["floor_images"]["index"]) == len(f["ceiling_images"]["index"]) == 3
+    assert not set(f["reference_images"]["index"]) & set(f["floor_images"]["index"]) and 0 <= f["floor"] < f["ceiling"] * 10
+    assert {k: len(v) for k, v in f["starts"].items()} == {"noise": 3, "digit": 3}
+    j = summary["judge_check"]
+    assert set(j["variants"]) == {"as is", "blurred", "round trip"} and j["per_class"] == 4 and j["judge"] in ("knn", "robust")
+    assert all(r["recall"][c]["n"] == 4 for v in j["variants"].values() for r in v.values() for c in range(10))
+    for anchor in ("judges-table", "frechet-reading"):
+        assert f'id="{anchor}"' in page, anchor
     results = pd.read_parquet(cfg.run_dir / "results.parquet")
     # 3 noise + 2 digits x 3 seeds = 9 starts, on each of five paths, every one judged
     assert results.groupby("path").size().to_dict() == {p: 9 for p in ("standard-gradient", "robust-gradient", "diffusion-none", "diffusion-standard", "diffusion-robust")}
     assert results["knn10_is_target"].notna().all() and results.loc[results.start_kind == "digit", "knn2_is_target"].notna().all()
     assert summary["sanity"]["n"] == 30  # ten unguided samples per noise start
-    assert len(summary_lines(summary)) == 1 + 10 + 1 + 1 + 3
+    assert len(summary_lines(summary)) == 1 + 10 + 1 + 1 + 1 + 1 + 4
     first, second = states
     assert len(first["sample-chunk"]) == 6  # 9 starts in chunks of 5, for each of three paths
     assert len(first["sample-noise-chunk"]) == 6  # 30 sanity samples in chunks of 5

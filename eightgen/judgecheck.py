@@ -1,0 +1,49 @@
+"""The judges' real-image check: how the k-NN vote and the robust referee classify real held-out images as they are,
+blurred, and after a denoiser round trip (noised, then denoised back), where the true class is known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from eightgen.diffusion import Schedule, ddim_sample, noised_start
+from eightgen.referees import Referees, as_shown, knn_classes
+
+VARIANTS = ("as is", "blurred", "round trip")
+JUDGES = ("knn", "robust")
+BATCH = 256
+NOISE_SEED = 0
+
+
+def per_class(y: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the first n images of every class in y (in the order given), classes ascending."""
+    y = np.asarray(y)
+    return np.concatenate([np.flatnonzero(y == c)[:n] for c in np.unique(y)])
+
+
+def blurred(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Images [n, 1, 28, 28] in [0, 1] under a Gaussian blur of sigma pixels."""
+    return ndimage.gaussian_filter(np.asarray(x, np.float32), sigma=(0, 0, sigma, sigma), mode="constant")
+
+
+def round_trip(denoiser: nn.Module, schedule: Schedule, x: np.ndarray, level: float, steps: int, device: torch.device) -> np.ndarray:
+    """Images [n, 1, 28, 28] in [0, 1] noised to `level` (fixed noise) and denoised back by DDIM in ⌈steps·level⌉ steps."""
+    x0 = torch.as_tensor(np.asarray(x, np.float32))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(NOISE_SEED))
+    x_t, t = noised_start(x0, noise, level, schedule)
+    n_steps = max(1, math.ceil(steps * level))
+    out = [ddim_sample(denoiser, x_t[i : i + BATCH].to(device), t, schedule, n_steps, record_every=n_steps).x_final for i in range(0, len(x0), BATCH)]
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def judge_classes(refs: Referees, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Each judge's class of every image: the k-NN majority class (-1: no majority) and the robust referee's argmax."""
+    shown = as_shown(torch.as_tensor(np.asarray(x, np.float32)))
+    device = next(refs.robust.parameters()).device
+    robust = torch.cat([refs.robust(shown[i : i + 1024].to(device)).argmax(1).cpu() for i in range(0, len(shown), 1024)]).numpy()
+    return {"knn": knn_classes(shown, refs.knn_x, refs.knn_y, k=refs.k), "robust": robust.astype(np.int64)}
