@@ -194,23 +194,6 @@ def knn_vote(
     return shares, shares > 0.5
 
 
-def knn_classes(x: Tensor, ref_x: Tensor, ref_y: Tensor, *, k: int) -> np.ndarray:
-    """The class holding more than half of each image's k nearest references (pixel L2, all classes), -1 where none does.
-
-    For the target this is the ten-class vote of knn_vote: an image is called the target exactly when it is its class here.
-    """
-    flat = as_shown(x).reshape(len(x), -1)
-    if k > len(ref_y):
-        raise EightgenError(f"k = {k} neighbours but only {len(ref_y)} reference images")
-    out = np.full(len(flat), -1, dtype=np.int64)
-    for i in range(0, len(flat), BATCH):
-        nearest = torch.cdist(flat[i : i + BATCH].double(), ref_x.double()).topk(k, dim=1, largest=False).indices
-        votes = torch.nn.functional.one_hot(ref_y[nearest], N_DIGITS).sum(dim=1)  # [b, 10]
-        count, cls = votes.max(dim=1)
-        out[i : i + BATCH] = torch.where(2 * count > k, cls, torch.full_like(cls, -1)).numpy()
-    return out
-
-
 @torch.no_grad()
 def _classify(model: PixelClassifier, x: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """argmax digit and softmax probability of every class, [n] and [n, 10]."""

@@ -332,3 +332,48 @@ def test_bad_settings_stop_the_command_in_one_line_before_any_work(option: list[
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("eightgen: error:") and message in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_frechet_samples_are_n_each_and_the_two_real_target_samples_disjoint() -> None:
+    from eightgen.threeways import frechet_samples
+
+    kinds = np.array(["noise"] * 10 + ["digit"] * 12)
+    y = np.array([8] * 9 + [1, 2, 3] * 5)
+    plan = frechet_samples(kinds, y, 8)
+    assert plan.n == 4  # half the 9 real targets
+    assert not set(plan.reference) & set(plan.floor) and (y[plan.reference] == 8).all() and (y[plan.floor] == 8).all()
+    assert (y[plan.ceiling] != 8).all() and len(plan.ceiling) == 4
+    assert set(plan.starts["noise"]) <= set(range(10)) and set(plan.starts["digit"]) <= set(range(10, 22))
+    again = frechet_samples(kinds, y, 8)
+    assert np.array_equal(again.floor, plan.floor) and np.array_equal(again.starts["digit"], plan.starts["digit"])
+    assert frechet_samples(kinds, y, 8, n=3).n == 3
+    with pytest.raises(EightgenError, match="allow n ≤ 4"):
+        frechet_samples(kinds, y, 8, n=5)
+
+
+def test_knn_classes_is_the_majority_class_and_agrees_with_the_target_vote() -> None:
+    from eightgen.judgecheck import knn_classes
+    from eightgen.referees import knn_vote
+
+    ref_y = torch.tensor([8, 8, 8, 1, 2, 3])
+    ref_x = torch.zeros(6, 784)
+    ref_x[:3] = 0.1  # near the faint image: three 8s
+    ref_x[3:] = 0.9  # near the bright one: a 1, a 2 and a 3
+    x = torch.stack([torch.full((1, 28, 28), 0.1), torch.full((1, 28, 28), 0.9)])
+    assert knn_classes(x, ref_x, ref_y, k=3).tolist() == [8, -1]  # the bright image has no majority class
+    _, is8 = knn_vote(x, np.array([-1, -1]), ref_x, ref_y, target=8, k=3)
+    assert is8.tolist() == [True, False]
+
+
+def test_the_judge_check_moves_the_one_in_ten_target_only_to_a_judge_that_passes() -> None:
+    from reports.diffusion import judge_check
+
+    y = np.repeat(np.arange(10), 100)
+    good = y.copy()
+    under = np.where(y == 8, 3, y)  # calls every real 8 a 3
+    check = lambda knn, robust: {"y": y, "level": 0.5, "blur": 1.0, "images": {}, "calls": {v: {"knn": knn, "robust": robust} for v in ("as is", "blurred", "round trip")}}  # noqa: E731
+    j = judge_check(check(under, good), 8)
+    assert j["passes"] == {"knn": False, "robust": True} and j["judge"] == "robust"
+    assert j["variants"]["round trip"]["knn"]["target_called"]["classes"][3] == 100 and j["variants"]["round trip"]["knn"]["recall"][8]["k"] == 0
+    assert judge_check(check(good, good), 8)["judge"] == "knn"
+    assert judge_check(check(under, under), 8)["judge"] == "knn"  # neither passes: the target stays with k-NN
