@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -188,17 +187,11 @@ def diffusion_command(args: argparse.Namespace) -> int:
     cfg = build_diffusion_config(args)
     aligned = cfg.aligned
     process_env(aligned.cache_dir)
+    from cli.aligned import check_runs
     from cli.lifecycle import run_flow
 
     def prepare() -> None:
-        from eightgen.rundir import check_target
-        from runtime.preflight import preflight
-
-        runs = [aligned.experiment(detector, budget) for detector in aligned.detectors for budget in aligned.budgets]
-        for line in preflight(runs[0], args.overwrite, runs=runs):
-            print(f"eightgen: warning: {line}", file=sys.stderr, flush=True)
-        for run in runs:
-            check_target(run.run_dir, run, args.overwrite)
+        check_runs(aligned, args.overwrite)
         import flows.diffusion  # noqa: F401  imported while the server boots
 
     def start():

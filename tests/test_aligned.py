@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import binomtest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterId
 from prefect.client.schemas.sorting import FlowRunSort
@@ -89,8 +90,13 @@ def test_report_section_and_summary(runs, cfg: AlignedConfig) -> None:
     agree = next(t for t in summary["targets"] if t["key"] == "agree_robust")
     assert agree["value"] == pytest.approx((digits["ref_robust_is_target"] == digits["knn_is_target"]).mean())
     assert set(summary["noise_referees"]) == {"knn", "robust", "cnn"}
+    # Every target's interval is the exact one of its k of n, and it is judged on the bound, not the estimate.
+    for t in summary["targets"]:
+        ci = binomtest(t["k"], t["n"]).proportion_ci(method="exact")
+        assert (t["lo"], t["hi"]) == pytest.approx((ci.low, ci.high)) and t["hi"] > t["lo"]
+        assert t["met"] == ((t["lo"] >= t["threshold"]) if t["op"] == ">=" else (t["hi"] <= t["threshold"]))
     lines = summary_lines(summary)
-    assert len(lines) == 1 + 4 + 1 + 5 and lines[-5:] == [l for l in lines if "needs" in l]
+    assert len(lines) == 1 + 4 + 2 + 5 and lines[-5:] == [l for l in lines if "needs" in l]
 
 
 def test_runs_share_starts_and_budgets_and_carry_referee_columns(runs, cfg: AlignedConfig) -> None:
