@@ -153,7 +153,7 @@ def sweep_figure(sweep: Mapping, titles: Mapping[str, str], noun: str) -> Figure
         ax.set_xticks(radii, [f"{r:g}" for r in radii], fontsize=7)
         ax.set_xlabel("training radius (L2)")
     axes[0].set_ylabel(f"share of {noun} starts")
-    axes[0].legend(loc="upper left", fontsize=7)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(budgets), fontsize=8)
     for ax in axes[1 : len(SWEEP_REFEREES)]:
         ax.sharey(axes[0])
     err_ax, rob_ax = axes[len(SWEEP_REFEREES) :]

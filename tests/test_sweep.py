@@ -142,7 +142,7 @@ def test_sweep_summary_puts_each_referee_share_against_the_radius() -> None:
     assert [ax.get_title() for ax in axes] == [
         "k-NN", "robust referee", "standard referee", "clean validation error", "robust accuracy, L2 PGD ε 2"
     ]
-    assert len(axes[0].get_legend().get_texts()) == 2  # one line per budget
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["budget 4", "budget 8"]  # one line per budget
     lines = sweep_lines(sweep)
     assert len(lines) == 1 + 3 + 1 and lines[1].split()[:2] == ["0", "1.0%"] and lines[-1] == sweep["answer"]
 
