@@ -168,7 +168,7 @@ def summary_lines(summary: dict) -> list[str]:
         j = summary["judge_check"]
         trip = j["variants"]["round trip"]
         said = "; ".join(f"{who} {pct(trip[who]['recall'][summary['target']])}" for who in trip)
-        lines.append(f"real {name}s after a round trip called {name}: {said}; one-in-ten judged by {'the robust referee' if j['judge'] == 'robust' else 'k-NN'}")
+        lines.append(f"real {name}s after a round trip called {name}: {said}; one-in-ten judged by {j['judge']}")
     lines.append("targets:")
     for t in summary["targets"]:
         if t["unit"] == "share":

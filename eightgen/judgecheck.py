@@ -1,5 +1,5 @@
-"""The judges' real-image check: how the k-NN vote and the robust referee classify real held-out images as they are,
-blurred, and after a denoiser round trip (noised, then denoised back), where the true class is known."""
+"""The judges' real-image check: how the k-NN vote and the robust and standard referees classify real held-out images
+as they are, blurred, and after a denoiser round trip (noised, then denoised back), where the true class is known."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from eightgen.errors import EightgenError
 from eightgen.referees import N_DIGITS, Referees, as_shown
 
 VARIANTS = ("as is", "blurred", "round trip")
-JUDGES = ("knn", "robust")
+JUDGES = ("knn", "robust", "cnn")  # the k-NN majority class, the robust referee, the standard referee
 BATCH = 256
 KNN_BATCH = 1024
 NOISE_SEED = 0
@@ -61,8 +61,8 @@ def round_trip(denoiser: nn.Module, schedule: Schedule, x: np.ndarray, level: fl
 
 @torch.no_grad()
 def judge_classes(refs: Referees, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Each judge's class of every image: the k-NN majority class (-1: no majority) and the robust referee's argmax."""
+    """Each judge's class of every image: the k-NN majority class (-1: no majority) and each referee's argmax."""
     shown = as_shown(torch.as_tensor(np.asarray(x, np.float32)))
     device = next(refs.robust.parameters()).device
-    robust = torch.cat([refs.robust(shown[i : i + 1024].to(device)).argmax(1).cpu() for i in range(0, len(shown), 1024)]).numpy()
-    return {"knn": knn_classes(shown, refs.knn_x, refs.knn_y, k=refs.k), "robust": robust.astype(np.int64)}
+    argmax = lambda model: torch.cat([model(shown[i : i + KNN_BATCH].to(device)).argmax(1).cpu() for i in range(0, len(shown), KNN_BATCH)]).numpy().astype(np.int64)  # noqa: E731
+    return {"knn": knn_classes(shown, refs.knn_x, refs.knn_y, k=refs.k), "robust": argmax(refs.robust), "cnn": argmax(refs.cnn)}

@@ -44,8 +44,8 @@ CLASS_SHARE = (0.05, 0.15)  # unguided diffusion: every class's share, by the ro
 # trip, it calls at least this share of the target images the target and at most that share of the others.
 CHECK_RECALL_MIN = 0.85
 CHECK_FALSE_MAX = 0.05
-JUDGE_LABELS = {"knn": "k-NN (ten classes)", "robust": "robust referee"}
-JUDGE_KEYS = {"knn": "knn10", "robust": "robust"}  # the judges' target shares in the summary cells
+JUDGE_LABELS = {"knn": "k-NN (ten classes)", "robust": "robust referee", "cnn": "standard referee"}
+JUDGE_ORDER = ("knn", "robust", "cnn")  # the first that passes the real-image check judges the one-in-ten check
 
 
 def _share(flags: np.ndarray) -> dict:
@@ -88,16 +88,18 @@ def cell_of(cells: Sequence[dict], path: str, kind: str) -> dict | None:
     return next((c for c in cells if c["path"] == path and c["kind"] == kind), None)
 
 
-def sanity_cell(judged: pd.DataFrame | None) -> dict | None:
-    """The unguided sanity samples (many noise seeds): the k-NN and robust referee's target shares (95% intervals)."""
+def sanity_cell(judged: pd.DataFrame | None, target: int = 8) -> dict | None:
+    """The unguided sanity samples (many noise seeds): each judge's target share and share of every class (95% intervals)."""
     if judged is None or judged.empty:
         return None
+    classes = {j: np.asarray(judged[f"{j}_class"], dtype=np.int64) for j in JUDGE_ORDER if f"{j}_class" in judged}
     return {
         "n": int(len(judged)),
         "knn10": _share(stats.as_bool(judged["knn10_is_target"])),
         "robust": _share(stats.as_bool(judged["robust_is_target"])),
         "classes": np.bincount(np.asarray(judged["robust_pred"], dtype=np.int64), minlength=10).tolist(),
-        "class_shares": [_share(np.asarray(judged["robust_pred"]) == c) for c in range(10)],
+        "targets": {j: _share(c == target) for j, c in classes.items()},
+        "class_shares": {j: [_share(c == k) for k in range(10)] for j, c in classes.items()},
     }
 
 
@@ -105,7 +107,7 @@ def judge_check(check: Mapping | None, target: int) -> dict | None:
     """The judges on real held-out images (as they are, blurred, after a round trip): per-class recall, what they call
     the real target images, the share of other images they call the target; which judge holds the one-in-ten target.
 
-    The k-NN vote holds it unless it fails the round-trip check and the robust referee passes."""
+    The first judge of JUDGE_ORDER that passes the round-trip check holds it; the k-NN vote when none passes."""
     if check is None:
         return None
     y = np.asarray(check["y"], dtype=np.int64)
@@ -122,7 +124,7 @@ def judge_check(check: Mapping | None, target: int) -> dict | None:
             }
     trip = variants["round trip"]
     passes = {j: stats.at_least(r["recall"][target], CHECK_RECALL_MIN) and stats.at_most(r["false_target"], CHECK_FALSE_MAX) for j, r in trip.items()}
-    judge = "robust" if not passes.get("knn", False) and passes.get("robust", False) else "knn"
+    judge = next((j for j in JUDGE_ORDER if passes.get(j, False)), "knn")
     return {
         "level": check["level"], "blur": check["blur"], "per_class": int(np.bincount(y).min()), "images": check["images"],
         "variants": variants, "passes": passes, "judge": judge, "recall_min": CHECK_RECALL_MIN, "false_max": CHECK_FALSE_MAX,
@@ -146,17 +148,19 @@ def targets(cells: Sequence[dict], sanity: dict | None = None, judge: str = "knn
         out.append({"key": "frechet_guided", "what": "Fréchet distance of robust-guided diffusion ≤ the robust gradient path's (noise starts)",
                     "value": v, "op": "<=", "threshold": ref, "margin": ref - v, "unit": "distance"})
     if sanity is not None or unguided is not None:
-        k, n = (sanity or unguided)[JUDGE_KEYS[judge]], (sanity or unguided)["n"]
+        k, n = (sanity["targets"][judge] if sanity and judge in sanity.get("targets", {}) else (sanity or unguided)["knn10"]), (sanity or unguided)["n"]
+        judge = judge if sanity and judge in sanity.get("targets", {}) else "knn"
         out.append({"key": "unguided_tenth", "what": f"unguided diffusion from {n} noise starts: the 95% interval of its {JUDGE_LABELS[judge]} target share holds 1 in 10",
                     "value": k["share"], "op": "in", "threshold": UNGUIDED_SHARE, "lo": k["lo"], "hi": k["hi"], "k": k["k"], "n": k["n"],
                     "margin": min(UNGUIDED_SHARE - k["lo"], k["hi"] - UNGUIDED_SHARE), "unit": "share", "judge": judge})
-    if sanity is not None and sanity.get("class_shares"):
+    if sanity is not None and judge in sanity.get("class_shares", {}):
         lo_t, hi_t = CLASS_SHARE
-        worst = min(range(10), key=lambda c: min(sanity["class_shares"][c]["lo"] - lo_t, hi_t - sanity["class_shares"][c]["hi"]))
-        k = sanity["class_shares"][worst]
-        out.append({"key": "unguided_classes", "what": f"unguided diffusion from {sanity['n']} noise starts: the 95% interval of every class's robust-referee share lies in 5–15% (the farthest out: class {worst})",
+        shares = sanity["class_shares"][judge]
+        worst = min(range(10), key=lambda c: min(shares[c]["lo"] - lo_t, hi_t - shares[c]["hi"]))
+        k = shares[worst]
+        out.append({"key": "unguided_classes", "what": f"unguided diffusion from {sanity['n']} noise starts: the 95% interval of every class's {JUDGE_LABELS[judge]} share lies in 5–15% (the farthest out: class {worst})",
                     "value": k["share"], "op": "within", "threshold": lo_t, "threshold_hi": hi_t, "lo": k["lo"], "hi": k["hi"], "k": k["k"], "n": k["n"],
-                    "margin": min(k["lo"] - lo_t, hi_t - k["hi"]), "unit": "share"})
+                    "margin": min(k["lo"] - lo_t, hi_t - k["hi"]), "unit": "share", "judge": judge})
     for t in out:
         t["met"] = bool(np.isfinite(t["margin"]) and t["margin"] >= 0)
     return out
@@ -280,7 +284,7 @@ def render_diffusion(
 ) -> dict:
     """Write diffusion.html and diffusion.json into out_dir; return the summary."""
     cells = summarise(results, measures)
-    checked = sanity_cell(sanity)
+    checked = sanity_cell(sanity, target)
     judges = judge_check(check, target)
     ts = targets(cells, checked, judges["judge"] if judges else "knn")
     name = classes.name_of(target)
@@ -306,6 +310,7 @@ def render_diffusion(
         "grid": image_grid(results, images, x0, run_ids, grid_seeds, classes, target),
         "grid_paths": [p for p in PATHS if p in images],
         "strips": strips(trajectories, shown_ids, name),
+        "judge_labels": JUDGE_LABELS,
         "check_images": {v: [array_img(figures.grey_uint8(x[c]), f"a real {classes.label(c)}, {v}") for c in range(len(x))]
                          for v, x in (check or {}).get("examples", {}).items()},
         "classes": classes,

@@ -124,6 +124,7 @@ def judge_three_ways(
     if sanity:
         s = concat_samples([read_samples(verified(a)) for a in sanity])
         checked = judge_images(refs, s.x_final, s.x0, np.full(len(s), -1, dtype=np.int64), target)
+        checked = checked.assign(**{f"{judge}_class": c for judge, c in judge_classes(refs, s.x_final).items()})
     info = read_denoiser_info(verified(denoiser))
     record = grad["robust"].record
     facts = {

@@ -284,7 +284,7 @@ def test_the_diffusion_flow_judges_three_ways_and_comes_back_cached(prefect_harn
     assert not set(f["reference_images"]["index"]) & set(f["floor_images"]["index"]) and 0 <= f["floor"] < f["ceiling"] * 10
     assert {k: len(v) for k, v in f["starts"].items()} == {"noise": 3, "digit": 3}
     j = summary["judge_check"]
-    assert set(j["variants"]) == {"as is", "blurred", "round trip"} and j["per_class"] == 4 and j["judge"] in ("knn", "robust")
+    assert set(j["variants"]) == {"as is", "blurred", "round trip"} and j["per_class"] == 4 and j["judge"] in ("knn", "robust", "cnn")
     assert all(r["recall"][c]["n"] == 4 for v in j["variants"].values() for r in v.values() for c in range(10))
     for anchor in ("judges-table", "frechet-reading"):
         assert f'id="{anchor}"' in page, anchor
@@ -371,9 +371,10 @@ def test_the_judge_check_moves_the_one_in_ten_target_only_to_a_judge_that_passes
     y = np.repeat(np.arange(10), 100)
     good = y.copy()
     under = np.where(y == 8, 3, y)  # calls every real 8 a 3
-    check = lambda knn, robust: {"y": y, "level": 0.5, "blur": 1.0, "images": {}, "calls": {v: {"knn": knn, "robust": robust} for v in ("as is", "blurred", "round trip")}}  # noqa: E731
-    j = judge_check(check(under, good), 8)
-    assert j["passes"] == {"knn": False, "robust": True} and j["judge"] == "robust"
+    check = lambda knn, robust, cnn: {"y": y, "level": 0.5, "blur": 1.0, "images": {}, "calls": {v: {"knn": knn, "robust": robust, "cnn": cnn} for v in ("as is", "blurred", "round trip")}}  # noqa: E731
+    j = judge_check(check(under, good, good), 8)
+    assert j["passes"] == {"knn": False, "robust": True, "cnn": True} and j["judge"] == "robust"
     assert j["variants"]["round trip"]["knn"]["target_called"]["classes"][3] == 100 and j["variants"]["round trip"]["knn"]["recall"][8]["k"] == 0
-    assert judge_check(check(good, good), 8)["judge"] == "knn"
-    assert judge_check(check(under, under), 8)["judge"] == "knn"  # neither passes: the target stays with k-NN
+    assert judge_check(check(good, good, good), 8)["judge"] == "knn"
+    assert judge_check(check(under, under, good), 8)["judge"] == "cnn"
+    assert judge_check(check(under, under, under), 8)["judge"] == "knn"  # none passes: the target stays with k-NN
