@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from cli.options import apply_data_options, data_options, digits_arg
+from cli.options import Places, apply_shared, data_options, device_option, digits_option, storage_options
 from eightgen.config import AlignedConfig, referee_eps_for
 from eightgen.errors import EightgenError
 from runtime.environment import process_env
 
 OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
-    # option dest -> (config sections it sets, field)
-    "dataset": (("dataset",), "name"),
-    "source": (("dataset",), "source"),
-    "mnist_dir": (("dataset",), "mnist_dir"),
-    "local_path": (("dataset",), "local_path"),
+    # option dest -> (config sections it sets, field); the shared options are applied by cli.options.apply_shared
     "max_train": (("dataset",), "max_train"),
     "pool_per_digit": (("dataset",), "pool_per_digit"),
     "valid_fraction": (("dataset",), "valid_fraction"),
@@ -31,17 +26,14 @@ OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
     "referee_eps": (("referees",), "robust_eps"),
     "seeds": (("attack",), "seeds"),
     "steps": (("attack",), "steps"),
-    "digits": (("attack",), "start_digits"),
     "noise": (("attack",), "include_noise"),
     "chunk_size": (("attack",), "chunk_size"),
-    "device": (("standard", "robust", "referees", "attack"), "device"),
     "budgets": ((), "budgets"),
     "matched_budget": ((), "matched_budget"),
     "grid_seeds": ((), "grid_seeds"),
-    "runs_root": ((), "runs_root"),
-    "cache_dir": ((), "cache_dir"),
-    "run_name": ((), "run_name"),
 }
+
+PLACES = Places(dataset=("dataset",), attacks=(("attack",),), storage=(), devices=(("standard",), ("robust",), ("referees",), ("attack",)))
 
 
 def _numbers(text: str) -> tuple[float, ...]:
@@ -75,22 +67,18 @@ def add_aligned_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--matched-budget", type=float, help=f"budget at which the targets are checked (default {d.matched_budget:g})")
     g.add_argument("--seeds", type=int, help=f"starts per digit and of noise (default {d.attack.seeds})")
     g.add_argument("--steps", type=int, help=f"gradient steps per start (default {d.attack.steps})")
-    g.add_argument("--digits", type=digits_arg, help="start classes, e.g. 0,1,2 ('all' = every class but the target, the default)")
+    digits_option(g)
     g.add_argument("--noise", action=argparse.BooleanOptionalAction, default=None, help="include uniform-noise starts")
     g.add_argument("--chunk-size", type=int, help="starts per optimisation task")
     g.add_argument("--grid-seeds", type=int, help=f"starts per digit in the image grid (default {d.grid_seeds})")
-    g.add_argument("--device", help="auto, cpu, cuda or mps (training, referees and optimisation)")
+    device_option(g)
     g = p.add_argument_group("where")
-    g.add_argument("--runs-root", type=Path, help="folder that holds the experiment directory (default runs/)")
-    g.add_argument("--cache-dir", type=Path, help="content-addressed store of datasets, models, referees, chunks")
-    g.add_argument("--run-name", help="experiment directory name (default: aligned + settings hash)")
-    g.add_argument("--force", action="store_true", help="recompute the optimisation, judging and report even if cached")
-    g.add_argument("--overwrite", action="store_true", help="replace run directories that hold runs of other settings")
+    storage_options(g, "experiment directory", "aligned + settings hash")
     g.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
 
 
 def build_aligned_config(args: argparse.Namespace) -> AlignedConfig:
-    """AlignedConfig defaults + command-line overrides + $EIGHTGEN_MNIST_DIR, validated."""
+    """AlignedConfig defaults + command-line overrides + the shared options, validated."""
     data: dict[str, Any] = AlignedConfig().model_dump()
     for dest, (sections, field) in OVERRIDES.items():
         value = getattr(args, dest, None)
@@ -101,10 +89,7 @@ def build_aligned_config(args: argparse.Namespace) -> AlignedConfig:
     radii = getattr(args, "adv_eps", None)
     if radii is not None:
         apply_radii(data, radii, referee_eps_given=getattr(args, "referee_eps", None) is not None)
-    apply_data_options(data, args)
-    env_dir = os.environ.get("EIGHTGEN_MNIST_DIR")
-    if env_dir and data["dataset"]["mnist_dir"] is None and data["dataset"]["local_path"] is None:
-        data["dataset"]["mnist_dir"] = Path(env_dir)
+    apply_shared(data, args, PLACES)
     return AlignedConfig.model_validate(data)
 
 

@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from cli.options import Places, apply_shared, data_options, device_option, digits_option, storage_options
 from eightgen.config import DiffusionConfig
 from runtime.environment import process_env
 
-# option dest -> (config path of each field it sets)
+# option dest -> (config path of each field it sets); the shared options are applied by cli.options.apply_shared
 OVERRIDES: dict[str, tuple[tuple[str, ...], ...]] = {
-    "source": (("aligned", "dataset", "source"),),
-    "mnist_dir": (("aligned", "dataset", "mnist_dir"),),
-    "local_path": (("aligned", "dataset", "local_path"),),
     "max_train": (("aligned", "dataset", "max_train"),),
     "pool_per_digit": (("aligned", "dataset", "pool_per_digit"),),
     "valid_fraction": (("aligned", "dataset", "valid_fraction"),),
@@ -29,7 +26,6 @@ OVERRIDES: dict[str, tuple[tuple[str, ...], ...]] = {
     "seeds": (("aligned", "attack", "seeds"),),
     "starts_per_digit": (("aligned", "attack", "starts_per_digit"),),
     "steps": (("aligned", "attack", "steps"),),
-    "digits": (("aligned", "attack", "start_digits"),),
     "noise": (("aligned", "attack", "include_noise"),),
     "denoiser_epochs": (("denoiser", "epochs"),),
     "denoiser_widths": (("denoiser", "widths"),),
@@ -48,14 +44,14 @@ OVERRIDES: dict[str, tuple[tuple[str, ...], ...]] = {
     "start_level": (("start_level",),),
     "chunk_size": (("chunk_size",), ("aligned", "attack", "chunk_size")),
     "grid_seeds": (("grid_seeds",), ("aligned", "grid_seeds")),
-    "device": (
-        ("device",), ("denoiser", "device"), ("aligned", "standard", "device"), ("aligned", "robust", "device"),
-        ("aligned", "referees", "device"), ("aligned", "attack", "device"),
-    ),
-    "runs_root": (("aligned", "runs_root"),),
-    "cache_dir": (("aligned", "cache_dir"),),
-    "run_name": (("aligned", "run_name"),),
 }
+
+PLACES = Places(
+    dataset=("aligned", "dataset"),
+    attacks=(("aligned", "attack"),),
+    storage=("aligned",),
+    devices=((), ("denoiser",), ("aligned", "standard"), ("aligned", "robust"), ("aligned", "referees"), ("aligned", "attack")),
+)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -74,9 +70,7 @@ def add_diffusion_options(p: argparse.ArgumentParser) -> None:
     d = DiffusionConfig()
     a = d.aligned
     g = p.add_argument_group("data")
-    g.add_argument("--source", choices=["auto", "hub", "idx", "local"], help="MNIST source")
-    g.add_argument("--mnist-dir", type=Path, help="folder of MNIST IDX files (default: $EIGHTGEN_MNIST_DIR)")
-    g.add_argument("--local-path", type=Path, help="Hugging Face dataset on disk")
+    data_options(g)
     g.add_argument("--max-train", type=int, help=f"cap the detectors' training split (default {a.dataset.max_train})")
     g.add_argument("--pool-per-digit", type=int, help=f"start pool images per digit (default {a.dataset.pool_per_digit})")
     g.add_argument("--valid-fraction", type=float, help=f"share of training-split images for validation (default {a.dataset.valid_fraction})")
@@ -91,7 +85,7 @@ def add_diffusion_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seeds", type=int, help=f"noise starts (default {a.attack.seeds})")
     g.add_argument("--starts-per-digit", type=int, help=f"starts of each start digit (default {a.attack.per_digit})")
     g.add_argument("--steps", type=int, help=f"gradient steps per start (default {a.attack.steps})")
-    g.add_argument("--digits", type=_ints, help="start digits, e.g. 1,2 (default every class but the target)")
+    digits_option(g)
     g.add_argument("--noise", action=argparse.BooleanOptionalAction, default=None, help="include noise starts")
     g = p.add_argument_group("denoiser and sampling")
     g.add_argument("--denoiser-epochs", type=int, help=f"denoiser training epochs (default {d.denoiser.epochs})")
@@ -112,18 +106,14 @@ def add_diffusion_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frechet-n", type=int, help="images per Fréchet sample (default: the most that every row can have)")
     g.add_argument("--check-per-class", type=int, help=f"real images per class in the judges' real-image check (default {d.check_per_class})")
     g.add_argument("--check-level", type=float, help=f"noise level of the real-image check's denoiser round trip (default {d.check_level})")
-    g.add_argument("--device", help="auto, cpu, cuda or mps (training, referees, optimisation and sampling)")
+    device_option(g)
     g = p.add_argument_group("where")
-    g.add_argument("--runs-root", type=Path, help="folder that holds the experiment directories (default runs/)")
-    g.add_argument("--cache-dir", type=Path, help="content-addressed store of datasets, models, denoisers, chunks, samples")
-    g.add_argument("--run-name", help="name of the aligned experiment directory (the diffusion one adds -diffusion)")
-    g.add_argument("--force", action="store_true", help="recompute everything after the data and training, even if cached")
-    g.add_argument("--overwrite", action="store_true", help="replace run directories that hold runs of other settings")
+    storage_options(g, "experiment directory", "diffusion + settings hash; --run-name names the aligned one, the diffusion one adds -diffusion")
     g.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
 
 
 def build_diffusion_config(args: argparse.Namespace) -> DiffusionConfig:
-    """DiffusionConfig defaults + command-line overrides + $EIGHTGEN_MNIST_DIR, validated."""
+    """DiffusionConfig defaults + command-line overrides + the shared options, validated."""
     data: dict[str, Any] = DiffusionConfig().model_dump()
     for dest, fields in OVERRIDES.items():
         value = getattr(args, dest, None)
@@ -138,10 +128,7 @@ def build_diffusion_config(args: argparse.Namespace) -> DiffusionConfig:
     if getattr(args, "budget", None) is not None:
         data["aligned"]["budgets"] = (args.budget,)
         data["aligned"]["matched_budget"] = args.budget
-    dataset = data["aligned"]["dataset"]
-    env_dir = os.environ.get("EIGHTGEN_MNIST_DIR")
-    if env_dir and dataset["mnist_dir"] is None and dataset["local_path"] is None:
-        dataset["mnist_dir"] = Path(env_dir)
+    apply_shared(data, args, PLACES)
     return DiffusionConfig.model_validate(data)
 
 

@@ -1,9 +1,11 @@
-"""The options that make an ExperimentConfig, shared by `eightgen run` and `eightgen serve`."""
+"""The command-line options: the groups every command that builds data, detectors or runs shares (data, storage,
+device: declared once, applied by one table), and the ones that make an ExperimentConfig (`run`, `serve`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +14,10 @@ from eightgen.config import PRESETS, ExperimentConfig
 from eightgen.errors import EightgenError
 
 OVERRIDES: dict[str, tuple[str, str]] = {
-    # option dest -> (config section, field)
+    # option dest -> (config section, field); the shared options are applied by apply_shared
     "seeds": ("attack", "seeds"),
     "starts_per_digit": ("attack", "starts_per_digit"),
     "pool_per_digit": ("dataset", "pool_per_digit"),
-    "digits": ("attack", "start_digits"),
     "noise": ("attack", "include_noise"),
     "steps": ("attack", "steps"),
     "method": ("attack", "method"),
@@ -26,19 +27,11 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "record_every": ("attack", "record_every"),
     "early_stop": ("attack", "early_stop"),
     "chunk_size": ("attack", "chunk_size"),
-    "device": ("attack", "device"),
     "arch": ("train", "arch"),
     "epochs": ("train", "epochs"),
     "pretrained": ("train", "pretrained"),
-    "dataset": ("dataset", "name"),
-    "source": ("dataset", "source"),
-    "mnist_dir": ("dataset", "mnist_dir"),
-    "local_path": ("dataset", "local_path"),
     "balance": ("dataset", "balance"),
     "max_train": ("dataset", "max_train"),
-    "runs_root": ("", "runs_root"),
-    "cache_dir": ("", "cache_dir"),
-    "run_name": ("", "run_name"),
 }
 
 
@@ -94,7 +87,7 @@ def experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seeds", type=int, help="noise starts, and starts per start class unless --starts-per-digit is given")
     g.add_argument("--starts-per-digit", type=count_or_all, help="starts per start class: N or 'all' (every held-out image of the class); raises --pool-per-digit to match unless given")
     g.add_argument("--pool-per-digit", type=count_or_all, help="images per class held out of training as attack starts: N or 'all' (the whole test split; needs train and test splits)")
-    g.add_argument("--digits", type=digits_arg, help="start classes, e.g. 0,1,2 ('all' = every class but the target, the default; 'none')")
+    digits_option(g)
     g.add_argument("--noise", action=argparse.BooleanOptionalAction, default=None, help="include random-noise starts")
     g.add_argument("--steps", type=int, help="gradient steps per start")
     g.add_argument("--method", help="seed, gd, pgd_linf, pgd_l2 or min_l2")
@@ -104,19 +97,15 @@ def experiment_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--record-every", type=int, help="keep an image snapshot every N steps")
     g.add_argument("--early-stop", type=int, help="freeze a start once it has held the target for N steps")
     g.add_argument("--chunk-size", type=int, help="starts per optimisation task")
-    g.add_argument("--device", help="auto, cpu, cuda or mps")
+    device_option(g)
     g = p.add_argument_group("where")
-    g.add_argument("--runs-root", type=Path, help="folder that holds run directories (default runs/)")
-    g.add_argument("--cache-dir", type=Path, help="content-addressed store of datasets, models, chunks")
-    g.add_argument("--run-name", help="run directory name (default: preset + settings hash)")
-    g.add_argument("--force", action="store_true", help="recompute the optimisation and report even if cached")
-    g.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a run of other settings (results, trajectories, config and report together)")
+    storage_options(g, "run directory", "preset + settings hash")
     g.add_argument("--task-runner", choices=["threads", "dask"], help="run the optimisation chunks on threads in this process (default) or on Dask workers")
     g.add_argument("--dask-address", help="Dask scheduler, e.g. tcp://10.0.0.5:8786 (default with --task-runner dask: a local cluster, one 1-thread worker per core)")
 
 
 def data_options(g: argparse._ActionsContainer) -> None:
-    """The options that say which dataset, where from, and which class is the target (`run`, `serve`, `aligned`)."""
+    """The options that say which dataset, where from, and which class is the target (every command)."""
     g.add_argument("--dataset", choices=list(CLASS_SETS), help="which 28x28 10-class dataset (default mnist); its Hub name follows")
     g.add_argument("--target", type=int, help="the target class index 0-9 (default 8): the detector learns target vs not-target")
     g.add_argument("--source", choices=["auto", "hub", "idx", "local"], help="data source (auto: data dir, local path, else the Hub)")
@@ -124,20 +113,83 @@ def data_options(g: argparse._ActionsContainer) -> None:
     g.add_argument("--local-path", type=Path, help="Hugging Face dataset on disk: parquet file/folder or save_to_disk folder")
 
 
-def apply_data_options(data: dict[str, Any], args: argparse.Namespace) -> None:
-    """Set the target on the dataset and attack sections, and make the start classes and Hub name follow it and the dataset."""
-    target = getattr(args, "target", None)
-    if target is not None:
-        data["dataset"]["target"] = data["attack"]["target"] = target
-    digits = getattr(args, "digits", None)
-    if digits == ALL_BUT_TARGET or (digits is None and target is not None):
-        data["attack"]["start_digits"] = None  # every class but the target
+def digits_option(g: argparse._ActionsContainer) -> None:
+    """The start classes (every command)."""
+    g.add_argument("--digits", type=digits_arg, help="start classes, e.g. 0,1,2 ('all' = every class but the target, the default; 'none')")
+
+
+def device_option(g: argparse._ActionsContainer) -> None:
+    """Where torch runs (every command; each one sets it on everything it trains, optimises or samples)."""
+    g.add_argument("--device", help="auto, cpu, cuda or mps")
+
+
+def storage_options(g: argparse._ActionsContainer, what: str, default_name: str) -> None:
+    """Where results and the cache live, and whether finished work is recomputed or replaced (every command)."""
+    g.add_argument("--runs-root", type=Path, help=f"folder that holds the {what} (default runs/)")
+    g.add_argument("--cache-dir", type=Path, help="content-addressed store of datasets, models, chunks (default .eightgen-cache/)")
+    g.add_argument("--run-name", help=f"{what} name (default: {default_name})")
+    g.add_argument("--force", action="store_true", help="recompute what follows the data and training even if cached")
+    g.add_argument("--overwrite", action="store_true", help=f"replace a {what} that holds results of other settings")
+
+
+@dataclass(frozen=True)
+class Places:
+    """Where a command's config (as a model_dump) keeps what the shared options set: paths of sections."""
+
+    dataset: tuple[str, ...]
+    attacks: tuple[tuple[str, ...], ...]
+    storage: tuple[str, ...]
+    devices: tuple[tuple[str, ...], ...]
+
+
+# The shared options' one table: option dest -> field of the dataset section.
+DATASET_FIELDS = {"dataset": "name", "source": "source", "mnist_dir": "mnist_dir", "local_path": "local_path"}
+STORAGE_FIELDS = ("runs_root", "cache_dir", "run_name")
+
+
+def _at(data: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    for key in path:
+        data = data[key]
+    return data
+
+
+def apply_shared(data: dict[str, Any], args: argparse.Namespace, places: Places) -> None:
+    """Apply the data, start-class, storage and device options to a config dump where `places` says; the target goes to
+    the dataset and every attack, the start classes and Hub name follow it and the dataset, and $EIGHTGEN_MNIST_DIR is
+    the data dir when none is given."""
+    dataset = _at(data, places.dataset)
+    for dest, field in DATASET_FIELDS.items():
+        if getattr(args, dest, None) is not None:
+            dataset[field] = getattr(args, dest)
     if getattr(args, "dataset", None) is not None:
-        data["dataset"]["hub_name"] = None  # the dataset's own
+        dataset["hub_name"] = None  # the dataset's own
+    target, digits = getattr(args, "target", None), getattr(args, "digits", None)
+    for attack in [_at(data, a) for a in places.attacks]:
+        if target is not None:
+            attack["target"] = target
+        if digits == ALL_BUT_TARGET or (digits is None and target is not None):
+            attack["start_digits"] = None  # every class but the target
+        elif digits is not None:
+            attack["start_digits"] = digits
+    if target is not None:
+        dataset["target"] = target
+    storage = _at(data, places.storage)
+    for field in STORAGE_FIELDS:
+        if getattr(args, field, None) is not None:
+            storage[field] = getattr(args, field)
+    if getattr(args, "device", None) is not None:
+        for path in places.devices:
+            _at(data, path)["device"] = args.device
+    env_dir = os.environ.get("EIGHTGEN_MNIST_DIR")
+    if env_dir and dataset["mnist_dir"] is None and dataset["local_path"] is None:
+        dataset["mnist_dir"] = Path(env_dir)
+
+
+RUN_PLACES = Places(dataset=("dataset",), attacks=(("attack",),), storage=(), devices=(("attack",),))
 
 
 def build_config(args: argparse.Namespace) -> ExperimentConfig:
-    """Preset + command-line overrides + $EIGHTGEN_MNIST_DIR, validated as one ExperimentConfig."""
+    """Preset + command-line overrides + the shared options, validated as one ExperimentConfig."""
     if args.preset not in PRESETS:
         raise EightgenError(f"unknown preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
     data: dict[str, Any] = PRESETS[args.preset].model_dump()
@@ -145,9 +197,6 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         value = getattr(args, dest, None)
         if value is not None:
             (data[section] if section else data)[field] = value
-    apply_data_options(data, args)
+    apply_shared(data, args, RUN_PLACES)
     pool_for_starts(data, args)
-    env_dir = os.environ.get("EIGHTGEN_MNIST_DIR")
-    if env_dir and data["dataset"]["mnist_dir"] is None and data["dataset"]["local_path"] is None:
-        data["dataset"]["mnist_dir"] = Path(env_dir)
     return ExperimentConfig.model_validate(data)

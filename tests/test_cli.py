@@ -101,3 +101,42 @@ def test_a_folder_option_naming_a_file_fails_before_any_work(option: str, mnist_
     assert code == 2 and len(lines) == 1, out
     assert lines[0] == f"eightgen: error: {option} {blocker / 'below'}: {blocker} is a file, not a folder; name a folder"
     assert blocker.read_text() == "not a folder" and not (tmp_path / "runs").exists()
+
+
+SHARED = ["--dataset", "fashion_mnist", "--target", "3", "--source", "idx", "--data-dir", "/data/fashion", "--runs-root", "/r", "--cache-dir", "/c",
+          "--run-name", "n", "--device", "cpu", "--digits", "all", "--overwrite", "--force"]
+
+
+def test_every_command_takes_the_shared_options_and_applies_them_alike(monkeypatch) -> None:
+    """run, serve, aligned and diffusion take one set of data, storage and device options and apply them the same way."""
+    from cli.aligned import build_aligned_config
+    from cli.diffusion import build_diffusion_config
+
+    monkeypatch.delenv("EIGHTGEN_MNIST_DIR", raising=False)
+    built = {}
+    for command, build in [("run", build_config), ("serve", build_config), ("aligned", build_aligned_config), ("diffusion", build_diffusion_config)]:
+        args = parser().parse_args([command, *SHARED])
+        assert args.overwrite and args.force, command
+        cfg = build(args)
+        aligned = getattr(cfg, "aligned", cfg)
+        built[command] = cfg
+        dataset, attack = aligned.dataset, aligned.attack
+        assert (dataset.name, dataset.target, dataset.source, dataset.mnist_dir, dataset.hub_name) == (
+            "fashion_mnist", 3, "idx", Path("/data/fashion"), None), command
+        assert (attack.target, attack.start_digits, attack.device) == (3, tuple(d for d in range(10) if d != 3), "cpu"), command
+        assert (aligned.runs_root, aligned.cache_dir, aligned.run_name) == (Path("/r"), Path("/c"), "n"), command
+    aligned, diffusion = built["aligned"], built["diffusion"]
+    assert {aligned.standard.device, aligned.robust.device, aligned.referees.device} == {"cpu"}
+    assert (diffusion.device, diffusion.denoiser.device, diffusion.aligned.robust.device) == ("cpu", "cpu", "cpu")
+
+
+def test_the_data_dir_falls_back_to_the_environment_for_every_command(monkeypatch) -> None:
+    from cli.aligned import build_aligned_config
+    from cli.diffusion import build_diffusion_config
+
+    monkeypatch.setenv("EIGHTGEN_MNIST_DIR", "/env/mnist")
+    for command, build in [("run", build_config), ("aligned", build_aligned_config), ("diffusion", build_diffusion_config)]:
+        cfg = build(parser().parse_args([command]))
+        assert getattr(cfg, "aligned", cfg).dataset.mnist_dir == Path("/env/mnist"), command
+        cfg = build(parser().parse_args([command, "--local-path", "/hub/copy"]))
+        assert getattr(cfg, "aligned", cfg).dataset.mnist_dir is None, command

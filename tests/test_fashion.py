@@ -150,3 +150,28 @@ def test_a_whole_run_on_fashion_idx_files_reports_class_names(fashion: dict, pre
 @pytest.mark.parametrize("kind", ["parquet", "disk"])
 def test_a_whole_run_on_hub_style_fashion_data_reports_class_names(fashion: dict, kind: str, prefect_harness, tmp_path_factory) -> None:
     _check_run(_run(fashion, kind, prefect_harness, tmp_path_factory))
+
+
+@pytest.mark.slow
+def test_the_diffusion_command_toward_a_dress_names_the_class(fashion: dict, prefect_harness, tmp_path: Path, capsys) -> None:
+    """`eightgen diffusion --dataset fashion_mnist --target 3`: the shared data options reach every stage of the
+    three-ways experiment, and its report and summary name the class."""
+    import json
+
+    from cli.main import main
+    from test_diffusion import TINY_OPTIONS
+
+    options = list(TINY_OPTIONS)
+    options[options.index("--digits") + 1] = "1,2"
+    options[options.index("--valid-fraction") + 1] = "0.1"  # of 2,500 images: enough real Dresses for two Fréchet samples
+    argv = ["diffusion", *options, "--dataset", "fashion_mnist", "--target", "3", *fashion["options"]["idx"]]
+    assert main([*argv, "--runs-root", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    report = Path(out.strip().splitlines()[-1].removeprefix("report: "))
+    summary = json.loads((report.parent / "diffusion.json").read_text())
+    assert (summary["target"], summary["target_name"]) == (3, "Dress")
+    page = report.read_text()
+    assert "<title>eightgen: three ways to a Dress</title>" in page and "real Dress images" in page
+    assert not re.search(r"\b(an? 8|digit)\b", page), re.search(r".{60}\b(an? 8|digit)\b.{60}", page)
+    record = load_record(next(p for p in (tmp_path / "runs").glob("*/robust-*") if p.is_dir()))
+    assert (record.config.dataset.name, record.target, record.config.attack.start_digits) == ("fashion_mnist", 3, (1, 2))
