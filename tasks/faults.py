@@ -6,7 +6,8 @@ every later run, a retry included, passes. Delete the marker to arm it again.
 
 EIGHTGEN_HOLD_IN=<task name> stops that task in the middle of its work (its output half made, or not yet
 written), touches EIGHTGEN_HOLD_MARKER and waits there to be killed: a `kill -9` lands in that stage.
-EIGHTGEN_HOLD_CHUNK=<i> holds only chunk i of a chunked task (optimize-chunk).
+EIGHTGEN_HOLD_CHUNK=<i> holds only chunk i of a chunked task (optimize-chunk). A task holds once per marker: while
+the marker exists, the task (a retry on another worker, say) goes on.
 """
 
 from __future__ import annotations
@@ -43,11 +44,14 @@ def fail_once() -> None:
 
 
 def hold(chunk: int | None = None) -> None:
-    """Inside a task: if EIGHTGEN_HOLD_IN names this task (and EIGHTGEN_HOLD_CHUNK, if set, this chunk), touch
-    EIGHTGEN_HOLD_MARKER and wait (to be killed or stopped)."""
+    """Inside a task: if EIGHTGEN_HOLD_IN names this task (and EIGHTGEN_HOLD_CHUNK, if set, this chunk), write this
+    process's pid to EIGHTGEN_HOLD_MARKER and wait (to be killed or stopped)."""
     name, at = os.environ.get(HOLD_IN), os.environ.get(HOLD_CHUNK)
     ctx = TaskRunContext.get()
     if not name or ctx is None or ctx.task.name != name or (at is not None and chunk is not None and int(at) != chunk):
         return
-    Path(os.environ.get(HOLD_MARKER) or Path(tempfile.gettempdir()) / f"eightgen-held-in-{name}").touch()
+    marker = Path(os.environ.get(HOLD_MARKER) or Path(tempfile.gettempdir()) / f"eightgen-held-in-{name}")
+    if marker.exists():  # held once already: a retry (another worker's) goes on
+        return
+    marker.write_text(str(os.getpid()))  # the process holding: a test may kill it (a Dask worker, say)
     time.sleep(HOLD_SECONDS)

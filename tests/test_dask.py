@@ -118,3 +118,49 @@ def test_unreachable_dask_address_fails_before_any_flow(capsys: pytest.CaptureFi
     assert not (tmp_path / "cache").exists()
     with pytest.raises(EightgenError, match="absolute path"):
         attack_flow_on("dask", address, Path("relative/cache"))
+
+
+def _hold_chunk_one(marker: Path) -> dict[str, str]:
+    from tasks.faults import HOLD_CHUNK, HOLD_IN, HOLD_MARKER
+
+    return {HOLD_IN: "optimize-chunk", HOLD_CHUNK: "1", HOLD_MARKER: str(marker)}
+
+
+def test_a_worker_killed_mid_chunk_has_its_chunk_recomputed_elsewhere(prefect_harness, cfg: ExperimentConfig, tmp_path: Path, monkeypatch) -> None:
+    """kill -9 of the worker running a chunk: Dask runs the chunk again on a worker that is left, and the run ends with
+    the thread runner's results (nothing the dead worker half-wrote is reused)."""
+    import signal
+    import threading
+    import time
+
+    from distributed import LocalCluster
+
+    marker = tmp_path / "held"
+    for name, value in _hold_chunk_one(marker).items():
+        monkeypatch.setenv(name, value)  # the workers started below inherit it; the chunk holds once, on the first try
+    lost = cfg.model_copy(update={"run_name": "worker-lost"})
+    killed = {}
+
+    def kill_the_holder() -> None:
+        deadline = time.monotonic() + 300
+        while not marker.exists() or not marker.read_text():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        killed["pid"] = int(marker.read_text())
+        os.kill(killed["pid"], signal.SIGKILL)
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+        threading.Thread(target=kill_the_holder, daemon=True).start()
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: cfg.cache_dir / "prefect-results"}):
+            state = pipeline(lost, force=True, task_runner="dask", dask_address=cluster.scheduler_address, return_state=True)
+    assert killed and state.is_completed(), state
+    if not (cfg.run_dir / "results.parquet").exists():  # the thread runner's run of the same settings, for comparison
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: cfg.cache_dir / "prefect-results"}):
+            assert pipeline(cfg, return_state=True).is_completed()
+    a = pd.read_parquet(cfg.run_dir / "results.parquet")
+    b = pd.read_parquet(lost.run_dir / "results.parquet")
+    pd.testing.assert_frame_equal(a[EXACT], b[EXACT])
+    for col in FLOATS:
+        np.testing.assert_allclose(b[col].to_numpy(float), a[col].to_numpy(float), rtol=1e-4, atol=1e-5, err_msg=col)
+    assert not [p for p in (cfg.cache_dir / "attacks").iterdir() if p.name.startswith(".")]  # no staging left behind
