@@ -10,7 +10,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from eightgen.config import AlignedConfig
 from eightgen.rundir import AlignedRecord
-from flows.stages import assemble_flow, train_flow
+from flows.stages import assemble_flow, cancellable, train_flow
 from prefect_api.subflows import nested_stages
 from runtime.httpd import report_link
 from tasks.aligned import ALIGNED_HTML, render_aligned_report
@@ -23,6 +23,7 @@ from tasks.report import artifact_key
 
 # One chunk at a time: each chunk already uses every core through torch.
 @flow(name="aligned", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@cancellable
 def aligned_flow(cfg: AlignedConfig = AlignedConfig(), force: bool = False, overwrite: bool = False) -> Path:
     """Target detectors at each training radius (standard vs robust, or a sweep), identical starts and L2 budgets, every
     result judged by independent referees."""

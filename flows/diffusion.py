@@ -11,7 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from eightgen.config import DiffusionConfig
 from flows.aligned import aligned_flow
-from flows.stages import assemble_flow
+from flows.stages import assemble_flow, cancellable
 from prefect_api.subflows import nested_stages
 from runtime.httpd import report_link
 from tasks.denoise import gradient_runs, n_sample_chunks, sample_chunk, train_denoiser_model
@@ -23,6 +23,7 @@ from tasks.threeways import DIFFUSION_HTML, judge_three_ways
 
 # One chunk at a time: each chunk already uses every core through torch.
 @flow(name="diffusion", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@cancellable
 def diffusion_flow(cfg: DiffusionConfig = DiffusionConfig(), force: bool = False, overwrite: bool = False) -> Path:
     """Three ways to the target from identical starts: standard gradient, robust gradient, guided diffusion."""
     a = cfg.aligned

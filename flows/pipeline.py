@@ -9,7 +9,7 @@ from prefect import flow
 from eightgen.artifacts import Artifact, verified
 from eightgen.config import PRESETS, AttackConfig, ExperimentConfig, ReportConfig, TrainConfig
 from eightgen.rundir import REPORT, find_run, load_record
-from flows.stages import DEFAULT_CACHE, assemble_flow, attack_flow_on, report_flow, train_flow
+from flows.stages import DEFAULT_CACHE, assemble_flow, cancellable, attack_flow_on, report_flow, train_flow
 from prefect_api.subflows import nested_stages
 from runtime.httpd import report_link
 from runtime.runners import TaskRunnerKind
@@ -39,6 +39,7 @@ def attack_and_report(
 
 
 @flow(name="eightgen-pipeline")
+@cancellable
 def pipeline(
     cfg: ExperimentConfig = PRESETS["quick"],
     force: bool = False,
@@ -70,6 +71,7 @@ def _from_run(run: str, runs_root: Path, cache_dir: Path, **changes: object) -> 
 
 
 @flow(name="rerun-train")
+@cancellable
 def rerun_train(
     run: str = "", train: TrainConfig | None = None, runs_root: Path = RUNS_ROOT, cache_dir: Path = DEFAULT_CACHE, force: bool = False
 ) -> Path:
@@ -81,6 +83,7 @@ def rerun_train(
 
 
 @flow(name="rerun-attack")
+@cancellable
 def rerun_attack(
     run: str = "", attack: AttackConfig | None = None, runs_root: Path = RUNS_ROOT, cache_dir: Path = DEFAULT_CACHE, force: bool = False
 ) -> Path:
@@ -89,6 +92,7 @@ def rerun_attack(
 
 
 @flow(name="rerun-report")
+@cancellable
 def rerun_report(
     run: str = "", report: ReportConfig | None = None, runs_root: Path = RUNS_ROOT, cache_dir: Path = DEFAULT_CACHE, force: bool = False
 ) -> Path:

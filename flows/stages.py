@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any, TypeVar
 
 from prefect import Flow, flow
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -11,7 +16,7 @@ from eightgen.artifacts import Artifact
 from eightgen.config import DatasetConfig, ExperimentConfig, ReportConfig, TrainConfig
 from eightgen.errors import EightgenError
 from runtime.runners import TASK_RUNNERS, TaskRunnerKind, probe_dask
-from runtime.stopping import track_chunks
+from runtime.stopping import stopper_for_cancellation, track_chunks
 from tasks.assemble import assemble_dataset, fingerprint_source
 from tasks.attack import n_chunks, optimize_chunk
 from tasks.collect import collect_results
@@ -19,6 +24,23 @@ from tasks.report import render_run_report
 from tasks.train import train_classifier
 
 DEFAULT_CACHE = Path(".eightgen-cache")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def cancellable(fn: F) -> F:
+    """A flow function that a cancel from the UI stops at once when a runner started it (a deployment run: the runner's
+    SIGTERM ends the process, its staging folders cleared); run any other way, it is the function itself."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from prefect.runtime import deployment
+
+        with stopper_for_cancellation() if deployment.id else nullcontext():
+            return fn(*args, **kwargs)
+
+    # Prefect reads the parameters from the signature: the original's, with its annotations resolved in its own module.
+    run.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
+    return run  # type: ignore[return-value]
 
 
 @flow(name="assemble", log_prints=False)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from types import FrameType
 
 from eightgen.artifacts import abandon_staging
@@ -29,6 +30,7 @@ UP, SILENT, GONE = "up", "silent", "gone"  # an API server's health
 
 _lock = threading.Lock()
 _chunks = {"planned": 0, "done": 0}
+_active: list[Stopper] = []  # the stopper in charge of this process, if any
 
 
 def track_chunks(futures: Iterable) -> None:
@@ -95,6 +97,7 @@ class Stopper:
         self._done = threading.Event()
 
     def __enter__(self) -> Stopper:
+        _active.append(self)
         # Copies of the context carry the command's Prefect settings (which API) into the threads that may tell it.
         if threading.current_thread() is threading.main_thread():
             self._pair = socket.socketpair()
@@ -109,6 +112,8 @@ class Stopper:
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
+        if self in _active:
+            _active.remove(self)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)  # type: ignore[arg-type]
         self._previous.clear()
@@ -181,3 +186,12 @@ def _silence_console() -> int:
     os.dup2(null, 2)
     os.close(null)
     return saved
+
+
+def stopper_for_cancellation() -> AbstractContextManager:
+    """For a flow run started by a runner (a deployment): its SIGTERM (the runner cancelling the run) ends the process at
+    once, the staging folders cleared, instead of waiting for the chunk in progress; the runner marks the run Cancelled.
+    Nothing when a command's stopper is already in charge, or off the main thread."""
+    if _active or threading.current_thread() is not threading.main_thread():
+        return nullcontext()
+    return Stopper(mark=lambda reason: None, release=lambda: None)

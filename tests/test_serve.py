@@ -45,6 +45,7 @@ from cli.serve import cron_schedule
 from fixtures_report import make_run_dir
 from test_report_browser import Browser, Session, open_page
 from helpers import TINY, embedded_task_states, shared_cache
+from tasks.faults import HOLD_CHUNK, HOLD_IN, HOLD_MARKER
 
 pytestmark = pytest.mark.slow  # trains models, starts servers or clusters: the full suite only
 
@@ -155,11 +156,15 @@ def served(server: str, mnist_dir: Path, tmp_path_factory: pytest.TempPathFactor
     port, log = free_port(), tmp / "serve.log"
     cmd = [str(BIN / "eightgen"), "serve", *TINY, "--mnist-dir", str(mnist_dir), "--runs-root", str(runs), "--cache-dir", str(cache)]
     cmd += ["--cron", "30 2 * * *", "--timezone", "Europe/Berlin", "--reports-port", str(port)]
-    proc = start(cmd, client_env(server, tmp), log)
+    # Chunk 2 of an optimisation holds once the marker is deleted (a test arms it); while it exists nothing holds.
+    hold = tmp / "held"
+    hold.touch()
+    proc = start(cmd, client_env(server, tmp) | {HOLD_IN: "optimize-chunk", HOLD_CHUNK: "2", HOLD_MARKER: str(hold)}, log)
     try:
         wait_for(lambda: set(deployment_stamps()) >= DEPLOYMENTS, 90, "eightgen serve", proc, log)
         yield {
-            "synthetic": verify_run(synthetic), "runs": runs, "cache": cache, "port": port, "proc": proc, "log": log, "tmp": tmp
+            "synthetic": verify_run(synthetic), "runs": runs, "cache": cache, "port": port, "proc": proc, "log": log, "tmp": tmp,
+            "hold": hold,
         }
     finally:
         stop(proc)
@@ -555,6 +560,36 @@ def test_rerun_attack_from_the_ui_form_in_a_real_browser(served: dict, real_run:
     states = _task_states(flow_run.id)
     assert "train-classifier" not in states and "assemble-dataset" not in states, states
     assert states["optimize-chunk"] == ["Completed"] * TINY_CHUNKS, states
+
+
+def test_a_run_cancelled_from_the_ui_stops_in_seconds_and_the_next_reuses_its_chunks(served: dict, real_run: dict) -> None:
+    from prefect.states import Cancelling
+
+    attack = deployment("rerun-attack/manual").parameters["attack"] | {"steps": 9}
+    parameters = {"run": real_run["dir"].name, "attack": attack}
+    served["hold"].unlink()  # armed: chunk 2 holds, written but not yet published
+    flow_run = run_deployment("rerun-attack/manual", parameters=parameters, timeout=0)
+    wait_for(lambda: served["hold"].exists() and served["hold"].read_text() != "", 300, "chunk 2 held", served["proc"], served["log"])
+    holder = int(served["hold"].read_text())
+    started = time.monotonic()
+    with get_client(sync_client=True) as client:  # what the UI's Cancel button does
+        client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+        while not (state := client.read_flow_run(flow_run.id).state).is_final():
+            assert time.monotonic() - started < 60, state
+            time.sleep(0.2)
+    stopped = time.monotonic() - started
+    assert state.is_cancelled(), state
+    assert stopped < 15, stopped
+    with pytest.raises(ProcessLookupError):
+        os.kill(holder, 0)  # the flow run's process, and the chunk it held, are gone
+    staged = [p for root in (served["cache"], served["runs"]) for kind in ("partial", "new", "old") for p in root.rglob(f".*.{kind}-*")]
+    assert staged == [], staged  # nothing half-written is left
+    states = _task_states(flow_run.id)
+    assert states["optimize-chunk"].count("Completed") == 2 and "Running" not in states["optimize-chunk"], states
+    # the same settings again: the two finished chunks come back Cached, the abandoned one is computed
+    again = run_deployment("rerun-attack/manual", parameters=parameters, timeout=600, poll_interval=1)
+    assert again.state.is_completed(), (again.state, served["log"].read_text()[-3000:])
+    assert sorted(_task_states(again.id)["optimize-chunk"]) == ["Cached", "Cached", "Completed"]
 
 
 def test_cli_runs_print_no_traceback_and_keep_every_record(server: str, mnist_dir: Path, tmp_path: Path, tmp_path_factory) -> None:
