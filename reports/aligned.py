@@ -43,7 +43,8 @@ REFEREE_COLUMNS = (
 # The targets at the matched budget (digit starts): what the experiment is meant to show.
 KNN_ROBUST_MIN = 0.85
 KNN_STANDARD_MAX = 0.15
-FLIP_MIN = 0.99
+# Judged on the exact interval's lower bound: 108 of 108 flipped starts (the default) show at least 96.6%, so 95% can be met
+FLIP_MIN = 0.95
 AGREE_MIN = 0.90
 # A referee that calls at least this share of untouched noise starts the target says nothing about noise starts.
 NOISE_UNINFORMATIVE = 0.10
