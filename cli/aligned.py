@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
 from cli.options import Places, apply_shared, data_options, device_option, digits_option, storage_options
@@ -150,41 +147,14 @@ def sweep_lines(sweep: dict) -> list[str]:
     return lines
 
 
-def check_runs(cfg: AlignedConfig, overwrite: bool) -> None:
-    """Before any work: disk space for every run of the experiment, and no run directory holding other settings."""
-    from eightgen.rundir import check_target
-    from runtime.preflight import preflight
-
-    runs = [cfg.experiment(detector, budget) for detector in cfg.detectors for budget in cfg.budgets]
-    for line in preflight(runs[0], overwrite, runs=runs):
-        print(f"eightgen: warning: {line}", file=sys.stderr, flush=True)
-    for run in runs:
-        check_target(run.run_dir, run, overwrite)
-
-
 def aligned_command(args: argparse.Namespace) -> int:
     """Validate, run the aligned flow, wait for its records, print the summary and the targets."""
     cfg = build_aligned_config(args)
     if args.check and (cfg.reference_radius is None or 0 not in cfg.radii_in_force):
         raise EightgenError("--check needs the standard and a robust detector: give 0 and a radius above 0 in --adv-eps")
     process_env(cfg.cache_dir)
-    from cli.lifecycle import run_flow
+    from cli.lifecycle import finish, run_experiment
 
-    def prepare() -> None:
-        check_runs(cfg, args.overwrite)
-        import flows.aligned  # noqa: F401  imported while the server boots
-
-    def start():
-        from flows.aligned import aligned_flow
-
-        return aligned_flow(cfg, force=args.force, overwrite=args.overwrite, return_state=True)
-
-    report = Path(run_flow("aligned experiment", prepare, start))
-    summary = json.loads((report.parent / "aligned.json").read_text())
-    print("\n".join(summary_lines(summary)))
-    if summary.get("sweep"):
-        print("\n".join(sweep_lines(summary["sweep"])))
-    print(f"report: {report.resolve()}")
-    if args.check and not summary["targets_met"]:
-        return 1
-    return 0
+    report, summary = run_experiment("aligned experiment", cfg, cfg, "flows.aligned:aligned_flow", "aligned.json", args)
+    lines = summary_lines(summary) + (sweep_lines(summary["sweep"]) if summary.get("sweep") else [])
+    return finish(report, lines, args.check, summary["targets_met"])

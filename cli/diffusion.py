@@ -4,8 +4,6 @@ diffusion), judged by the referees, with its targets."""
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 from cli.options import Places, apply_shared, data_options, device_option, digits_option, storage_options
@@ -174,22 +172,7 @@ def diffusion_command(args: argparse.Namespace) -> int:
     cfg = build_diffusion_config(args)
     aligned = cfg.aligned
     process_env(aligned.cache_dir)
-    from cli.aligned import check_runs
-    from cli.lifecycle import run_flow
+    from cli.lifecycle import finish, run_experiment
 
-    def prepare() -> None:
-        check_runs(aligned, args.overwrite)
-        import flows.diffusion  # noqa: F401  imported while the server boots
-
-    def start():
-        from flows.diffusion import diffusion_flow
-
-        return diffusion_flow(cfg, force=args.force, overwrite=args.overwrite, return_state=True)
-
-    report = Path(run_flow("diffusion experiment", prepare, start))
-    summary = json.loads((report.parent / "diffusion.json").read_text())
-    print("\n".join(summary_lines(summary)))
-    print(f"report: {report.resolve()}")
-    if args.check and not summary["targets_met"]:
-        return 1
-    return 0
+    report, summary = run_experiment("diffusion experiment", cfg, aligned, "flows.diffusion:diffusion_flow", "diffusion.json", args)
+    return finish(report, summary_lines(summary), args.check, summary["targets_met"])

@@ -4,9 +4,14 @@ records are settled, and its result comes back or fails in one line."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
 import os
+import sys
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from runtime.stopping import KEPT, Stopper
@@ -41,3 +46,38 @@ def run_flow(what: str, prepare: Callable[[], None], start: Callable[[], Any]) -
     finally:
         server.stop()
     return outcome(state, what)
+
+
+def check_runs(cfg: Any, overwrite: bool) -> None:
+    """Before any work: disk space for every run of the experiment, and no run directory holding other settings."""
+    from eightgen.rundir import check_target
+    from runtime.preflight import preflight
+
+    runs = [cfg.experiment(detector, budget) for detector in cfg.detectors for budget in cfg.budgets]
+    for line in preflight(runs[0], overwrite, runs=runs):
+        print(f"eightgen: warning: {line}", file=sys.stderr, flush=True)
+    for run in runs:
+        check_target(run.run_dir, run, overwrite)
+
+
+def run_experiment(what: str, cfg: Any, aligned: Any, flow: str, summary_file: str, args: argparse.Namespace) -> tuple[Path, dict]:
+    """run_flow for an experiment (`aligned`, `diffusion`): every run of its aligned part checked first, then the flow
+    ("module:function", imported while the server boots); its report's path and JSON summary."""
+    module, name = flow.split(":")
+
+    def prepare() -> None:
+        check_runs(aligned, args.overwrite)
+        importlib.import_module(module)
+
+    def start() -> Any:
+        return getattr(importlib.import_module(module), name)(cfg, force=args.force, overwrite=args.overwrite, return_state=True)
+
+    report = Path(run_flow(what, prepare, start))
+    return report, json.loads((report.parent / summary_file).read_text())
+
+
+def finish(report: Path, lines: list[str], check: bool, targets_met: bool) -> int:
+    """Print an experiment's summary lines and report path; exit status 1 under --check when a target is missed."""
+    print("\n".join(lines))
+    print(f"report: {report.resolve()}")
+    return 1 if check and not targets_met else 0

@@ -115,6 +115,17 @@ class Command:
             assert time.monotonic() < deadline, err.read_text()[-3000:]
             time.sleep(0.05)
 
+    def stopped(self, cache: Path, runs: Path, *options: str, hold: int, signum: int, code: int) -> list[str]:
+        """Start it, send `signum` once chunk `hold` is reached; check it ends within 2 s with `code`; its stderr lines."""
+        proc, err = self.start(cache, runs, *options, hold=hold)
+        self.held(proc, err)
+        started = time.monotonic()
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+        assert time.monotonic() - started < 2
+        assert proc.returncode == code
+        return err.read_text().splitlines()
+
     def run(self, cache: Path, runs: Path, *options: str) -> None:
         """Run it to the end."""
         proc, err = self.start(cache, runs, *options)
@@ -156,14 +167,7 @@ def chunk_states(home: Path) -> list[str]:
 def test_ctrl_c_mid_attack_stops_in_seconds_and_the_rerun_continues(command: Command, mnist_dir: Path) -> None:
     cache, runs, steps = command.base / "cache", command.base / "runs", ("--steps", "6")
     before = len(chunk_states(command.home))
-    proc, err = command.start(cache, runs, *steps, hold=2)
-    command.held(proc, err)
-    started = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
-    assert time.monotonic() - started < 2
-    assert proc.returncode == 130
-    lines = err.read_text().splitlines()
+    lines = command.stopped(cache, runs, *steps, hold=2, signum=signal.SIGINT, code=130)
     assert lines[-1] == f"eightgen: interrupted after 2 of 3 chunks; {KEPT}"
     assert not [line for line in lines if "Traceback" in line or "terminate called" in line or "ERROR" in line]
     assert staging_left(cache, runs) == [] and not (runs / "stopped").exists()
@@ -184,14 +188,8 @@ def test_ctrl_c_mid_attack_stops_in_seconds_and_the_rerun_continues(command: Com
 @pytest.mark.slow
 def test_sigterm_mid_attack_stops_in_seconds(command: Command) -> None:
     cache, runs = command.base / "cache", command.base / "runs-term"
-    proc, err = command.start(cache, runs, "--steps", "7", hold=1)
-    command.held(proc, err)
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    assert time.monotonic() - started < 2
-    assert proc.returncode == 143
-    assert err.read_text().splitlines()[-1] == f"eightgen: terminated after 1 of 3 chunks; {KEPT}"
+    lines = command.stopped(cache, runs, "--steps", "7", hold=1, signum=signal.SIGTERM, code=143)
+    assert lines[-1] == f"eightgen: terminated after 1 of 3 chunks; {KEPT}"
     assert staging_left(cache, runs) == []
 
 
