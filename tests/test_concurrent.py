@@ -58,7 +58,8 @@ def test_three_runs_at_once_on_one_cold_cache_compute_each_output_once(mnist_dir
     verify_run(same)
     verify_run(other)
     assert run_bytes(same) == run_bytes(other)
-    assert sorted(p.name for p in roots[0].iterdir()) == [".same.lock", "same"]  # the run's lock file, no staging folder
+    # the run's lock file, the runs index (page and history), no staging folder
+    assert sorted(p.name for p in roots[0].iterdir()) == [".same.lock", "index-history.jsonl", "index.html", "same"]
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "renames"])
