@@ -189,8 +189,8 @@ def answer(cells: Sequence[dict], classes: ClassSet, target: int) -> str:
 
 
 @figures.styled
-def p_target_figure(trajectories: Mapping[str, Mapping[str, np.ndarray]], target_name: str) -> Figure:
-    """Median robust-detector p(target) of x̂₀ per DDIM step (10–90% band), per diffusion path, noise and digit starts."""
+def p_target_figure(trajectories: Mapping[str, Mapping[str, np.ndarray]], target_name: str, noun: str = "digit") -> Figure:
+    """Median robust-detector p(target) of x̂₀ per DDIM step (10–90% band), per diffusion path, noise and class starts."""
     fig = Figure(figsize=(9.0, 2.8), layout="constrained")
     axes = fig.subplots(1, len(KINDS), sharey=True)
     for ax, kind in zip(axes, KINDS):
@@ -202,7 +202,7 @@ def p_target_figure(trajectories: Mapping[str, Mapping[str, np.ndarray]], target
             q = np.nanquantile(p[:, cols], [0.1, 0.5, 0.9], axis=0)
             ax.plot(cols, q[1], color=PATH_COLOURS[path], lw=1.6, label=PATH_LABELS[path])
             ax.fill_between(cols, q[0], q[2], color=PATH_COLOURS[path], alpha=0.15, lw=0)
-        ax.set_title("noise starts" if kind == "noise" else "digit starts (partially noised)")
+        ax.set_title("noise starts" if kind == "noise" else f"{noun} starts (partially noised)")
         ax.set_xlabel("DDIM step")
     axes[0].set_ylabel(f"robust detector p({target_name}) of x̂₀")
     axes[0].set_ylim(-0.02, 1.02)
@@ -296,8 +296,8 @@ def render_diffusion(
         kinds = np.asarray(t["start_kind"]).astype(str)
         by_kind[path] = {k: t["p_target"][kinds == k] for k in KINDS}
     fig = figure_img(
-        p_target_figure(by_kind, name),
-        f"Median robust-detector p({name}) of the denoised estimate per DDIM step, per diffusion path, for noise and digit starts.",
+        p_target_figure(by_kind, name, classes.noun),
+        f"Median robust-detector p({name}) of the denoised estimate per DDIM step, per diffusion path, for noise and {classes.noun} starts.",
         "Line: median over starts; band: 10th to 90th percentile. p is the robust detector's, on x̂₀ after the step's guidance, on every path.",
         "fig-diffusion-p",
     )
