@@ -16,6 +16,7 @@ from websockets.asyncio.client import connect
 
 from fixtures_report import make_run_dir
 from reports.render import render_report
+from reports.screenshot import ScreenshotError, chromium
 
 SECTIONS = ["headline", "dataset", "classifier", "outcomes", "plots", "strips", "animation", "galleries", "config"]
 CHROMIUM_FLAGS = [
@@ -32,12 +33,11 @@ CHROMIUM_FLAGS = [
 
 
 def chromium_binary() -> str:
-    """The Chromium executable on PATH."""
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    raise AssertionError("Chromium not found: apt-get install -y chromium")
+    """The Chromium executable on PATH (the test fails without one)."""
+    try:
+        return chromium()
+    except ScreenshotError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 class Browser:
