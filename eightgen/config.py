@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
@@ -206,6 +206,18 @@ class ReportConfig(_Frozen):
     gallery_size: int = Field(8, ge=1)
 
 
+def settings_label(name: str, settings: dict[str, Any]) -> str:
+    """A default run name: `name` and the first 8 hex digits of the sha256 of the settings as sorted JSON."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return f"{name}-{digest[:8]}"
+
+
+def safe_dir(root: Path, label: str, fallback: str) -> Path:
+    """root / label, the label made filesystem-safe (`fallback` when nothing of it is left)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", label).strip(".")
+    return root / (safe or fallback)
+
+
 class ExperimentConfig(_Frozen):
     """A whole pipeline run: dataset, detector, attack, report, and where it is written."""
 
@@ -223,15 +235,12 @@ class ExperimentConfig(_Frozen):
         """The run's name: run_name if given, else the preset name and a hash of the settings."""
         if self.run_name:
             return self.run_name
-        settings = self.model_dump(mode="json", include={"dataset", "train", "attack", "report"})
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-        return f"{self.name}-{digest[:8]}"
+        return settings_label(self.name, self.model_dump(mode="json", include={"dataset", "train", "attack", "report"}))
 
     @property
     def run_dir(self) -> Path:
         """Where this run's results and report are written (the name made filesystem-safe)."""
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.run_label).strip(".")
-        return self.runs_root / (safe or "run")
+        return safe_dir(self.runs_root, self.run_label, "run")
 
     @model_validator(mode="after")
     def _same_target(self) -> "ExperimentConfig":
@@ -424,15 +433,12 @@ class AlignedConfig(_Frozen):
         """The experiment's name: run_name if given, else name and a hash of the settings."""
         if self.run_name:
             return self.run_name
-        settings = self.model_dump(mode="json", exclude={"name", "runs_root", "cache_dir", "run_name"})
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-        return f"{self.name}-{digest[:8]}"
+        return settings_label(self.name, self.model_dump(mode="json", exclude={"name", "runs_root", "cache_dir", "run_name"}))
 
     @property
     def root_dir(self) -> Path:
         """Where the experiment's run directories, aligned.html and aligned.json are written."""
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.run_label).strip(".")
-        return self.runs_root / (safe or "aligned")
+        return safe_dir(self.runs_root, self.run_label, "aligned")
 
     def experiment(self, detector: str, budget: float) -> "ExperimentConfig":
         """The ExperimentConfig of one (detector, budget) run, so each run directory reads like any other."""
@@ -560,11 +566,9 @@ class DiffusionConfig(_Frozen):
         settings = self.model_dump(mode="json", exclude={"name"})
         for where in ("runs_root", "cache_dir", "run_name"):
             settings["aligned"].pop(where, None)
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-        return f"{self.name}-{digest[:8]}"
+        return settings_label(self.name, settings)
 
     @property
     def run_dir(self) -> Path:
         """Where diffusion.html, diffusion.json and the samples are written (beside the aligned experiment's folder)."""
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", self.run_label).strip(".")
-        return self.aligned.runs_root / (safe or "diffusion")
+        return safe_dir(self.aligned.runs_root, self.run_label, "diffusion")
