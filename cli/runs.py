@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from reports.formatting import fmt_step
-from reports.index import Entry, as_json, scan
+
+if TYPE_CHECKING:
+    from reports.index import Entry
 
 
 def add_runs_options(p: argparse.ArgumentParser) -> None:
@@ -15,7 +19,7 @@ def add_runs_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the entries as a JSON list")
 
 
-def line(e: Entry, root: Path) -> list[str]:
+def line(e: "Entry", root: Path) -> list[str]:
     """The columns of an entry's line (the report as a path under root)."""
     when = f"{e.when:%Y-%m-%d %H:%M} UTC"
     if e.kind == "unreadable":
@@ -30,6 +34,8 @@ def line(e: Entry, root: Path) -> list[str]:
 
 def runs_command(args: argparse.Namespace) -> int:
     """Print the runs index of a runs folder."""
+    from reports.index import as_json, scan  # with pandas and scipy: only for this command, not every command's start-up
+
     entries = scan(args.runs_root)
     if args.json:
         print(as_json(entries))
