@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from eightgen.artifacts import write_text_atomically
 from eightgen.classes import MNIST, ClassSet
 from reports import figures, stats
-from reports.formatting import fmt_ci, fmt_num, fmt_pct, plain_json
+from reports.formatting import fmt_ci, fmt_num, plain_json
 from reports.images import array_img, figure_img
 from reports.render import environment
 
@@ -48,10 +48,6 @@ JUDGE_LABELS = {"knn": "k-NN (ten classes)", "robust": "robust referee", "cnn": 
 JUDGE_ORDER = ("knn", "robust", "cnn")  # the first that passes the real-image check judges the one-in-ten check
 
 
-def _share(flags: np.ndarray) -> dict:
-    return stats.share_ci(np.asarray(flags, dtype=bool))
-
-
 def _median(values: pd.Series) -> float:
     v = stats.as_float(values)
     return float(np.nanmedian(v)) if np.isfinite(v).any() else math.nan
@@ -72,9 +68,9 @@ def summarise(results: pd.DataFrame, measures: Mapping[str, Mapping[str, Mapping
                     "label": PATH_LABELS[path],
                     "kind": kind,
                     "n": int(len(rows)),
-                    "knn10": _share(stats.as_bool(rows["knn10_is_target"])),
-                    "knn2": _share(stats.as_bool(rows["knn2_is_target"].fillna(False))) if kind == "digit" else None,
-                    "robust": _share(stats.as_bool(rows["robust_is_target"])),
+                    "knn10": stats.share_ci(rows["knn10_is_target"]),
+                    "knn2": stats.share_ci(rows["knn2_is_target"]) if kind == "digit" else None,
+                    "robust": stats.share_ci(rows["robust_is_target"]),
                     "frechet": float(m.get("frechet", math.nan)),
                     "diversity": float(m.get("diversity", math.nan)),
                     "l2_median": _median(rows["l2_from_start"]) if kind == "digit" else math.nan,
@@ -95,11 +91,11 @@ def sanity_cell(judged: pd.DataFrame | None, target: int = 8) -> dict | None:
     classes = {j: np.asarray(judged[f"{j}_class"], dtype=np.int64) for j in JUDGE_ORDER if f"{j}_class" in judged}
     return {
         "n": int(len(judged)),
-        "knn10": _share(stats.as_bool(judged["knn10_is_target"])),
-        "robust": _share(stats.as_bool(judged["robust_is_target"])),
+        "knn10": stats.share_ci(judged["knn10_is_target"]),
+        "robust": stats.share_ci(judged["robust_is_target"]),
         "classes": np.bincount(np.asarray(judged["robust_pred"], dtype=np.int64), minlength=10).tolist(),
-        "targets": {j: _share(c == target) for j, c in classes.items()},
-        "class_shares": {j: [_share(c == k) for k in range(10)] for j, c in classes.items()},
+        "targets": {j: stats.share_ci(c == target) for j, c in classes.items()},
+        "class_shares": {j: [stats.share_ci(c == k) for k in range(10)] for j, c in classes.items()},
     }
 
 
@@ -118,9 +114,9 @@ def judge_check(check: Mapping | None, target: int) -> dict | None:
             pred = np.asarray(pred, dtype=np.int64)
             called = np.bincount(pred[y == target] + 1, minlength=11)  # slot 0: no majority
             variants[variant][judge] = {
-                "recall": [_share(pred[y == c] == c) for c in range(10)],
+                "recall": [stats.share_ci(pred[y == c] == c) for c in range(10)],
                 "target_called": {"none": int(called[0]), "classes": called[1:].tolist()},
-                "false_target": _share(pred[y != target] == target),
+                "false_target": stats.share_ci(pred[y != target] == target),
             }
     trip = variants["round trip"]
     passes = {j: stats.at_least(r["recall"][target], CHECK_RECALL_MIN) and stats.at_most(r["false_target"], CHECK_FALSE_MAX) for j, r in trip.items()}

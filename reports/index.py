@@ -69,8 +69,7 @@ def _share(d: dict[str, Any]) -> Share:
     k, n = int(d["k"]), int(d["n"])
     if not 0 <= k <= n or n == 0:
         raise EightgenError(f"share {k} of {n} is not a share")
-    lo, hi = stats.rate_ci(k, n)
-    return Share(share=k / n, lo=lo, hi=hi, k=k, n=n)
+    return Share(**stats.counted_share(k, n))
 
 
 def _mtime(path: Path) -> datetime:

@@ -59,12 +59,16 @@ def rate_ci(successes: int, n: int, *, level: float = LEVEL) -> tuple[float, flo
     return (float(ci.low), float(ci.high))
 
 
+def counted_share(k: int, n: int, *, level: float = LEVEL) -> dict:
+    """k of n as a share with its exact interval: {"share", "lo", "hi", "k", "n"}."""
+    lo, hi = rate_ci(k, n, level=level)
+    return {"share": k / n if n else np.nan, "lo": lo, "hi": hi, "k": int(k), "n": int(n)}
+
+
 def share_ci(flags: np.ndarray | pd.Series, *, level: float = LEVEL) -> dict:
     """The share of true flags with its exact interval: {"share", "lo", "hi", "k", "n"} (missing flags read as False)."""
     flags = as_bool(flags) if isinstance(flags, pd.Series) else np.asarray(flags, dtype=bool)
-    k, n = int(flags.sum()), int(flags.size)
-    lo, hi = rate_ci(k, n, level=level)
-    return {"share": k / n if n else np.nan, "lo": lo, "hi": hi, "k": k, "n": n}
+    return counted_share(int(flags.sum()), int(flags.size), level=level)
 
 
 def at_least(share: dict, threshold: float) -> bool:

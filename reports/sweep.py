@@ -49,15 +49,10 @@ def detector_row(fact: Mapping) -> dict:
     return {
         "detector": fact["detector"],
         "radius": float(fact["radius"]),
-        "clean_error": _share(int(wrong or 0), n_valid),
-        "robust_accuracy": _share(round(float(robust["robust_accuracy"]) * n_rob), n_rob) if robust else None,
+        "clean_error": stats.counted_share(int(wrong or 0), n_valid),
+        "robust_accuracy": stats.counted_share(round(float(robust["robust_accuracy"]) * n_rob), n_rob) if robust else None,
         "eval": {k: robust[k] for k in ("norm", "eps", "steps") if k in robust} or None,
     }
-
-
-def _share(k: int, n: int) -> dict:
-    lo, hi = stats.rate_ci(k, n)
-    return {"share": k / n if n else float("nan"), "lo": lo, "hi": hi, "k": int(k), "n": int(n)}
 
 
 def sweep_summary(cells: Sequence[Mapping], facts: Sequence[Mapping], matched_budget: float) -> dict:
