@@ -105,9 +105,8 @@ def apply_radii(data: dict[str, Any], radii: tuple[float, ...], referee_eps_give
 
 def summary_lines(summary: dict) -> list[str]:
     """The aligned summary as plain text lines: one per (budget, detector), then the targets."""
-    from reports.formatting import fmt_share
+    from reports.formatting import fmt_bracket as ci, fmt_share
 
-    ci = lambda x: "—" if x is None else f"{100 * x['share']:.1f}% [{100 * x['lo']:.0f}–{100 * x['hi']:.0f}]"  # noqa: E731
     name = str(summary.get("target_name", "target"))[:10]
     lines = [
         f"{'budget':>6} {'detector':<9} {'n':>4} {'flipped':>16} {'L2':>5} {'kNN ' + name:>16} {'robust ' + name:>16} {'std ' + name:>16} {'still start':>16}"
@@ -135,7 +134,9 @@ def summary_lines(summary: dict) -> list[str]:
 
 def sweep_lines(sweep: dict) -> list[str]:
     """The sweep as plain text lines: per training radius the clean error, the robust accuracy and the k-NN share at each budget."""
-    ci = lambda x: "—" if not x else f"{100 * x['share']:.1f}% [{100 * x['lo']:.1f}–{100 * x['hi']:.1f}]"  # noqa: E731
+    from reports.formatting import fmt_bracket
+
+    ci = lambda x: fmt_bracket(x, 1)  # noqa: E731
     ev = sweep["eval"]
     rob = f"robust acc (ε {ev['eps']:g})" if ev else "robust acc"
     knn = {(p["detector"], c["budget"]): p for c in sweep["curves"] if c["referee"] == "knn" for p in c["points"]}

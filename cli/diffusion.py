@@ -132,9 +132,8 @@ def build_diffusion_config(args: argparse.Namespace) -> DiffusionConfig:
 
 def summary_lines(summary: dict) -> list[str]:
     """The three-ways summary as plain text: one line per path and start kind, then the targets."""
-    from reports.formatting import fmt_share
+    from reports.formatting import fmt_bracket as pct, fmt_share
 
-    pct = lambda x: "—" if x is None else f"{100 * x['share']:.1f}% [{100 * x['lo']:.0f}–{100 * x['hi']:.0f}]"  # noqa: E731
     num = lambda x, d: "—" if x is None or x != x else f"{x:.{d}f}"  # noqa: E731
     name = summary["target_name"]
     lines = [f"{'path':<31} {'starts':<6} {'n':>4} {'kNN10 ' + name:>16} {'kNN2 ' + name:>16} {'robust ' + name:>16} {'Fréchet':>8} {'divers.':>7} {'L2':>5}"]

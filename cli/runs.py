@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from reports.formatting import fmt_step
+from reports.formatting import fmt_share, fmt_step
 
 if TYPE_CHECKING:
     from reports.index import Entry
@@ -25,7 +25,7 @@ def line(e: "Entry", root: Path) -> list[str]:
     if e.kind == "unreadable":
         return [e.name, "unreadable", f"{when}: {e.reason}"]
     share = e.share
-    headline = f"{e.headline}: {100 * share.share:.1f}% [{100 * share.lo:.1f}–{100 * share.hi:.1f}], {share.k} of {share.n}" if share else "—"
+    headline = f"{e.headline}: {fmt_share(share.model_dump())}" if share else "—"
     return [
         e.name, e.kind, e.dataset or "—", f"target {e.target or '—'}", e.method or "—", f"{e.starts} starts" if e.starts is not None else "—",
         headline, f"median flip step {fmt_step(e.flip_median)}" if e.kind == "run" else "", when, str(root / e.report) if e.report else "no report",

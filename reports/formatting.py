@@ -22,12 +22,18 @@ def fmt_pct(x, digits: int = 1) -> str:
     return "—" if _nan(x) else f"{100 * float(x):.{digits}f}%"
 
 
-def fmt_share(share: dict | None, digits: int = 1) -> str:
+def fmt_bracket(share: dict | None, bound_digits: int = 0) -> str:
+    """A share (one decimal) with its 95% interval in brackets, e.g. "98.1% [94–100]"; "—" for none."""
+    if not share:
+        return "—"
+    return f"{100 * share['share']:.1f}% [{100 * share['lo']:.{bound_digits}f}–{100 * share['hi']:.{bound_digits}f}]"
+
+
+def fmt_share(share: dict | None) -> str:
     """A share with its 95% interval and counts, e.g. "98.1% [93.5–99.8], 106 of 108"; "—" for none."""
     if share is None or _nan(share["share"]):
         return "—"
-    lo, hi = (f"{100 * share[b]:.{digits}f}" for b in ("lo", "hi"))
-    return f"{fmt_pct(share['share'], digits)} [{lo}–{hi}], {share['k']} of {share['n']}"
+    return f"{fmt_bracket(share, 1)}, {share['k']} of {share['n']}"
 
 
 def fmt_ci(share: dict | None, digits: int = 1) -> str:
