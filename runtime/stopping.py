@@ -98,6 +98,8 @@ class Stopper:
 
     def __enter__(self) -> Stopper:
         _active.append(self)
+        with _lock:  # the chunks of this command only, when one process runs several (tests, a notebook)
+            _chunks.update(planned=0, done=0)
         # Copies of the context carry the command's Prefect settings (which API) into the threads that may tell it.
         if threading.current_thread() is threading.main_thread():
             self._pair = socket.socketpair()
