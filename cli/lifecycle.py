@@ -36,7 +36,7 @@ def run_flow(what: str, prepare: Callable[[], None], start: Callable[[], Any]) -
         with server.wait():
             stopper = Stopper(
                 mark=lambda reason: mark_stopped(tag, reason),
-                release=server.give_back,
+                release=lambda: server.stop(wait=False),
                 health=server.health if server.pid is not None else None,
                 lost_line=f"eightgen: error: Prefect's local API server stopped answering (its log: {server.log}); {KEPT}",
             )

@@ -248,38 +248,28 @@ class EmbeddedServer:
         except httpx.HTTPError:
             return SILENT
 
-    def give_back(self) -> None:
-        """Give up the lease without waiting for anything: a server no command uses any more is told to stop."""
-        if self.pid is None:
-            return
-        with locked(self.home):
-            self._release()
-            if self.idle == 0 and not live_leases(lease_dir(self.home, self.pid)):
-                try:
-                    os.kill(self.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        self.pid = None
-
-    def stop(self, force: bool = False) -> None:
-        """Give up this command's lease; stop the server now if it is not to be kept and no other command uses it."""
+    def stop(self, force: bool = False, wait: bool = True) -> None:
+        """Give up this command's lease; stop the server now if it is not to be kept and no other command uses it (without
+        waiting for it to exit when not `wait`: a command stopped halfway)."""
         if self.pid is None:
             return
         with locked(self.home):
             self._release()
             if (force or self.idle == 0) and not live_leases(lease_dir(self.home, self.pid)):
-                _terminate(self.pid, self.child)
+                _terminate(self.pid, self.child, wait)
                 state = read_state(self.home)
                 if state is None or state["pid"] == self.pid:
                     (self.home / STATE).unlink(missing_ok=True)
         self.pid = None
 
 
-def _terminate(pid: int, child: subprocess.Popen | None) -> None:
-    """Stop a server process: SIGTERM, then SIGKILL after 10 s."""
+def _terminate(pid: int, child: subprocess.Popen | None, wait: bool = True) -> None:
+    """Stop a server process: SIGTERM, then (if waiting) SIGKILL after 10 s."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
+        return
+    if not wait:
         return
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
