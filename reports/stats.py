@@ -81,11 +81,14 @@ def at_most(share: dict, threshold: float) -> bool:
     return bool(np.isfinite(share["hi"]) and share["hi"] <= threshold)
 
 
-def survival_band(event_step: np.ndarray, observed: np.ndarray, horizon: int, *, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def survival_band(
+    event_step: np.ndarray, observed: np.ndarray, horizon: int, *, level: float = LEVEL, band: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Kaplan-Meier share not yet flipped at steps 0..horizon and its pointwise band (scipy.stats.ecdf, log-log Greenwood).
 
     A start not flipped is right-censored at its last step: it was watched through that step.
-    Where the band is undefined (the curve at 0 or 1) it is the curve itself."""
+    Where the band is undefined (the curve at 0 or 1) it is the curve itself; with band=False it is not computed
+    (the curve returned three times)."""
     t = np.asarray(event_step, dtype=float)
     observed = np.asarray(observed, dtype=bool)
     steps = np.arange(horizon + 1, dtype=float)
@@ -97,16 +100,18 @@ def survival_band(event_step: np.ndarray, observed: np.ndarray, horizon: int, *,
         return ones, ones.copy(), ones.copy()
     fit = sps.ecdf(sps.CensoredData(uncensored=t[observed], right=t[~observed]))
     curve = fit.sf.evaluate(steps)
+    if not band:
+        return curve, curve, curve
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # undefined at 0 and 1, filled below
-        band = fit.sf.confidence_interval(confidence_level=level, method="log-log")
-        lo, hi = band.low.evaluate(steps), band.high.evaluate(steps)
+        ci = fit.sf.confidence_interval(confidence_level=level, method="log-log")
+        lo, hi = ci.low.evaluate(steps), ci.high.evaluate(steps)
     return curve, np.where(np.isfinite(lo), lo, curve), np.where(np.isfinite(hi), hi, curve)
 
 
 def kaplan_meier(event_step: np.ndarray, observed: np.ndarray, horizon: int) -> np.ndarray:
     """Share of starts not yet flipped at steps 0..horizon (Kaplan-Meier; unflipped starts censored at their last step)."""
-    return survival_band(event_step, observed, horizon)[0]
+    return survival_band(event_step, observed, horizon, band=False)[0]
 
 
 def _event_times(results: pd.DataFrame, horizon: int) -> tuple[np.ndarray, np.ndarray]:
