@@ -31,15 +31,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eightgen.artifacts import read_manifest, sha256_json
-from eightgen.assembly import assemble, load_assembled, save_assembled
+from eightgen.attack.losses import per_sample_loss
+from eightgen.attack.optimize import TARGET, execution_model, final_images, frozen_eval, optimize
 from eightgen.config import AttackConfig, DatasetConfig, TrainConfig
+from eightgen.data.assembly import assemble, load_assembled, save_assembled
+from eightgen.data.sources import load_mnist
 from eightgen.devices import pick_device
 from eightgen.errors import EightgenError
-from eightgen.losses import per_sample_loss
-from eightgen.models import PixelClassifier, load_classifier, to_model_input
-from eightgen.optimize import TARGET, execution_model, final_images, frozen_eval, optimize
-from eightgen.sources import load_mnist
-from eightgen.training import train
+from eightgen.models.detector import PixelClassifier, load_classifier, to_model_input
+from eightgen.models.training import train
 
 POOL_PER_DIGIT = 64
 NOT_TARGET = (0, 1, 2, 3, 4, 5, 6, 7, 9)

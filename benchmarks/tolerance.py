@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from benchmarks.bench import model_for
-from eightgen.assembly import load_assembled
+from eightgen.attack.optimize import optimize
 from eightgen.config import AttackConfig
+from eightgen.data.assembly import load_assembled
+from eightgen.data.starts import make_starts
 from eightgen.devices import pick_device
 from eightgen.errors import EightgenError
-from eightgen.models import load_classifier
-from eightgen.optimize import optimize
-from eightgen.starts import make_starts
+from eightgen.models.detector import load_classifier
 from eightgen.trajectory import Trajectory
 
 VARIANTS = {"bf16": {"autocast_bf16": True}, "compile": {"compile": True}, "bf16+compile": {"autocast_bf16": True, "compile": True}}

@@ -12,7 +12,7 @@ from scipy import stats as sps
 
 NOISE = "noise"
 ALL = "all"
-# Within this of 0 or 1, p(target) leaves the softmax almost no gradient (as eightgen.metrics.SATURATED).
+# Within this of 0 or 1, p(target) leaves the softmax almost no gradient (as eightgen.attack.metrics.SATURATED).
 SATURATED_P = 1e-6
 LEVEL = 0.95
 

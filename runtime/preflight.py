@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from eightgen.assembly import assemble
 from eightgen.config import AttackConfig, ExperimentConfig, TrainConfig
+from eightgen.data.assembly import assemble
+from eightgen.data.grid import digit_counts
+from eightgen.data.sources import load_mnist
 from eightgen.errors import EightgenError
-from eightgen.grid import digit_counts
 from eightgen.rundir import check_target
-from eightgen.sources import load_mnist
 
 PIXELS = 28 * 28
 FLOAT_BYTES = 4
@@ -50,7 +50,7 @@ def pretrained_weights(cfg: TrainConfig) -> None:
     if cfg.arch not in ("resnet18", "resnet34"):
         raise EightgenError(f"train.pretrained=true: {cfg.arch} has no pretrained weights; pass --no-pretrained or --arch resnet18/resnet34")
     # torch loads only when weights are asked for
-    from eightgen.models import imagenet_weights
+    from eightgen.models.detector import imagenet_weights
 
     url, cached, available = imagenet_weights(cfg.arch)
     if not available:

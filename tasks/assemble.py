@@ -7,9 +7,9 @@ from pathlib import Path
 from prefect import task
 
 from eightgen.artifacts import Artifact, artifact_of, staged_dir, stamp_manifest
-from eightgen.assembly import assemble, save_assembled
 from eightgen.config import DatasetConfig
-from eightgen.sources import load_mnist, source_fingerprint
+from eightgen.data.assembly import assemble, save_assembled
+from eightgen.data.sources import load_mnist, source_fingerprint
 from tasks.caching import STAGE_KEY, CachedStage, produced_by
 from tasks.faults import hold
 

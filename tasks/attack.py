@@ -14,7 +14,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from eightgen.artifacts import Artifact, artifact_of, read_manifest, staged_dir, verified
 from eightgen.config import AttackConfig
-from eightgen.grid import n_starts
+from eightgen.data.grid import n_starts
 from tasks.caching import STAGE_KEY, CachedStage, produced_by
 from tasks.faults import fail_once, hold
 from tasks.progress import meter
@@ -42,12 +42,12 @@ def optimize_chunk(
     out, key = OPTIMIZE.here()
     if not force and produced_by(out, key):
         return artifact_of(out)
-    from eightgen.assembly import load_assembled
+    from eightgen.attack.optimize import optimize
     from eightgen.chunks import write_chunk
+    from eightgen.data.assembly import load_assembled
+    from eightgen.data.starts import make_starts
     from eightgen.devices import pick_device
-    from eightgen.models import load_classifier
-    from eightgen.optimize import optimize
-    from eightgen.starts import make_starts
+    from eightgen.models.detector import load_classifier
 
     device = pick_device(cfg.device)
     net, spec = load_classifier(verified(model), device)

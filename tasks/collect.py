@@ -42,10 +42,10 @@ def collected(
 ) -> Collected:
     """Measure every start chunk by chunk (one chunk in memory at a time), with `judge`'s columns added per chunk,
     and make the run's record."""
+    from eightgen.attack.indicators import collapsed
+    from eightgen.attack.metrics import results_frame
     from eightgen.devices import pick_device
-    from eightgen.indicators import collapsed
-    from eightgen.metrics import results_frame
-    from eightgen.models import load_classifier, read_metrics
+    from eightgen.models.detector import load_classifier, read_metrics
 
     cfg = experiment.attack
     model_dir = verified(model)

@@ -40,8 +40,8 @@ def train_denoiser_model(cfg: DenoiserConfig, dataset: Artifact, cache_dir: Path
     out, key = DENOISER.here()
     if not force and produced_by(out, key):
         return artifact_of(out)
-    from eightgen.denoiser import train_denoiser
     from eightgen.devices import pick_device
+    from eightgen.diffusion.denoiser import train_denoiser
 
     log = get_run_logger().info
     with meter("denoiser training", log, unit="batches") as shown:
@@ -77,13 +77,13 @@ def sample_chunk(
     out, key = SAMPLE.here()
     if not force and produced_by(out, key):
         return artifact_of(out)
-    from eightgen.assembly import load_assembled
-    from eightgen.denoiser import load_denoiser
+    from eightgen.data.assembly import load_assembled
+    from eightgen.data.starts import make_starts
     from eightgen.devices import pick_device
-    from eightgen.diffusion import Guide
-    from eightgen.models import load_classifier
-    from eightgen.samples import sample_starts, write_samples
-    from eightgen.starts import make_starts
+    from eightgen.diffusion.denoiser import load_denoiser
+    from eightgen.diffusion.sampler import Guide
+    from eightgen.diffusion.samples import sample_starts, write_samples
+    from eightgen.models.detector import load_classifier
 
     if guidance != "none" and guidance not in detectors:
         raise EightgenError(f"guidance {guidance!r}: no such detector (have {', '.join(sorted(detectors))})")

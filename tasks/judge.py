@@ -38,7 +38,7 @@ def collect_judged_results(
     import torch
 
     from eightgen.devices import pick_device
-    from eightgen.referees import load_referees, read_info, referee_columns
+    from eightgen.judge.referees import load_referees, read_info, referee_columns
 
     check_target(run_dir, experiment, overwrite)
     _, key = JUDGE.here()

@@ -19,9 +19,9 @@ def train_referee_models(cfg: RefereeConfig, dataset: Artifact, cache_dir: Path,
     out, key = REFEREES.here()
     if not force and produced_by(out, key):
         return artifact_of(out)
-    from eightgen.assembly import load_assembled
+    from eightgen.data.assembly import load_assembled
     from eightgen.devices import pick_device
-    from eightgen.referees import train_referees  # fastai loads only when the referees are trained
+    from eightgen.judge.referees import train_referees  # fastai loads only when the referees are trained
 
     with staged_dir(out) as tmp:
         train_referees(cfg, load_assembled(verified(dataset)), tmp, pick_device(cfg.device), progress=get_run_logger().info)

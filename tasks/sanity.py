@@ -33,11 +33,11 @@ def sample_noise_chunk(
     import pandas as pd
     import torch
 
-    from eightgen.denoiser import load_denoiser
+    from eightgen.data.starts import noise_image
     from eightgen.devices import pick_device
-    from eightgen.models import load_classifier
-    from eightgen.samples import sample_starts, write_samples
-    from eightgen.starts import noise_image
+    from eightgen.diffusion.denoiser import load_denoiser
+    from eightgen.diffusion.samples import sample_starts, write_samples
+    from eightgen.models.detector import load_classifier
 
     dev = pick_device(device)
     net, schedule = load_denoiser(verified(denoiser), dev)

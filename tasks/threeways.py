@@ -50,14 +50,14 @@ def judge_three_ways(
 
     The real images of the Fréchet samples and of the judges' check are the dataset's validation split: training-split
     images that no referee, detector or denoiser trained on."""
-    from eightgen.assembly import load_assembled
-    from eightgen.denoiser import load_denoiser, read_denoiser_info
+    from eightgen.data.assembly import load_assembled
     from eightgen.devices import pick_device
-    from eightgen.frechet import frechet_distance
-    from eightgen.judgecheck import VARIANTS, blurred, judge_classes, per_class, round_trip
-    from eightgen.referees import load_referees
-    from eightgen.samples import concat_samples, read_samples
-    from eightgen.threeways import frechet_samples, image_features, judge_images, path_diversity
+    from eightgen.diffusion.denoiser import load_denoiser, read_denoiser_info
+    from eightgen.diffusion.samples import concat_samples, read_samples
+    from eightgen.judge.frechet import frechet_distance
+    from eightgen.judge.judgecheck import VARIANTS, blurred, judge_classes, per_class, round_trip
+    from eightgen.judge.referees import load_referees
+    from eightgen.judge.threeways import frechet_samples, image_features, judge_images, path_diversity
 
     _, key = THREE_WAYS.here()
     target = cfg.target

@@ -20,7 +20,7 @@ def train_classifier(cfg: TrainConfig, dataset: Artifact, cache_dir: Path, force
     out, key = TRAIN.here()
     if not force and produced_by(out, key):
         return artifact_of(out)
-    from eightgen.training import train  # fastai loads only when a detector is trained
+    from eightgen.models.training import train  # fastai loads only when a detector is trained
 
     log = get_run_logger().info
     epochs = cfg.epochs + int(cfg.fine_tune)

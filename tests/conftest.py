@@ -38,8 +38,8 @@ def small_dataset_cfg(mnist_dir: Path) -> DatasetConfig:
 @pytest.fixture(scope="session")
 def dataset_dir(small_dataset_cfg: DatasetConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An assembled dataset artifact directory built from real MNIST."""
-    from eightgen.assembly import assemble, save_assembled
-    from eightgen.sources import load_mnist
+    from eightgen.data.assembly import assemble, save_assembled
+    from eightgen.data.sources import load_mnist
 
     out = tmp_path_factory.mktemp("dataset")
     save_assembled(assemble(load_mnist(small_dataset_cfg), small_dataset_cfg), out)
@@ -52,7 +52,7 @@ def small_cnn(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Tr
     from helpers import Trained
 
     from eightgen.config import TrainConfig
-    from eightgen.training import train
+    from eightgen.models.training import train
 
     # Batches of 32 give one epoch on the 3,000-image fixture enough optimiser steps to learn the task.
     cfg = TrainConfig(arch="small_cnn", epochs=1, batch_size=32, seed=0, device="cpu")

@@ -57,7 +57,7 @@ def embedded_task_states(home: Path) -> dict[str, list[str]]:
 
 def chunk_count(cfg: ExperimentConfig) -> int:
     """How many optimisation chunks a config with a numeric pool_per_digit fans out to."""
-    from eightgen.grid import n_starts
+    from eightgen.data.grid import n_starts
 
     pool = dict.fromkeys(range(10), cfg.dataset.pool_per_digit)
     return -(-n_starts(cfg.attack, pool) // cfg.attack.chunk_size)

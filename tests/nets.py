@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eightgen.models import build_network
+from eightgen.models.detector import build_network
 
 
 def bn_net(arch: str, seed: int = 0) -> nn.Module:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from eightgen.artifacts import read_manifest, sha256_file
-from eightgen.assembly import PARTS, Assembled, assemble, binary_labels, load_assembled, save_assembled
 from eightgen.config import DatasetConfig
+from eightgen.data.assembly import PARTS, Assembled, assemble, binary_labels, load_assembled, save_assembled
+from eightgen.data.sources import MnistData, load_mnist
 from eightgen.errors import EightgenError
-from eightgen.sources import MnistData, load_mnist
 
 
 @pytest.fixture(scope="module")

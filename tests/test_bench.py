@@ -14,8 +14,9 @@ from nets import bn_net
 from torch import Tensor, nn
 
 from benchmarks.bench import HEADLINE, TRUST_SPREAD, bench_starts, main, paired_ratio, seed_loop
-from eightgen.config import AttackConfig
-from eightgen.execution import (
+from benchmarks.tolerance import METHODS as TOLERANCE_METHODS
+from benchmarks.tolerance import VARIANTS, compare, tolerance
+from eightgen.attack.execution import (
     ColumnConv2d,
     WholeImageConv,
     cached_plan,
@@ -26,11 +27,10 @@ from eightgen.execution import (
     pool_before_relu,
     single_plane,
 )
-from eightgen.losses import per_sample_loss
-from eightgen.models import load_classifier
-from eightgen.optimize import final_images, optimize
-from benchmarks.tolerance import METHODS as TOLERANCE_METHODS
-from benchmarks.tolerance import VARIANTS, compare, tolerance
+from eightgen.attack.losses import per_sample_loss
+from eightgen.attack.optimize import final_images, optimize
+from eightgen.config import AttackConfig
+from eightgen.models.detector import load_classifier
 
 RATES = ("engine_rate", "engine_unrecorded_rate", "seed_loop_rate", "engine_pgd_rate", "torchattacks_pgd_rate")
 FIELDS = {
@@ -117,7 +117,7 @@ def test_bad_settings_exit_with_a_one_line_error(model_dir: Path, capsys: pytest
 
 
 def test_starts_are_real_non_targets_in_turn(dataset_dir: Path) -> None:
-    from eightgen.assembly import load_assembled
+    from eightgen.data.assembly import load_assembled
 
     x0 = bench_starts(dataset_dir, 18, 1)
     data = load_assembled(dataset_dir)

@@ -295,7 +295,7 @@ def test_bad_input_is_refused_in_one_line(command, extra, needle, places, capfd,
     if "CUDA" in needle:  # an accelerator asked for where there is none, on any machine
         monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     if "put resnet18-" in needle:  # the weights probe fails here without a network; make it fail anywhere
-        monkeypatch.setattr("eightgen.models._reachable", lambda url, timeout: False)
+        monkeypatch.setattr("eightgen.models.detector._reachable", lambda url, timeout: False)
     if "not writable" in needle:  # root may write anywhere: refuse this folder as a user without rights would be
         os.chmod(places["locked"], 0o500)
         real_access = os.access
@@ -318,7 +318,7 @@ def test_pretrained_weights_fail_fast_offline(places, capfd, monkeypatch, tmp_pa
     """The seed preset asks for ImageNet weights: with none cached and no network, it stops before any work."""
     import time
 
-    monkeypatch.setattr("eightgen.models._reachable", lambda url, timeout: False)  # offline, on any machine
+    monkeypatch.setattr("eightgen.models.detector._reachable", lambda url, timeout: False)  # offline, on any machine
     monkeypatch.setenv("TORCH_HOME", places["torch-home"])
     monkeypatch.chdir(tmp_path)
     started = time.monotonic()

@@ -39,8 +39,8 @@ def changed_after(root: Path, edit: str, text: str = "\n# edited\n") -> set[str]
 
 def test_the_optimisation_engine_keys_the_chunks_but_not_the_report(checkout: Path) -> None:
     # collecting re-runs too when the chunks change, through their content hashes
-    assert changed_after(checkout, "eightgen/execution.py") == {"tasks.attack"}
-    assert changed_after(checkout, "eightgen/metrics.py") == {"tasks.collect", "tasks.judge"}
+    assert changed_after(checkout, "eightgen/attack/execution.py") == {"tasks.attack"}
+    assert changed_after(checkout, "eightgen/attack/metrics.py") == {"tasks.collect", "tasks.judge"}
 
 
 def test_a_template_or_report_module_keys_only_the_reports(checkout: Path) -> None:
@@ -61,14 +61,14 @@ def test_shared_modules_key_every_stage_that_imports_them(checkout: Path) -> Non
     assert changed_after(checkout, "eightgen/config.py") == set(STAGES)
     assert changed_after(checkout, "tasks/caching.py") == set(STAGES)
     # the referees train with it, and judging loads the referees; assembling, attacking and reporting do not
-    assert changed_after(checkout, "eightgen/training.py") == {
+    assert changed_after(checkout, "eightgen/models/training.py") == {
         "tasks.train", "tasks.referees", "tasks.judge", "tasks.denoise", "tasks.sanity", "tasks.threeways"
     }
 
 
 def test_the_denoiser_keys_the_diffusion_stages_only(checkout: Path) -> None:
-    assert changed_after(checkout, "eightgen/unet.py") == {"tasks.denoise", "tasks.sanity", "tasks.threeways"}
-    assert changed_after(checkout, "eightgen/frechet.py") == {"tasks.threeways"}
+    assert changed_after(checkout, "eightgen/diffusion/unet.py") == {"tasks.denoise", "tasks.sanity", "tasks.threeways"}
+    assert changed_after(checkout, "eightgen/judge/frechet.py") == {"tasks.threeways"}
 
 
 def test_an_import_added_by_an_edit_joins_the_key(checkout: Path) -> None:

@@ -11,9 +11,9 @@ from nets import bn_net
 from torch import Tensor, nn
 
 from benchmarks.bench import bench_starts
+from eightgen.attack.optimize import TARGET, optimize
 from eightgen.config import AttackConfig
-from eightgen.models import load_classifier
-from eightgen.optimize import TARGET, optimize
+from eightgen.models.detector import load_classifier
 
 STEPS = 10
 

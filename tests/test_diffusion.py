@@ -12,7 +12,7 @@ from scipy import linalg
 from torch import nn
 
 from eightgen.config import DenoiserConfig, DiffusionConfig
-from eightgen.diffusion import (
+from eightgen.diffusion.sampler import (
     Guide,
     WeightAverage,
     cosine_schedule,
@@ -26,10 +26,10 @@ from eightgen.diffusion import (
     start_noise,
     start_timestep,
 )
+from eightgen.diffusion.unet import UNet
 from eightgen.errors import EightgenError
-from eightgen.frechet import diversity, frechet_distance, penultimate
-from eightgen.models import SmallCNN
-from eightgen.unet import UNet
+from eightgen.judge.frechet import diversity, frechet_distance, penultimate
+from eightgen.models.detector import SmallCNN
 
 TINY = (4, 8, 8)
 
@@ -200,7 +200,7 @@ def test_diversity_and_features() -> None:
 
 
 def test_the_denoiser_trains_with_fastai_and_loads_back(dataset_dir: Path, tmp_path: Path) -> None:
-    from eightgen.denoiser import load_denoiser, read_denoiser_info, train_denoiser
+    from eightgen.diffusion.denoiser import load_denoiser, read_denoiser_info, train_denoiser
 
     cfg = DenoiserConfig(widths=TINY, emb_dim=16, timesteps=50, epochs=1, max_train=256, valid_images=64, batch_size=64, device="cpu", ema_decay=0.9)
     lines: list[str] = []
@@ -335,7 +335,7 @@ def test_bad_settings_stop_the_command_in_one_line_before_any_work(option: list[
 
 
 def test_frechet_samples_are_n_each_and_the_two_real_target_samples_disjoint() -> None:
-    from eightgen.threeways import frechet_samples
+    from eightgen.judge.threeways import frechet_samples
 
     kinds = np.array(["noise"] * 10 + ["digit"] * 12)
     y = np.array([8] * 9 + [1, 2, 3] * 5)
@@ -352,8 +352,8 @@ def test_frechet_samples_are_n_each_and_the_two_real_target_samples_disjoint() -
 
 
 def test_knn_classes_is_the_majority_class_and_agrees_with_the_target_vote() -> None:
-    from eightgen.judgecheck import knn_classes
-    from eightgen.referees import knn_vote
+    from eightgen.judge.judgecheck import knn_classes
+    from eightgen.judge.referees import knn_vote
 
     ref_y = torch.tensor([8, 8, 8, 1, 2, 3])
     ref_x = torch.zeros(6, 784)

@@ -11,16 +11,16 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import TINY, run_pipeline, shared_cache
 from PIL import Image
 from pydantic import ValidationError
 
 from cli.main import build_config, parser
 from eightgen.classes import FASHION_MNIST
 from eightgen.config import DatasetConfig, ExperimentConfig
+from eightgen.data.sources import load_mnist
 from eightgen.errors import EightgenError
 from eightgen.rundir import load_record
-from eightgen.sources import load_mnist
-from helpers import TINY, run_pipeline, shared_cache
 
 # The label feature of zalando-datasets/fashion_mnist on the Hub (its names are not the report's).
 HUB_NAMES = ["T - shirt / top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -158,8 +158,9 @@ def test_the_diffusion_command_toward_a_dress_names_the_class(fashion: dict, pre
     three-ways experiment, and its report and summary name the class."""
     import json
 
-    from cli.main import main
     from test_diffusion import TINY_OPTIONS
+
+    from cli.main import main
 
     options = list(TINY_OPTIONS)
     options[options.index("--digits") + 1] = "1,2"

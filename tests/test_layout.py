@@ -1,4 +1,5 @@
-"""The layout shows the architecture: which package may import which, no import cycles, flows/ holds only flows."""
+"""The layout shows the architecture: which package and which part of the core may import which, no import cycles,
+flows/ holds only flows."""
 
 from __future__ import annotations
 
@@ -21,6 +22,22 @@ ALLOWED = {
     "cli": {"eightgen", "cli", "flows", "reports", "runtime", "prefect_api"},
     "benchmarks": {"eightgen", "benchmarks", "cli", "flows", "runtime", "prefect_api", "tasks"},
 }
+# The core's parts, in pipeline order -> the parts each may import. "top" is eightgen's own modules: configuration,
+# errors and the on-disk stores every part shares.
+CORE = {
+    "top": {"top"},
+    "data": {"top", "data"},
+    "models": {"top", "data", "models"},
+    "attack": {"top", "data", "attack"},
+    "diffusion": {"top", "data", "models", "diffusion"},
+    "judge": {"top", "data", "models", "diffusion", "judge"},
+}
+
+
+def core_part(name: str) -> str:
+    """The part of the core a module of eightgen belongs to: its sub-package, or "top"."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in CORE) else "top"
 
 
 def modules() -> dict[str, Path]:
@@ -49,6 +66,19 @@ def test_packages_import_only_what_the_architecture_allows() -> None:
         if other.split(".")[0] not in ALLOWED[name.split(".")[0]]
     )
     assert wrong == []
+
+
+def test_the_core_parts_import_only_earlier_parts_of_the_pipeline() -> None:
+    wrong = sorted(
+        f"{name} imports {other}" for name, deps in graph().items() if name.startswith("eightgen")
+        for other in deps if other.startswith("eightgen") and core_part(other) not in CORE[core_part(name)]
+    )
+    assert wrong == []
+
+
+def test_every_core_sub_package_has_its_rule() -> None:
+    packages = {p.parent.name for p in (ROOT / "eightgen").glob("*/__init__.py")}
+    assert packages == set(CORE) - {"top"}
 
 
 def test_no_import_cycles() -> None:

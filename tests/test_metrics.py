@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from eightgen.attack.metrics import results_frame
+from eightgen.attack.optimize import optimize
 from eightgen.config import AttackConfig
+from eightgen.data.starts import make_starts
 from eightgen.errors import EightgenError
-from eightgen.metrics import results_frame
-from eightgen.optimize import optimize
-from eightgen.starts import make_starts
 from eightgen.trajectory import Trajectory
 
 CONTRACT_COLUMNS = [

@@ -16,7 +16,7 @@ from eightgen.artifacts import write_manifest
 from eightgen.config import IMAGENET_MEAN, IMAGENET_STD, TrainConfig
 from eightgen.devices import pick_device
 from eightgen.errors import EightgenError
-from eightgen.models import (
+from eightgen.models.detector import (
     MODEL_FILE,
     SPEC_FILE,
     WEIGHTS_PROBE_TIMEOUT_S,

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from eightgen.attack.losses import per_sample_loss
+from eightgen.attack.optimize import optimize, snapshot_steps
 from eightgen.config import AttackConfig
 from eightgen.errors import EightgenError
-from eightgen.losses import per_sample_loss
-from eightgen.optimize import optimize, snapshot_steps
 from eightgen.trajectory import Trajectory, concat, load_trajectory, save_trajectory
 
 

@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import shared_cache, tiny_config
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from eightgen.config import ExperimentConfig
-from eightgen.models import load_classifier
+from eightgen.models.detector import load_classifier
 from eightgen.rundir import load_record, trajectories
 from flows.pipeline import pipeline
-from helpers import shared_cache, tiny_config
 from prefect_api.records import task_run_states, wait_for_records
 
 

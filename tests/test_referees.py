@@ -8,18 +8,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
-
-from eightgen.assembly import PARTS, assemble, load_assembled, save_assembled
-from eightgen.config import DatasetConfig, RefereeConfig
-from eightgen.errors import EightgenError
-from eightgen.indicators import collapsed, last_linear
-from eightgen.metrics import results_frame
-from eightgen.models import PixelClassifier, SmallCNN
-from eightgen.referees import knn_vote, load_referees, referee_columns, train_referees
-from eightgen.sources import MnistData, load_mnist
 from fixtures_report import make_run_dir, rewrite_results
 from test_metrics import hand_built  # the worked trajectory of the metrics tests
+from torch import nn
+
+from eightgen.attack.indicators import collapsed, last_linear
+from eightgen.attack.metrics import results_frame
+from eightgen.config import DatasetConfig, RefereeConfig
+from eightgen.data.assembly import PARTS, assemble, load_assembled, save_assembled
+from eightgen.data.sources import MnistData, load_mnist
+from eightgen.errors import EightgenError
+from eightgen.judge.referees import knn_vote, load_referees, referee_columns, train_referees
+from eightgen.models.detector import PixelClassifier, SmallCNN
 from reports.render import render_report
 
 torch.set_num_threads(1)

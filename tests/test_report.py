@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
 import pytest
+from fixtures_report import make_run_dir, rewrite_results
+from scipy.stats import binomtest
 
 from eightgen.errors import EightgenError
 from eightgen.rundir import trajectories
-from fixtures_report import make_run_dir, rewrite_results
 from reports import stats
 from reports.render import render_report
 from reports.runs import load_run, read_snapshots
@@ -356,8 +356,8 @@ def test_renders_500_starts_quickly(tmp_path: Path) -> None:
 
 
 def test_fixture_agrees_with_the_pipeline_results(run_dir: Path) -> None:
-    from eightgen.metrics import results_frame
-    from eightgen.grid import META_COLUMNS
+    from eightgen.attack.metrics import results_frame
+    from eightgen.data.grid import META_COLUMNS
     traj, ids = trajectories(run_dir).load()
     fixture = pd.read_parquet(run_dir / "results.parquet")
     assert list(ids) == list(fixture["run_id"])

@@ -14,11 +14,11 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from pydantic import ValidationError
 
-from eightgen.assembly import load_assembled, save_assembled
 from eightgen.config import TrainConfig
-from eightgen.models import PixelClassifier, SmallCNN, load_classifier, to_model_input
-from eightgen.robust import AdversarialTraining, pgd, robust_accuracy
-from eightgen.training import METRICS_FILE, make_dataloaders, train
+from eightgen.data.assembly import load_assembled, save_assembled
+from eightgen.models.detector import PixelClassifier, SmallCNN, load_classifier, to_model_input
+from eightgen.models.robust import AdversarialTraining, pgd, robust_accuracy
+from eightgen.models.training import METRICS_FILE, make_dataloaders, train
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")

@@ -9,19 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fixtures_report import make_run_dir
 
 from benchmarks.scale import exponent, grid, stage_windows, table
 from cli.main import parser
 from cli.options import build_config
-from eightgen.assembly import assemble
 from eightgen.config import AttackConfig, DatasetConfig, ExperimentConfig
+from eightgen.data.assembly import assemble
+from eightgen.data.grid import digit_counts, n_starts, start_table
+from eightgen.data.sources import MnistData, load_mnist
+from eightgen.data.starts import make_starts
 from eightgen.errors import EightgenError
-from eightgen.grid import digit_counts, n_starts, start_table
 from eightgen.rundir import LEGACY_TRAJECTORIES, MANIFEST, load_record, trajectories, verify_run
-from eightgen.sources import MnistData, load_mnist
-from eightgen.starts import make_starts
 from eightgen.trajectory import Shards, save_trajectory
-from fixtures_report import make_run_dir
 from reports.render import render_report
 from reports.runs import load_run, read_snapshots
 

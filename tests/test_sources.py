@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from eightgen.config import DatasetConfig
+from eightgen.data.sources import hub_reachable, load_mnist, resolve_source, source_fingerprint
 from eightgen.errors import EightgenError
-from eightgen.sources import hub_reachable, load_mnist, resolve_source, source_fingerprint
 
 IMAGES, LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
 # Class counts of the MNIST test set as documented with the files (shared/datasets/mnist/README.md).
@@ -285,7 +285,7 @@ class QuietHandler(http.server.BaseHTTPRequestHandler):
 def run_hub_load(env: dict[str, str]) -> subprocess.CompletedProcess:
     """Load from the Hub in a fresh interpreter (the Hub settings are read at import) with extra env."""
     code = (
-        "from eightgen.config import DatasetConfig; from eightgen.sources import load_mnist; "
+        "from eightgen.config import DatasetConfig; from eightgen.data.sources import load_mnist; "
         "load_mnist(DatasetConfig(source='hub', hub_name='eightgen-tests/no-such-dataset'))"
     )
     return subprocess.run(

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from eightgen.config import IMAGENET_MEAN, IMAGENET_STD, AttackConfig
+from eightgen.data.starts import make_starts
 from eightgen.errors import EightgenError
-from eightgen.starts import make_starts
 
 ONE = (torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
 RGB = (torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1))

@@ -16,16 +16,16 @@ from fastai.learner import load_learner
 from helpers import Trained
 
 from eightgen.artifacts import MANIFEST, read_manifest, sha256_file
-from eightgen.assembly import load_assembled, save_assembled
 from eightgen.config import IMAGENET_MEAN, TrainConfig
+from eightgen.data.assembly import load_assembled, save_assembled
 from eightgen.errors import EightgenError
-from eightgen.models import (
+from eightgen.models.detector import (
     PixelClassifier,
     load_classifier,
     read_metrics,
     to_model_input,
 )
-from eightgen.training import LEARNER_FILE, METRICS_FILE, train
+from eightgen.models.training import LEARNER_FILE, METRICS_FILE, train
 
 CPU = torch.device("cpu")
 FILES = {LEARNER_FILE, "model.pt", "spec.json", METRICS_FILE}

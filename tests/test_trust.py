@@ -11,18 +11,18 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import TINY, embedded_task_states, shared_cache, tiny_config
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
+from cli.main import main
 from eightgen.codekey import PROJECT_PACKAGES
 from eightgen.rundir import REPORT, REPORT_MANIFEST, RESULTS, load_record, trajectories, verify_run, write_run
 from eightgen.trajectory import load_trajectory
-from cli.main import main
 from flows.pipeline import pipeline
 from prefect_api.records import task_run_states, wait_for_records
-from helpers import TINY, embedded_task_states, shared_cache, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMBERS = ["run_id", "success", "flip_step", "p_target_final", "l2_final"]
@@ -187,7 +187,7 @@ def test_code_edits_rerun_exactly_the_stages_that_import_them(mnist_dir: Path, t
             f.write(text)
 
     run("first")
-    edit("eightgen/execution.py", "\n# an engine edit\n")
+    edit("eightgen/attack/execution.py", "\n# an engine edit\n")
     engine = run("engine")
     assert set(engine["optimize-chunk"]) == {"Completed"} and engine["train-classifier"] == ["Cached"], engine
     edit("reports/templates/run.html.j2", "{# a template edit #}\n")

@@ -25,12 +25,12 @@ from torch import Tensor
 
 import eightgen
 from eightgen.artifacts import Artifact, read_manifest, read_timings, write_manifest, write_timings
-from eightgen.assembly import Assembled
 from eightgen.config import RefereeConfig
+from eightgen.data.assembly import Assembled
 from eightgen.errors import EightgenError
-from eightgen.models import PixelClassifier, SmallCNN, to_model_input
-from eightgen.robust import AdversarialTraining, robust_accuracy
-from eightgen.training import EpochReport, make_dataloaders, predict_classes
+from eightgen.models.detector import PixelClassifier, SmallCNN, to_model_input
+from eightgen.models.robust import AdversarialTraining, robust_accuracy
+from eightgen.models.training import EpochReport, make_dataloaders, predict_classes
 
 CNN_FILE = "cnn.pt"
 ROBUST_FILE = "robust.pt"

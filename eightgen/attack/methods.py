@@ -1,7 +1,7 @@
 """Pixel-space update rules: a step along the loss gradient, then a projection back onto the allowed set.
 
 Every rule works per start on x [m, C, 28, 28] with the gradient g of that start's own loss; `radius` is the
-per-start budget [m] of the rules that have one. The loop in eightgen/optimize.py calls, for each step t:
+per-start budget [m] of the rules that have one. The loop in eightgen/attack/optimize.py calls, for each step t:
 adapt (radius from whether x_t is classified target), step, project. step and project work in place on the
 loop's own x and g (and return x): one pass over the images per operation, no temporaries.
 """

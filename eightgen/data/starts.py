@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from eightgen.config import AttackConfig
+from eightgen.data.grid import META_COLUMNS, start_table
 from eightgen.errors import EightgenError
-from eightgen.grid import META_COLUMNS, start_table
 
 
 @dataclass(frozen=True)

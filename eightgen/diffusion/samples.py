@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from eightgen.diffusion import Guide, Sampled, Schedule, ddim_sample, gaussian_from_uniform, noised_start, start_noise
+from eightgen.diffusion.sampler import Guide, Sampled, Schedule, ddim_sample, gaussian_from_uniform, noised_start, start_noise
 from eightgen.errors import EightgenError
 
 SAMPLES_FILE = "samples.npz"

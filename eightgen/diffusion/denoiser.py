@@ -1,4 +1,4 @@
-"""Training the denoiser (the U-Net of eightgen.unet) with fastai on the DDPM objective, and its files on disk."""
+"""Training the denoiser (the U-Net of eightgen.diffusion.unet) with fastai on the DDPM objective, and its files on disk."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from fastai.torch_core import set_seed
 
 import eightgen
 from eightgen.artifacts import Artifact, read_manifest, read_timings, sha256_file, write_manifest, write_timings
-from eightgen.assembly import load_assembled
 from eightgen.config import DenoiserConfig
-from eightgen.diffusion import NoisePrediction, Schedule, WeightAverage, make_schedule
+from eightgen.data.assembly import load_assembled
+from eightgen.diffusion.sampler import NoisePrediction, Schedule, WeightAverage, make_schedule
+from eightgen.diffusion.unet import UNet, n_parameters
 from eightgen.errors import EightgenError
-from eightgen.training import EpochReport, make_dataloaders
-from eightgen.unet import UNet, n_parameters
+from eightgen.models.training import EpochReport, make_dataloaders
 
 DENOISER_FILE = "denoiser.pt"
 DENOISER_SPEC = "denoiser.json"

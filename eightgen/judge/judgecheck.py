@@ -10,9 +10,9 @@ import torch
 from scipy import ndimage
 from torch import Tensor, nn
 
-from eightgen.diffusion import Schedule, ddim_sample, noised_start
+from eightgen.diffusion.sampler import Schedule, ddim_sample, noised_start
 from eightgen.errors import EightgenError
-from eightgen.referees import N_DIGITS, Referees, as_shown
+from eightgen.judge.referees import N_DIGITS, Referees, as_shown
 
 VARIANTS = ("as is", "blurred", "round trip")
 JUDGES = ("knn", "robust", "cnn")  # the k-NN majority class, the robust referee, the standard referee

@@ -8,11 +8,11 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor, nn
 
+from eightgen.attack.execution import cached_plan
+from eightgen.attack.losses import LOSS_NAMES, per_sample_loss
+from eightgen.attack.methods import Method, make_method
 from eightgen.config import AttackConfig
 from eightgen.errors import EightgenError
-from eightgen.execution import cached_plan
-from eightgen.losses import LOSS_NAMES, per_sample_loss
-from eightgen.methods import Method, make_method
 from eightgen.trajectory import Trajectory
 
 TARGET = 1  # class index of the target digit in the classifier's two logits
@@ -196,7 +196,7 @@ def _check_inputs(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> None:
 
 
 def execution_model(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> Forward:
-    """The model as the loop runs it (eightgen.execution's plan for x0's device), compiled when asked on CUDA."""
+    """The model as the loop runs it (eightgen.attack.execution's plan for x0's device), compiled when asked on CUDA."""
     return cached_plan(model, x0[:1], compile=cfg.compile and x0.device.type == "cuda")
 
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from eightgen.artifacts import Artifact, read_manifest, write_manifest
 from eightgen.config import DIGITS, DatasetConfig
+from eightgen.data.sources import MnistData
 from eightgen.errors import EightgenError
-from eightgen.sources import MnistData
 
 DATASET_FILE = "dataset.npz"
 PARTS = ("train", "valid", "pool")

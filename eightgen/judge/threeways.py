@@ -9,8 +9,8 @@ import pandas as pd
 import torch
 
 from eightgen.errors import EightgenError
-from eightgen.frechet import diversity, frechet_distance, penultimate
-from eightgen.referees import Referees, as_shown, knn_vote
+from eightgen.judge.frechet import diversity, frechet_distance, penultimate
+from eightgen.judge.referees import Referees, as_shown, knn_vote
 
 NOISE_DIGIT = -1  # start_digit of a noise start
 BATCH = 1024

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from eightgen.data.grid import META_COLUMNS
 from eightgen.errors import EightgenError
-from eightgen.grid import META_COLUMNS
 from eightgen.trajectory import Trajectory
 
 TARGET = 1  # class index of the target digit
@@ -53,7 +53,7 @@ def results_frame(
 ) -> pd.DataFrame:
     """One row per start: what happened to it, measured from the recorded trajectory and final image.
 
-    `collapse` (eightgen.indicators.collapsed at x_final) fills collapse_final; without it that column is null.
+    `collapse` (eightgen.attack.indicators.collapsed at x_final) fills collapse_final; without it that column is null.
     """
     x0 = np.asarray(x0)
     if x0.shape != traj.x_final.shape:

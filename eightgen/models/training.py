@@ -26,11 +26,11 @@ from torch import Tensor
 
 import eightgen
 from eightgen.artifacts import MANIFEST, Artifact, fresh_sibling, remove_staging, sha256_file, swap_in, write_manifest, write_timings
-from eightgen.assembly import binary_labels, load_assembled
 from eightgen.config import TrainConfig
+from eightgen.data.assembly import binary_labels, load_assembled
 from eightgen.devices import pick_device
 from eightgen.errors import EightgenError
-from eightgen.models import (
+from eightgen.models.detector import (
     METRICS_FILE,
     MODEL_FILE,
     SPEC_FILE,
@@ -41,7 +41,7 @@ from eightgen.models import (
     spec_for,
     to_model_input,
 )
-from eightgen.robust import adversarial_callbacks, robust_metrics
+from eightgen.models.robust import adversarial_callbacks, robust_metrics
 
 LEARNER_FILE = "learner.pkl"
 PREDICT_BATCH = 1024

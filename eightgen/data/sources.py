@@ -16,8 +16,8 @@ import numpy as np
 
 from eightgen.artifacts import sha256_file
 from eightgen.config import DatasetConfig
+from eightgen.data.idx import read_idx
 from eightgen.errors import EightgenError
-from eightgen.idx import read_idx
 
 SourceKind = Literal["hub", "idx", "local"]
 SPLITS = ("train", "test")
