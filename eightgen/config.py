@@ -141,8 +141,8 @@ class AttackConfig(_Frozen):
     starts_per_digit: Annotated[int, Field(gt=0)] | Literal["all"] | None = None
     steps: int = Field(50, gt=0)
     method: Method = "seed"
-    loss: Loss | None = None
-    lr: float | None = Field(None, gt=0)
+    loss: Loss | None = None  # None: the method's default (eightgen.attack.methods)
+    lr: float | None = Field(None, gt=0)  # None: the method's default step size
     eps: float | None = Field(None, gt=0)
     record_every: int = Field(5, gt=0)
     early_stop: int | None = Field(None, gt=0)
@@ -181,20 +181,6 @@ class AttackConfig(_Frozen):
     def per_digit(self) -> int | Literal["all"]:
         """Starts per start digit: starts_per_digit if given, else seeds."""
         return self.starts_per_digit if self.starts_per_digit is not None else self.seeds
-
-    @property
-    def step_size(self) -> float:
-        """The step size in force: lr if given, else the method's default."""
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
-
-    @property
-    def loss_name(self) -> Loss:
-        """The loss in force: loss if given, else the method's default."""
-        return self.loss if self.loss is not None else DEFAULT_LOSS[self.method]
-
-
-DEFAULT_LR: dict[str, float] = {"seed": 1.0, "gd": 1.0, "pgd_linf": 0.02, "pgd_l2": 0.25, "min_l2": 0.5}
-DEFAULT_LOSS: dict[str, str] = {"seed": "l1_softmax", "gd": "l1_softmax", "pgd_linf": "ce", "pgd_l2": "ce", "min_l2": "margin"}
 
 
 class ReportConfig(_Frozen):

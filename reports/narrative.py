@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from eightgen.attack.methods import loss_name, step_size
 from eightgen.classes import ClassSet
 from reports import stats
 from reports.formatting import fmt_int, fmt_num, fmt_pct, fmt_step
@@ -55,8 +56,8 @@ def headline(run: Run, x0_norms: np.ndarray | None = None) -> dict:
     return {
         "answer": _answer(plabel_of(run), crossed_ci, crossed_median, l2_median, rms, ratio, start_norm, classes_of(run), run.target),
         "method": attack.method,
-        "loss": attack.loss_name,
-        "lr": attack.step_size,
+        "loss": loss_name(attack),
+        "lr": step_size(attack),
         "lr_is_default": attack.lr is None,
         "eps": attack.eps,
         "steps": int(np.nanmax(stats.as_float(res["steps"]))),
@@ -137,7 +138,7 @@ def run_facts(run: Run) -> list[tuple[str, str]]:
         ("device / attack time", f"{rec.device} / {fmt_num(rec.attack_seconds, 1)} s"),
         ("dataset / target", f"{classes.title} ({rec.config.dataset.name}); target {classes.label(run.target)} vs every other {classes.noun}"),
         ("starts", f"{classes.nouns} {', '.join(classes.name_of(d) for d in digits) if digits else '—'}; noise {_yes(a.include_noise)} ({a.noise}); {a.seeds} seeds"),
-        ("method", f"{a.method}, loss {a.loss_name}, lr {a.step_size}{' (default)' if a.lr is None else ''}, "
+        ("method", f"{a.method}, loss {loss_name(a)}, lr {step_size(a)}{' (default)' if a.lr is None else ''}, "
          f"eps {a.eps if a.eps is not None else '—'}, {a.steps} steps, record every {a.record_every}, "
          f"early stop {a.early_stop if a.early_stop is not None else 'off'}"),
         ("dataset", f"{rec.dataset.path} (sha256 {rec.dataset.sha256[:12]})"),
@@ -181,7 +182,7 @@ def warnings_of(run: Run) -> list[dict]:
             }
         )
     failures = a["n"] - succ
-    loss = run.attack.loss_name
+    loss = loss_name(run.attack)
     if failures and a["saturated_failure_share"] >= 0.5 and loss in ("l1_softmax", "?"):
         out.append(
             {

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cli.main import build_config, main, parser
+from eightgen.attack.methods import step_size
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -87,7 +88,7 @@ def test_env_mnist_dir_and_overrides_reach_the_config(monkeypatch, tmp_path: Pat
     args = parser().parse_args(["run", "--preset", "quick", "--seeds", "3", "--digits", "2,7", "--lr", "0.5"])
     cfg = build_config(args)
     assert cfg.dataset.mnist_dir == tmp_path
-    assert cfg.attack.seeds == 3 and cfg.attack.start_digits == (2, 7) and cfg.attack.step_size == 0.5
+    assert cfg.attack.seeds == 3 and cfg.attack.start_digits == (2, 7) and step_size(cfg.attack) == 0.5
     assert cfg.train.arch == "small_cnn"
 
 

@@ -346,3 +346,38 @@ def test_missing_or_corrupt_trajectory_files_are_errors(tmp_path: Path) -> None:
     np.savez_compressed(other, run_id=np.array(["a"]))
     with pytest.raises(EightgenError, match=r"other.npz: not a trajectory file \(missing .*snapshots"):
         load_trajectory(other)
+
+
+def test_each_method_carries_its_defaults_and_the_config_names_every_method() -> None:
+    from typing import get_args
+
+    from eightgen.attack.methods import METHODS, loss_name, step_size
+    from eightgen.config import Method as MethodName
+
+    assert set(METHODS) == set(get_args(MethodName))
+    for name, rule in METHODS.items():
+        cfg = AttackConfig(method=name, eps=1.0)
+        assert (step_size(cfg), loss_name(cfg)) == (rule.default_lr, rule.default_loss)
+        given = AttackConfig(method=name, eps=1.0, lr=0.125, loss="margin")
+        assert (step_size(given), loss_name(given)) == (0.125, "margin")
+
+
+def test_min_l2_grows_its_radius_until_the_start_flips_then_shrinks_it() -> None:
+    from eightgen.attack.methods import MinL2
+
+    rule = MinL2(0.5, 10, 2.0)
+    x0 = torch.tensor([0.0, 0.25, 1.0]).reshape(3, 1, 1, 1).expand(3, 1, 28, 28).contiguous()
+    # its farthest box corner: 28 (all ones from zeros), 28 * 0.75, 28; capped at eps
+    assert rule.radius(x0).tolist() == [2.0, 2.0, 2.0]
+    assert MinL2(0.5, 10, 100.0).radius(x0).tolist() == pytest.approx([28.0, 21.0, 28.0])
+    radius = torch.tensor([1.0, 2.0, 4.0])
+    got = rule.adapt(radius, torch.tensor([True, False, True]))
+    assert got.tolist() == pytest.approx([1.0 - rule.gamma, 2.0 * (1.0 + rule.gamma), 4.0 * (1.0 - rule.gamma)])
+
+
+def test_the_update_rules_load_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, eightgen.attack.methods; assert 'torch' not in sys.modules, 'torch loaded'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,12 +9,13 @@ loop's own x and g (and return x): one pass over the images per operation, no te
 from __future__ import annotations
 
 import math
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from eightgen.config import AttackConfig
 from eightgen.errors import EightgenError
+
+if TYPE_CHECKING:  # the rules call tensor methods only, so the report can read their defaults without loading torch
+    from torch import Tensor
 
 TINY = 1e-12
 
@@ -39,6 +40,8 @@ class Method:
     """One update rule: `step` moves x along its gradient, `project` puts it back into the allowed set."""
 
     name = "base"
+    default_lr = 1.0  # the step size when the config gives no lr
+    default_loss = "ce"  # the loss when the config gives none
     keeps_best = False  # output the smallest flipping perturbation seen instead of the last iterate
     uses_grad_norm = False  # step needs ||g|| per start (the loop passes it when it has it)
 
@@ -66,6 +69,7 @@ class Seed(Method):
     """x <- x - lr * std^2 * g   (the notebook's raw step in normalised input space, written in pixels; no clamp)."""
 
     name = "seed"
+    default_loss = "l1_softmax"
 
     def __init__(self, lr: float, steps: int, eps: float | None, std: Tensor | float = 1.0) -> None:
         super().__init__(lr, steps, eps)
@@ -79,6 +83,7 @@ class GradientDescent(Method):
     """x <- clip_[0,1](x - lr * g)."""
 
     name = "gd"
+    default_loss = "l1_softmax"
 
     def step(self, x: Tensor, grad: Tensor, t: int, gnorm: Tensor | None = None) -> Tensor:
         return x.sub_(grad, alpha=self.lr)
@@ -91,6 +96,7 @@ class PgdLinf(Method):
     """x <- clip_[0,1](x0 + clip_[-eps,eps](x - lr * sign(g) - x0))."""
 
     name = "pgd_linf"
+    default_lr = 0.02
 
     def step(self, x: Tensor, grad: Tensor, t: int, gnorm: Tensor | None = None) -> Tensor:
         return x.sub_(grad.sign_(), alpha=self.lr)
@@ -103,6 +109,7 @@ class PgdL2(Method):
     """x <- clip_[0,1](x0 + d * min(1, eps / ||d||)),  d = x - lr * g / ||g|| - x0."""
 
     name = "pgd_l2"
+    default_lr = 0.25
     uses_grad_norm = True
 
     def step(self, x: Tensor, grad: Tensor, t: int, gnorm: Tensor | None = None) -> Tensor:
@@ -121,6 +128,8 @@ class MinL2(Method):
     """
 
     name = "min_l2"
+    default_lr = 0.5
+    default_loss = "margin"
     keeps_best = True
     uses_grad_norm = True
     gamma = 0.05
@@ -128,12 +137,12 @@ class MinL2(Method):
 
     def radius(self, x0: Tensor) -> Tensor:
         # Nothing in [0,1] lies further from x0 than its farthest box corner.
-        worst = torch.maximum(x0, 1.0 - x0).flatten(1).norm(dim=1)
-        start = 1.0 if self.eps is None else self.eps
-        return torch.full_like(worst, start).minimum(worst)
+        worst = x0.maximum(1.0 - x0).flatten(1).norm(dim=1)
+        return worst.clamp(max=1.0 if self.eps is None else self.eps)
 
     def adapt(self, radius: Tensor, is_target: Tensor) -> Tensor:
-        return torch.where(is_target, radius * (1.0 - self.gamma), radius * (1.0 + self.gamma))
+        # (1 + gamma) where not yet target, (1 - gamma) where target
+        return radius * (1.0 + self.gamma - 2.0 * self.gamma * is_target.to(radius.dtype))
 
     def step(self, x: Tensor, grad: Tensor, t: int, gnorm: Tensor | None = None) -> Tensor:
         low = self.floor * self.lr
@@ -148,12 +157,28 @@ class MinL2(Method):
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Seed, GradientDescent, PgdLinf, PgdL2, MinL2)}
 
 
-def make_method(cfg: AttackConfig, std: Tensor | float = 1.0) -> Method:
-    """The update rule of cfg.method with its step size, budget and (for seed) the model's input std."""
+def method_of(cfg: AttackConfig) -> type[Method]:
+    """The update rule cfg.method names."""
     if cfg.method not in METHODS:
         raise EightgenError(f"unknown method {cfg.method!r} (expected one of {', '.join(METHODS)})")
+    return METHODS[cfg.method]
+
+
+def step_size(cfg: AttackConfig) -> float:
+    """The step size in force: cfg.lr if given, else the method's default."""
+    return cfg.lr if cfg.lr is not None else method_of(cfg).default_lr
+
+
+def loss_name(cfg: AttackConfig) -> str:
+    """The loss in force: cfg.loss if given, else the method's default."""
+    return cfg.loss if cfg.loss is not None else method_of(cfg).default_loss
+
+
+def make_method(cfg: AttackConfig, std: Tensor | float = 1.0) -> Method:
+    """The update rule of cfg.method with its step size, budget and (for seed) the model's input std."""
+    rule = method_of(cfg)
     if cfg.method in ("pgd_linf", "pgd_l2") and cfg.eps is None:
         raise EightgenError(f"method {cfg.method!r} needs eps (its budget)")
-    if cfg.method == "seed":
-        return Seed(cfg.step_size, cfg.steps, cfg.eps, std)
-    return METHODS[cfg.method](cfg.step_size, cfg.steps, cfg.eps)
+    if rule is Seed:
+        return Seed(step_size(cfg), cfg.steps, cfg.eps, std)
+    return rule(step_size(cfg), cfg.steps, cfg.eps)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from eightgen.attack.execution import cached_plan
 from eightgen.attack.losses import LOSS_NAMES, per_sample_loss
 from eightgen.attack.methods import Method, make_method
+from eightgen.attack.methods import loss_name as loss_of
 from eightgen.config import AttackConfig
 from eightgen.errors import EightgenError
 from eightgen.trajectory import Trajectory
@@ -188,8 +189,8 @@ def _check_inputs(model: nn.Module, x0: Tensor, cfg: AttackConfig) -> None:
         raise EightgenError(f"starts must be a float32 tensor [n, C, 28, 28], got {got}")
     if len(x0) == 0:
         raise EightgenError("no starts to optimise (empty batch)")
-    if cfg.loss_name not in LOSS_NAMES:
-        raise EightgenError(f"unknown loss {cfg.loss_name!r} (expected one of {', '.join(LOSS_NAMES)})")
+    if loss_of(cfg) not in LOSS_NAMES:
+        raise EightgenError(f"unknown loss {loss_of(cfg)!r} (expected one of {', '.join(LOSS_NAMES)})")
     devices = {p.device for p in model.parameters()}
     if devices and devices != {x0.device}:
         raise EightgenError(f"model is on {sorted(map(str, devices))} but the starts are on {x0.device}")
@@ -250,7 +251,7 @@ def _run(
     rec: Recorder | None,
 ) -> Tensor:
     """The fixed loop: evaluate, record, (early-stop,) step, project. Returns the output images."""
-    n, steps, loss_name = len(x0), cfg.steps, cfg.loss_name
+    n, steps, loss_name = len(x0), cfg.steps, loss_of(cfg)
     x = x0.clone()
     radius = method.radius(x0)
     best_x = x0.clone() if method.keeps_best else None
