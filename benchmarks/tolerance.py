@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.bench import model_for
 from eightgen.attack.optimize import optimize
-from eightgen.config import AttackConfig
+from eightgen.config import AttackConfig, all_but
 from eightgen.data.assembly import load_assembled
 from eightgen.data.starts import make_starts
 from eightgen.devices import pick_device
@@ -54,7 +54,7 @@ def tolerance(model_dir: Path, dataset_dir: Path, seeds: int, steps: int, device
     data = load_assembled(dataset_dir)
     rows = []
     for method, extra in METHODS.items():
-        cfg = AttackConfig(seeds=seeds, steps=steps, device=device.type, **extra)
+        cfg = AttackConfig(seeds=seeds, steps=steps, device=device.type, start_digits=all_but(data.target), **extra)
         starts = make_starts(cfg, data.x_pool, data.y_pool, data.i_pool, spec.channels, model.mean.cpu(), model.std.cpu())
         x0 = starts.x0.to(device)
         base = optimize(model, x0, cfg)

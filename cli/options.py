@@ -155,7 +155,7 @@ def _at(data: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
 
 def apply_shared(data: dict[str, Any], args: argparse.Namespace, places: Places) -> None:
     """Apply the data, start-class, storage and device options to a config dump where `places` says; the target goes to
-    the dataset and every attack, the start classes and Hub name follow it and the dataset, and $EIGHTGEN_MNIST_DIR is
+    the dataset (its one field), the start classes and Hub name follow it and the dataset, and $EIGHTGEN_MNIST_DIR is
     the data dir when none is given."""
     dataset = _at(data, places.dataset)
     for dest, field in DATASET_FIELDS.items():
@@ -165,8 +165,6 @@ def apply_shared(data: dict[str, Any], args: argparse.Namespace, places: Places)
         dataset["hub_name"] = None  # the dataset's own
     target, digits = getattr(args, "target", None), getattr(args, "digits", None)
     for attack in [_at(data, a) for a in places.attacks]:
-        if target is not None:
-            attack["target"] = target
         if digits == ALL_BUT_TARGET or (digits is None and target is not None):
             attack["start_digits"] = None  # every class but the target
         elif digits is not None:

@@ -130,9 +130,9 @@ class TrainConfig(_Frozen):
 class AttackConfig(_Frozen):
     """Which starts are pushed toward the target, with which method and budget."""
 
-    target: int = Field(8, ge=0, le=9)
-    # The start classes; None (the default) means every class but the target, resolved on validation, so a
-    # validated config always holds the tuple (and its dump, run label and cache keys name the classes).
+    # The start classes; None (the default) means every class but the target. The target is the dataset's: the config
+    # that holds both (ExperimentConfig, AlignedConfig) resolves None on validation, so its dump, run label and cache
+    # keys name the classes.
     start_digits: tuple[int, ...] | None = None
     include_noise: bool = True
     noise: Literal["auto", "uniform", "normal"] = "auto"
@@ -151,17 +151,11 @@ class AttackConfig(_Frozen):
     autocast_bf16: bool = False
     compile: bool = False
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_starts(cls, data: object) -> object:
-        if isinstance(data, dict) and data.get("start_digits") is None:
-            target = data.get("target", cls.model_fields["target"].default)
-            data = {**data, "start_digits": all_but(target) if isinstance(target, int) and 0 <= target <= 9 else ()}
-        return data
-
     @field_validator("start_digits")
     @classmethod
-    def _digits_in_range(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+    def _digits_in_range(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is None:
+            return None
         bad = [d for d in v if not 0 <= d <= 9]
         if bad:
             raise ValueError(f"start digits must be 0-9, got {bad}")
@@ -228,14 +222,32 @@ class ExperimentConfig(_Frozen):
         """Where this run's results and report are written (the name made filesystem-safe)."""
         return safe_dir(self.runs_root, self.run_label, "run")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _starts_of_the_target(cls, data: object) -> object:
+        return resolve_starts(cls, data)
+
     @model_validator(mode="after")
-    def _same_target(self) -> "ExperimentConfig":
-        if self.attack.target != self.dataset.target:
-            raise ValueError(
-                f"attack.target ({self.attack.target}) differs from dataset.target ({self.dataset.target})"
-            )
+    def _pool_holds_the_starts(self) -> "ExperimentConfig":
         check_pool(self.dataset, self.attack)
         return self
+
+
+def resolve_starts(cls: type[BaseModel], data: object) -> object:
+    """A config dump with its attack's start classes resolved: None is every class but the dataset's target.
+
+    A dump written before the target had one field (attack.target beside dataset.target) is read when the two agree."""
+    if not isinstance(data, dict):
+        return data
+    dataset = data.get("dataset", cls.model_fields["dataset"].default)
+    target = dataset.target if isinstance(dataset, DatasetConfig) else dataset.get("target", DatasetConfig.model_fields["target"].default)
+    attack = data.get("attack", cls.model_fields["attack"].default)
+    attack = attack.model_dump() if isinstance(attack, AttackConfig) else dict(attack)
+    if "target" in attack and attack.pop("target") != target:
+        raise ValueError(f"attack.target differs from dataset.target ({target}): the target is the dataset's alone")
+    if attack.get("start_digits") is None and isinstance(target, int) and 0 <= target <= 9:
+        attack["start_digits"] = all_but(target)
+    return {**data, "attack": attack}
 
 
 def check_pool(dataset: DatasetConfig, attack: AttackConfig) -> None:
@@ -317,6 +329,11 @@ class AlignedConfig(_Frozen):
     cache_dir: Path = Path(".eightgen-cache")
     run_name: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _starts_of_the_target(cls, data: object) -> object:
+        return resolve_starts(cls, data)
+
     @field_validator("radii")
     @classmethod
     def _radii_valid(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
@@ -364,8 +381,6 @@ class AlignedConfig(_Frozen):
             )
         if self.dataset.referee_fraction <= 0:
             raise ValueError("dataset.referee_fraction must be > 0: the referees need images no detector trained on")
-        if self.attack.target != self.dataset.target:
-            raise ValueError(f"attack.target ({self.attack.target}) differs from dataset.target ({self.dataset.target})")
         check_pool(self.dataset, self.attack)
         if self.attack.seeds < self.grid_seeds:
             raise ValueError(f"grid_seeds ({self.grid_seeds}) exceeds attack.seeds ({self.attack.seeds})")

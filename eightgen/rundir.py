@@ -101,7 +101,7 @@ class RunRecord(_Record):
     @property
     def target(self) -> int:
         """The target class of the run."""
-        return self.config.attack.target
+        return self.config.dataset.target
 
 
 def now() -> datetime:

@@ -55,7 +55,7 @@ def collected(
         chunk = read_chunk(verified(artifact), read_manifest(artifact.path, verify=False))
         traj = chunk.trajectory
         frame = results_frame(
-            traj, chunk.x0, chunk.starts, model_name=spec.arch, method=cfg.method, target=cfg.target,
+            traj, chunk.x0, chunk.starts, model_name=spec.arch, method=cfg.method, target=experiment.dataset.target,
             collapse=collapsed(net, traj.x_final),
         )
         frames.append(pd.concat([frame, judge(chunk, frame)], axis=1) if judge else frame)

@@ -47,7 +47,7 @@ def collect_judged_results(
     def judge(chunk: Chunk, frame: pd.DataFrame) -> pd.DataFrame:
         start = frame["start_digit"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
         x_final, x0 = torch.from_numpy(chunk.trajectory.x_final), torch.from_numpy(chunk.x0)
-        return referee_columns(refs, x_final, x0, start, experiment.attack.target)
+        return referee_columns(refs, x_final, x0, start, experiment.dataset.target)
 
     run = collected(experiment, chunks, model, dataset, run_name, judge)
     record = run.record.model_copy(

@@ -27,9 +27,9 @@ def _cfg(*argv: str) -> ExperimentConfig:
 # --- configuration and command line ------------------------------------------------------------
 
 
-def test_target_option_sets_both_targets_and_the_default_starts() -> None:
+def test_target_option_sets_the_one_target_and_the_default_starts() -> None:
     cfg = _cfg("--target", "3")
-    assert cfg.dataset.target == cfg.attack.target == 3
+    assert cfg.dataset.target == 3 and "target" not in cfg.attack.model_dump()
     assert cfg.attack.start_digits == (0, 1, 2, 4, 5, 6, 7, 8, 9)
     assert _cfg("--target", "3", "--digits", "all").attack.start_digits == (0, 1, 2, 4, 5, 6, 7, 8, 9)
     assert _cfg("--target", "3", "--digits", "1,8", "--max-train", "600").attack.start_digits == (1, 8)
@@ -37,13 +37,18 @@ def test_target_option_sets_both_targets_and_the_default_starts() -> None:
 
 
 def test_default_starts_follow_the_target_in_python_too() -> None:
-    assert AttackConfig().start_digits == (0, 1, 2, 3, 4, 5, 6, 7, 9)
-    assert AttackConfig(target=0).start_digits == all_but(0) == tuple(range(1, 10))
-    assert AttackConfig(target=3, start_digits=None).start_digits == all_but(3)
-    assert AttackConfig(target=3, start_digits=(2,)).start_digits == (2,)
+    def of(target: int, **attack: object) -> ExperimentConfig:
+        return ExperimentConfig(dataset=DatasetConfig(target=target), attack=AttackConfig(**attack))
+
+    assert AttackConfig().start_digits is None  # every class but a target only the dataset knows
+    assert ExperimentConfig().attack.start_digits == (0, 1, 2, 3, 4, 5, 6, 7, 9)
+    assert of(0).attack.start_digits == all_but(0) == tuple(range(1, 10))
+    assert of(3, start_digits=None).attack.start_digits == all_but(3)
+    assert of(3, start_digits=(2,)).attack.start_digits == (2,)
+    assert ExperimentConfig(dataset={"target": 4}, attack={"seeds": 2}).attack.start_digits == all_but(4)
     # a validated config holds the tuple, so its dump round-trips to the same settings
-    dumped = AttackConfig(target=5).model_dump()
-    assert dumped["start_digits"] == all_but(5) and AttackConfig.model_validate(dumped) == AttackConfig(target=5)
+    dumped = of(5).model_dump()
+    assert dumped["attack"]["start_digits"] == all_but(5) and ExperimentConfig.model_validate(dumped) == of(5)
 
 
 def test_run_label_follows_the_target_and_is_deterministic() -> None:
@@ -60,22 +65,29 @@ def test_bad_target_fails_in_one_line(value: str, tmp_path: Path, capsys) -> Non
     out = capsys.readouterr()
     lines = (out.err + out.out).strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("eightgen: error: invalid settings:"), lines
-    assert "dataset.target" in lines[0] and "attack.target" in lines[0] and "Traceback" not in lines[0]
+    assert "dataset.target" in lines[0] and "Traceback" not in lines[0]
     assert not (tmp_path / "runs").exists()
 
 
-def test_targets_that_disagree_are_refused() -> None:
-    with pytest.raises(ValidationError, match=r"attack.target \(3\) differs from dataset.target \(8\)"):
-        ExperimentConfig(attack=AttackConfig(target=3))
+def test_a_record_with_the_old_second_target_loads_when_the_two_agree() -> None:
+    old = ExperimentConfig(dataset=DatasetConfig(target=3)).model_dump(mode="json")
+    old["attack"]["target"] = 3
+    assert ExperimentConfig.model_validate(old) == ExperimentConfig(dataset=DatasetConfig(target=3))
+    old["attack"]["target"] = 8
+    with pytest.raises(ValidationError, match=r"attack.target differs from dataset.target \(3\)"):
+        ExperimentConfig.model_validate(old)
+    with pytest.raises(ValidationError, match="target"):  # a target of its own is not a setting of the attack
+        AttackConfig(target=3)
     with pytest.raises(SystemExit):  # not an integer: argparse refuses it
         parser().parse_args(["run", "--target", "nine"])
 
 
 def test_aligned_takes_a_target() -> None:
     cfg = build_aligned_config(parser().parse_args(["aligned", "--target", "3"]))
-    assert cfg.dataset.target == cfg.attack.target == 3
+    assert cfg.dataset.target == 3
     assert cfg.attack.start_digits == all_but(3)
-    assert all(cfg.experiment(d, b).attack.target == 3 for d in cfg.detectors for b in cfg.budgets)
+    runs = [cfg.experiment(d, b) for d in cfg.detectors for b in cfg.budgets]
+    assert all(r.dataset.target == 3 and r.attack.start_digits == all_but(3) for r in runs)
     assert build_aligned_config(parser().parse_args(["aligned"])).run_label != cfg.run_label
 
 
@@ -104,7 +116,7 @@ def test_results_and_record_of_a_target_3_run(three: ExperimentConfig) -> None:
     assert set(results["target"]) == {3}
     assert set(results["start_digit"].dropna().astype(int)) == {1, 8}
     record = load_record(three.run_dir)
-    assert record.config.attack.target == record.config.dataset.target == 3
+    assert record.config.dataset.target == 3
     assert record.model.spec["target"] == 3 and list(record.model.spec["class_names"]) == ["not_3", "3"]
 
 
@@ -153,7 +165,7 @@ def _judged(detector: str, knn_share: float, target: int, dataset: str = "mnist"
             "ref_cnn_pred": np.ones(n, int),
         }
     )
-    config = ExperimentConfig(dataset=DatasetConfig(name=dataset, target=target), attack=AttackConfig(target=target, start_digits=(1, 8)))
+    config = ExperimentConfig(dataset=DatasetConfig(name=dataset, target=target), attack=AttackConfig(start_digits=(1, 8)))
     run = SimpleNamespace(record=SimpleNamespace(config=config), target=target)
     return AlignedRun(Path(f"{detector}-eps8"), detector, 8.0, run, results, np.zeros((n, 1, 28, 28)), np.zeros((n, 1, 28, 28)))
 

@@ -15,6 +15,8 @@ META_COLUMNS = ("run_id", "start_kind", "start_digit", "source_index", "seed")
 
 def digit_counts(cfg: AttackConfig, pool_counts: Mapping[int, int]) -> dict[int, int]:
     """Starts per start digit: per_digit of each, or the digit's whole pool for 'all'; error if the pool is short."""
+    if cfg.start_digits is None:
+        raise EightgenError("the start classes are unresolved: give start_digits, or the attack within its experiment's config")
     out = {}
     for d in cfg.start_digits:
         have = int(pool_counts.get(d, 0))
