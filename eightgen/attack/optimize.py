@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -19,11 +20,46 @@ from eightgen.trajectory import Trajectory
 TARGET = 1  # class index of the target digit in the classifier's two logits
 
 Forward = Callable[[Tensor], Tensor]
+# Shares of the step budget after which early-stopped starts leave the batch: a fixed few (the host reads one
+# count each), denser early, where most starts stop. Between them frozen starts stay in the batch, masked.
+COMPACT_AT = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4)
 
 
 def snapshot_steps(steps: int, record_every: int) -> list[int]:
     """0, record_every, 2*record_every, ... and always `steps`."""
     return sorted(set(range(0, steps + 1, record_every)) | {steps})
+
+
+def compaction_steps(steps: int) -> set[int]:
+    """The steps at which the loop counts the starts still moving, to drop frozen ones from the batch."""
+    return {max(1, math.ceil(steps * share)) for share in COMPACT_AT} - {steps}
+
+
+class HostCount:
+    """The number of True entries of a mask, brought to the host without making it wait for the device.
+
+    On CUDA the count is copied into pinned memory behind an event, and read only once the event has passed;
+    elsewhere it is there at once.
+    """
+
+    def __init__(self, mask: Tensor) -> None:
+        count = mask.sum()
+        self.event = None
+        if count.is_cuda:
+            self.host = torch.empty((), dtype=count.dtype, pin_memory=True)
+            self.host.copy_(count, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = count
+
+    def ready(self) -> bool:
+        """Whether the count can be read without waiting."""
+        return self.event is None or self.event.query()
+
+    def read(self) -> int:
+        """The count (once ready)."""
+        return int(self.host)
 
 
 def _per_start(mask: Tensor) -> Tensor:
@@ -106,15 +142,22 @@ class Recorder:
         self.nonfinite = torch.zeros(steps + 1, dtype=torch.long, device=dev)
         self.last_step = -1
 
-    def add(self, t: int, rows: Tensor | None, x: Tensor, logits: Tensor, loss: Tensor, gnorm: Tensor) -> None:
-        """Record step t of the starts `rows` (None: all), whose images are x and gradient norms gnorm (float64)."""
+    def add(
+        self, t: int, rows: Tensor | None, x: Tensor, logits: Tensor, loss: Tensor, gnorm: Tensor, live: Tensor | None = None
+    ) -> None:
+        """Record step t of the starts `rows` (None: all), whose images are x and gradient norms gnorm (float64).
+
+        live: which of them still move (None: all); frozen ones keep their gradient norm, and their logits and
+        losses are replaced by those of their stop step in fill_frozen.
+        """
         sel = slice(None) if rows is None else rows
         self.logits[sel, t] = logits
         self.loss[sel, t] = loss
-        self.grad_norm[sel] = gnorm.float()
+        gn = gnorm.float()
+        self.grad_norm[sel] = gn if live is None else torch.where(live, gn, self.grad_norm[sel])
         # A float64 norm of float32 entries cannot overflow: it is finite exactly when the whole gradient is.
-        ok = torch.isfinite(logits).all(dim=1) & torch.isfinite(gnorm)
-        self.nonfinite[t] = (~ok).sum()
+        bad = ~(torch.isfinite(logits).all(dim=1) & torch.isfinite(gnorm))
+        self.nonfinite[t] = (bad if live is None else bad & live).sum()
         first = (logits.argmax(dim=1) == TARGET) & (self.flip_step[sel] < 0)
         if rows is None:
             self.flip_step.masked_fill_(first, t)
@@ -129,9 +172,10 @@ class Recorder:
         if t in self._slot:
             self.snapshots[:, self._slot[t]] = x_all
 
-    def freeze(self, t: int, rows: Tensor) -> None:
-        """Mark starts as stopped at step t: their later steps become copies of step t."""
-        self.stopped_step[rows] = t
+    def freeze(self, t: int, rows: Tensor | None, stop: Tensor) -> None:
+        """Mark the starts `rows` (None: all) where stop is True as stopped at step t: their later steps become copies of step t."""
+        sel = slice(None) if rows is None else rows
+        self.stopped_step[sel] = torch.where(stop, t, self.stopped_step[sel])
 
     def raise_if_nonfinite(self) -> None:
         """EightgenError naming the first step whose model output or input gradient was NaN/inf."""
@@ -250,14 +294,22 @@ def _run(
     progress: Callable[[int], None] | None,
     rec: Recorder | None,
 ) -> Tensor:
-    """The fixed loop: evaluate, record, (early-stop,) step, project. Returns the output images."""
+    """The fixed loop: evaluate, record, (early-stop,) step, project. Returns the output images.
+
+    Nothing in it waits for the device: flips and stops are masks. With early stopping, frozen starts stay in the
+    batch (masked: their images, budgets and records do not move) until a compaction step, where the host reads
+    how many still move, once the device has got there, and the batch keeps only those.
+    """
     n, steps, loss_name = len(x0), cfg.steps, loss_of(cfg)
     x = x0.clone()
     radius = method.radius(x0)
     best_x = x0.clone() if method.keeps_best else None
     best_l2 = torch.full((n,), float("inf"), device=x0.device)
     streak = torch.zeros(n, dtype=torch.long, device=x0.device)
-    rows: Tensor | None = None  # the starts still moving; None = all (no gather/scatter)
+    rows: Tensor | None = None  # the starts in the batch; None = all (no gather/scatter)
+    live: Tensor | None = None  # which starts of the batch still move (early stopping only)
+    checks = compaction_steps(steps) if cfg.early_stop is not None else set()
+    pending: HostCount | None = None
     last = -1
 
     for t in range(steps + 1):
@@ -266,35 +318,48 @@ def _run(
         logits, loss, grad = _evaluate(forward, xa, loss_name, bf16)
         gnorm = grad_norms(grad) if rec is not None or method.uses_grad_norm else None
         if rec is not None:
-            rec.add(t, rows, xa, logits, loss, gnorm)
+            rec.add(t, rows, xa, logits, loss, gnorm, live)
             rec.snapshot(t, x)
         last = t
         is_target = logits.argmax(dim=1) == TARGET
         if best_x is not None:
             l2 = (xa - x0a).flatten(1).norm(dim=1)
             better = is_target & (l2 < best_l2[sel])
+            better = better if live is None else better & live
             best_l2[sel] = torch.where(better, l2, best_l2[sel])
             best_x[sel] = torch.where(_per_start(better), xa, best_x[sel])
         if t == steps:
             break
         if cfg.early_stop is not None:
+            live = torch.ones_like(is_target) if live is None else live
             streak[sel] = torch.where(is_target, streak[sel] + 1, 0)
-            stop = streak[sel] >= cfg.early_stop
-            if bool(stop.any()):
+            stop = live & (streak[sel] >= cfg.early_stop)
+            if rec is not None:
+                rec.freeze(t, rows, stop)
+            live = live & ~stop
+            if t in checks and pending is None:
+                pending = HostCount(live)
+            if pending is not None and pending.ready():
+                moving = pending.read()
+                pending = None
+                if moving == 0:
+                    break
+                # The first `moving` rows in stable order of "frozen": every start still moving, in order (a count
+                # taken some steps ago may also keep a few that froze since; they stay masked).
+                keep = torch.argsort((~live).to(torch.uint8), stable=True)[:moving]
                 index = torch.arange(n, device=x.device) if rows is None else rows
-                if rec is not None:
-                    rec.freeze(t, index[stop])
-                keep = ~stop
-                rows, xa, x0a, grad, is_target = index[keep], xa[keep], x0a[keep], grad[keep], is_target[keep]
+                rows, xa, x0a, grad, is_target, live = index[keep], xa[keep], x0a[keep], grad[keep], is_target[keep], live[keep]
                 gnorm = None if gnorm is None else gnorm[keep]
                 sel = rows
-                if len(rows) == 0:
-                    break
         ra = None
         if radius is not None:
             ra = method.adapt(radius[sel], is_target)
+            ra = ra if live is None else torch.where(live, ra, radius[sel])
             radius[sel] = ra
+        held = None if live is None else xa.clone()
         moved = method.project(method.step(xa, grad, t, gnorm), x0a, ra)
+        if held is not None:
+            moved = torch.where(_per_start(live), moved, held, out=moved)
         if rows is not None:
             x[rows] = moved
         if progress is not None:
