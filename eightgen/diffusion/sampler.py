@@ -2,7 +2,8 @@
 
 Images live in [-1, 1] inside the denoiser and in [0, 1] pixel units everywhere else (the detectors', referees'
 and the report's scale). The sampler is deterministic (DDIM with eta 0): the same start and noise give the same
-result, whatever the batch.
+result, whatever the batch. This module needs torch and numpy alone; the fastai callbacks that train the
+denoiser live in eightgen.diffusion.denoiser (and are still reachable by their names here).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastai.callback.core import Callback
 from torch import Tensor, nn
 
 from eightgen.errors import EightgenError
@@ -80,75 +80,9 @@ def to_pixels(x: Tensor) -> Tensor:
 
 def q_sample(x0: Tensor, t: Tensor, noise: Tensor, schedule: Schedule) -> Tensor:
     """x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε, per image (x0 and noise in model space [-1, 1], t [n] integers)."""
-    ab = schedule.alpha_bar[t.cpu()].to(device=x0.device, dtype=x0.dtype).reshape(-1, 1, 1, 1)  # float64 stays on the CPU (MPS has none)
+    # Cast on the CPU (MPS has no float64), indexed on the device: no wait for t to reach the host.
+    ab = schedule.alpha_bar.to(dtype=x0.dtype).to(x0.device)[t].reshape(-1, 1, 1, 1)
     return ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise
-
-
-class NoisePrediction(Callback):
-    """fastai callback of the DDPM objective: each batch of clean [0, 1] images becomes ((x_t, t), ε).
-
-    With an MSE loss the Learner then trains the denoiser to predict the noise (Ho et al. 2020, L_simple).
-    Timesteps and noise come from torch's global generator, which fastai's set_seed fixes.
-    """
-
-    def __init__(self, schedule: Schedule) -> None:
-        self.schedule = schedule
-
-    def before_batch(self) -> None:
-        """Noise the batch at uniformly drawn timesteps; the target is the noise."""
-        (xb,) = self.learn.xb
-        x0 = to_model_space(xb.as_subclass(Tensor).float())
-        t = torch.randint(0, self.schedule.timesteps, (len(x0),), device=x0.device)
-        noise = torch.randn_like(x0)
-        self.learn.xb = (q_sample(x0, t, noise, self.schedule), t)
-        self.learn.yb = (noise,)
-
-
-class WeightAverage(Callback):
-    """fastai callback keeping an exponential moving average of the model's weights (and buffers).
-
-    The average is what validation sees and what the model holds after fitting: averaged weights sample cleaner
-    images than the last step's (Ho et al. 2020; Nichol & Dhariwal 2021). The decay warms up as min(decay,
-    (1 + n)/(10 + n)) after n steps, so the first steps do not pin the average to the random start.
-    """
-
-    order = 90  # after the optimiser step
-
-    def __init__(self, decay: float) -> None:
-        self.decay = decay
-
-    def before_fit(self) -> None:
-        """Start the average at the initial weights."""
-        self.shadow = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
-        self.updates = 0
-
-    def after_step(self) -> None:
-        """Move the average toward the weights the optimiser just wrote."""
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        with torch.no_grad():
-            for k, v in self.learn.model.state_dict().items():
-                if v.dtype.is_floating_point:
-                    self.shadow[k].mul_(d).add_(v.detach(), alpha=1.0 - d)
-                else:
-                    self.shadow[k].copy_(v)
-
-    def _swap(self) -> None:
-        live = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
-        self.learn.model.load_state_dict(self.shadow)
-        self.shadow = live
-
-    def before_validate(self) -> None:
-        """Validate the averaged weights."""
-        self._swap()
-
-    def after_validate(self) -> None:
-        """Train on the live weights again."""
-        self._swap()
-
-    def after_fit(self) -> None:
-        """Leave the averaged weights in the model."""
-        self.learn.model.load_state_dict(self.shadow)
 
 
 def ddpm_loss(model: nn.Module, x0: Tensor, schedule: Schedule, generator: torch.Generator | None = None) -> Tensor:
@@ -206,10 +140,11 @@ class Sampled:
 
 
 def _target_prob(detector: nn.Module | None, x: Tensor) -> Tensor:
+    """p(target) [n] of x on x's device (NaN without a detector)."""
     if detector is None:
-        return torch.full((len(x),), float("nan"))
+        return torch.full((len(x),), float("nan"), device=x.device)
     with torch.no_grad():
-        return detector(x).softmax(dim=1)[:, 1].float().cpu()
+        return detector(x).softmax(dim=1)[:, 1].float()
 
 
 def guided_x0(x0: Tensor, guide: Guide, weight: float) -> Tensor:
@@ -241,29 +176,31 @@ def ddim_sample(
     estimate, and the push fades as the noise does. ε̂ is then made consistent with the moved x̂₀ (Dhariwal & Nichol
     2021's guidance, with the gradient taken on x̂₀), so the guidance is carried into x_{t-1}. `watch` records
     p(target) of x̂₀ at every step (the guide's detector when not given). start < 0: nothing to denoise, x_t is
-    returned as it is (in pixels).
+    returned as it is (in pixels). The loop never waits for the device: what it records stays there until the end.
     """
     watch = watch if watch is not None else (guide.detector if guide is not None else None)
     x = x_t.float()
     ts = ddim_timesteps(start, steps) if start >= 0 else []
-    ab_all = schedule.alpha_bar.float().to(x.device)
+    # ᾱ of each step, then 1 (after the last), as device scalars; the guidance weights √(1-ᾱ) read on the host.
+    alpha = schedule.alpha_bar.float()
+    ab_seq = torch.cat([alpha[ts], torch.ones(1)]).to(x.device)
+    weights = (1 - alpha[ts]).sqrt().tolist()
     pixels = to_pixels(x).clamp(0.0, 1.0) if start >= 0 else x
-    snaps, snap_steps, probs = [pixels.half().cpu()], [0], [_target_prob(watch, pixels)]
+    snaps, snap_steps, probs = [pixels.half()], [0], [_target_prob(watch, pixels)]
     for i, t in enumerate(ts):
-        ab = ab_all[t].float()
-        ab_prev = ab_all[ts[i + 1]].float() if i + 1 < len(ts) else torch.tensor(1.0, device=x.device)
+        ab, ab_prev = ab_seq[i], ab_seq[i + 1]
         tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
         eps = denoiser(x, tt).float()
         x0 = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1.0, 1.0)
         x0_pix = to_pixels(x0)
         if guide is not None and guide.scale > 0:
-            x0_pix = guided_x0(x0_pix, guide, float((1 - ab).sqrt()))
+            x0_pix = guided_x0(x0_pix, guide, weights[i])
             x0 = to_model_space(x0_pix)
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt().clamp_min(TINY)
         x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
         probs.append(_target_prob(watch, x0_pix))
         if (i + 1) % record_every == 0 or i + 1 == len(ts):
-            snaps.append(x0_pix.half().cpu())
+            snaps.append(x0_pix.half())
             snap_steps.append(i + 1)
         if progress is not None:
             progress(i + 1, len(ts))
@@ -271,8 +208,8 @@ def ddim_sample(
     return Sampled(
         x_final=final.float().cpu(),
         snapshot_steps=np.asarray(snap_steps, dtype=np.int64),
-        snapshots=torch.stack(snaps, dim=1),
-        p_target=torch.stack(probs, dim=1),
+        snapshots=torch.stack(snaps, dim=1).cpu(),
+        p_target=torch.stack(probs, dim=1).cpu(),
         timesteps=ts,
     )
 
@@ -284,3 +221,12 @@ def noised_start(x0: Tensor, noise: Tensor, level: float, schedule: Schedule) ->
         return x0.clone(), -1
     tt = torch.full((len(x0),), t, dtype=torch.long)
     return q_sample(to_model_space(x0), tt, noise, schedule), t
+
+
+def __getattr__(name: str) -> object:
+    """The fastai training callbacks, from eightgen.diffusion.denoiser, under their old home's names."""
+    if name in ("NoisePrediction", "WeightAverage"):
+        from eightgen.diffusion import denoiser
+
+        return getattr(denoiser, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
