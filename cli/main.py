@@ -21,6 +21,7 @@ from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
 from runtime.environment import process_env
 from runtime.errorlog import ErrorLog, describe
+from runtime.locks import use_lock_url
 from runtime.phases import mark
 from runtime.runners import absolute_paths, probe_dask
 
@@ -134,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = error_log(args, argv)
     with log.prefect_tracebacks():
         try:
+            use_lock_url(getattr(args, "lock_url", None))
             return commands[args.command](args)
         except ValidationError as exc:
             problem = _one_line(exc)

@@ -130,6 +130,10 @@ def storage_options(g: argparse._ActionsContainer, what: str, default_name: str)
     g.add_argument("--run-name", help=f"{what} name (default: {default_name})")
     g.add_argument("--force", action="store_true", help="recompute what follows the data and training even if cached")
     g.add_argument("--overwrite", action="store_true", help=f"replace a {what} that holds results of other settings")
+    g.add_argument(
+        "--lock-url", help="Redis URL (redis://host:port/db) for the stage locks, so runs on several hosts compute each output "
+        "once (default $EIGHTGEN_LOCK_URL; none: lock files in the cache)"
+    )
 
 
 @dataclass(frozen=True)

@@ -5,25 +5,21 @@ the persisted record holds the output's Artifact (path + sha256 of its manifest)
 the key. Anything else (deleted, edited, replaced, overwritten by another run, corrupt) drops the record,
 so the task runs again. Keys never contain where the cache lives, so a cache can be moved or shared.
 
-Several processes (or threads) may ask for the same output at once. Each stage task runs under Prefect's
-SERIALIZABLE isolation with an `OutputLocks` lock manager: an exclusive flock per output directory, held from
-the look-up of the task's record until the record is written. One caller computes the output; the others wait,
-then find its record and come back `Cached`. The system drops a flock when its process dies, so a killed run
-never blocks the next one.
+Several processes (or threads, or hosts) may ask for the same output at once. Each stage task runs under
+Prefect's SERIALIZABLE isolation with an `OutputLocks` lock manager: an exclusive lock per output directory (a
+flock, or a Redis lock with --lock-url: runtime/locks.py), held from the look-up of the task's record until the record
+is written. One caller computes the output; the others wait, then find its record and come back `Cached`. A killed
+holder's lock goes with it (a flock at once, a Redis lock when its renewals stop), so it never blocks the next run.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import threading
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
@@ -34,12 +30,12 @@ from pydantic import BaseModel
 from eightgen.artifacts import MANIFEST, Artifact, clear_leftovers, read_manifest, sha256_file
 from eightgen.codekey import code_digest
 from eightgen.errors import EightgenError
+from runtime.locks import lock_url, locks_at
 
 # Parameters that never change what a stage computes: how hard to try, and where the cache lives.
 NOT_IN_KEY = ("force", "overwrite", "cache_dir")
 STAGE_KEY = "stage_key"  # manifest field naming the key that produced an output
 LOCKS = "locks"  # <cache_dir>/locks/: one lock file per content-addressed output
-POLL = 0.1  # seconds between tries for a lock wanted within a time limit
 
 
 def _canonical(value: Any) -> Any:
@@ -141,7 +137,7 @@ class CachedStage:
         record_file = _record_file(context, key)
         if record_file.exists():
             out = self.output_dir(parameters, key)
-            with _flocked(self.lock_file(out), fcntl.LOCK_SH):
+            with locks_at(lock_url()).reading(self.lock_file(out)):
                 if parameters.get("force") or not self.reusable(_recorded(record_file), out, key):
                     record_file.unlink(missing_ok=True)
         return key
@@ -162,57 +158,32 @@ class CachedStage:
         return self.output_dir(parameters, key), key
 
 
-def _open_lock(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-
-
-def _take(fd: int, how: int, timeout: float | None) -> bool:
-    """flock an open lock file (LOCK_EX or LOCK_SH): wait for it, or for at most `timeout` seconds; whether it was taken."""
-    if timeout is None:
-        fcntl.flock(fd, how)
-        return True
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fd, how | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(POLL)
-
-
-@contextmanager
-def _flocked(path: Path, how: int) -> Iterator[None]:
-    """Hold a flock on a lock file for the block, waiting for it as long as it takes."""
-    fd = _open_lock(path)
-    try:
-        _take(fd, how, None)
-        yield
-    finally:
-        os.close(fd)  # closing the file drops its lock
-
-
 class OutputLocks:
-    """Prefect lock manager of one stage: an exclusive flock on the lock file of the output a task run writes.
+    """Prefect lock manager of one stage: an exclusive lock (runtime/locks.py) on the output a task run writes.
 
     Prefect takes it (SERIALIZABLE isolation) before it looks for the task's record, and gives it back once the
-    record is written or the run has failed. The lock file is found from the running task's parameters. Whoever
+    record is written or the run has failed. The lock is found from the running task's parameters. Whoever
     holds it may clear the staging folders a killed writer left beside the output: nobody else can be writing them.
+    Where locks live (files, or the Redis of $EIGHTGEN_LOCK_URL) is read when a lock is first used, and travels
+    with the manager to Dask workers.
     """
 
-    def __init__(self, stage: CachedStage) -> None:
-        self.stage = stage
-        self._held: dict[tuple[str, str], int] = {}  # (key, holder) -> the open, locked lock file
+    def __init__(self, stage: CachedStage, url: str | None = None) -> None:
+        self.stage, self._url = stage, url
+        self._held: dict[tuple[str, str], Any] = {}  # (key, holder) -> the held lock's handle
         self._where: dict[str, tuple[Path, Path]] = {}  # key -> (lock file, output directory)
         self._mutex = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # copied or sent to a Dask worker without open files or held locks
-        return {"stage": self.stage}
+        return {"stage": self.stage, "url": self._url or lock_url()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["stage"])
+        self.__init__(state["stage"], state.get("url"))
+
+    @property
+    def locks(self) -> Any:
+        """Where this manager's locks live."""
+        return locks_at(self._url or lock_url())
 
     def _locate(self, key: str) -> tuple[Path, Path] | None:
         ctx = TaskRunContext.get()
@@ -234,12 +205,11 @@ class OutputLocks:
         if where is None:
             raise RuntimeError(f"{key}: locked outside a running task, so its output is unknown")
         lock, out = where
-        fd = _open_lock(lock)
-        if not _take(fd, fcntl.LOCK_EX, acquire_timeout):
-            os.close(fd)
+        handle = self.locks.take(lock, acquire_timeout)
+        if handle is None:
             return False
         with self._mutex:
-            self._held[(key, holder)] = fd
+            self._held[(key, holder)] = handle
         clear_leftovers(out)
         return True
 
@@ -252,9 +222,9 @@ class OutputLocks:
     def release_lock(self, key: str, holder: str) -> None:
         """Give the lock back; nothing happens when this holder does not hold it."""
         with self._mutex:
-            fd = self._held.pop((key, holder), None)
-        if fd is not None:
-            os.close(fd)
+            handle = self._held.pop((key, holder), None)
+        if handle is not None:
+            self.locks.give_back(handle)
 
     def is_locked(self, key: str) -> bool:
         """Whether anyone holds the output's lock now."""
@@ -262,13 +232,7 @@ class OutputLocks:
             if any(k == key for k, _ in self._held):
                 return True
             where = self._where.get(key)
-        if where is None or not where[0].exists():
-            return False
-        fd = _open_lock(where[0])
-        try:
-            return not _take(fd, fcntl.LOCK_SH, 0)
-        finally:
-            os.close(fd)
+        return where is not None and self.locks.held(where[0])
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         """Whether this holder holds the lock."""
@@ -279,13 +243,7 @@ class OutputLocks:
         """Wait until nobody holds the lock (at most `timeout` seconds); whether it is free."""
         with self._mutex:
             where = self._where.get(key)
-        if where is None:
-            return True
-        fd = _open_lock(where[0])
-        try:
-            return _take(fd, fcntl.LOCK_SH, timeout)
-        finally:
-            os.close(fd)
+        return where is None or self.locks.wait_free(where[0], timeout)
 
     async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
         """wait_for_lock, for async callers."""

@@ -26,14 +26,17 @@ def cli_env(home: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_three_runs_at_once_on_one_cold_cache_compute_each_output_once(mnist_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("locks", ["files", "redis"])
+def test_three_runs_at_once_on_one_cold_cache_compute_each_output_once(locks: str, mnist_dir: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     cache, home = tmp_path / "cache", tmp_path / "home"
+    lock_url = ["--lock-url", request.getfixturevalue("redis_url")] if locks == "redis" else []
+    locks_taken = _lock_commands(lock_url)
     # two identical runs (same runs root and run name: one run directory) and a third writing its run elsewhere
     roots = [tmp_path / "runs", tmp_path / "runs", tmp_path / "other-runs"]
     logs = [tmp_path / f"run-{i}.log" for i in range(len(roots))]
     procs = []
     for root, log in zip(roots, logs):
-        argv = [*TINY, "--max-train", "600", "--mnist-dir", str(mnist_dir), "--cache-dir", str(cache), "--runs-root", str(root), "--run-name", "same"]
+        argv = [*TINY, "--max-train", "600", "--mnist-dir", str(mnist_dir), "--cache-dir", str(cache), "--runs-root", str(root), "--run-name", "same", *lock_url]
         with log.open("w") as out:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "cli.main", "run", *argv], cwd=ROOT, env=cli_env(home), stdout=out, stderr=subprocess.STDOUT
@@ -58,8 +61,21 @@ def test_three_runs_at_once_on_one_cold_cache_compute_each_output_once(mnist_dir
     verify_run(same)
     verify_run(other)
     assert run_bytes(same) == run_bytes(other)
-    # the run's lock file, the runs index (page and history), no staging folder
-    assert sorted(p.name for p in roots[0].iterdir()) == [".same.lock", "index-history.jsonl", "index.html", "same"]
+    # the run's lock file (none with Redis locks), the runs index (page and history), no staging folder
+    lock_file = [".same.lock"] if locks == "files" else []
+    assert sorted(p.name for p in roots[0].iterdir()) == [*lock_file, "index-history.jsonl", "index.html", "same"]
+    assert (cache / "locks").is_dir() == (locks == "files")
+    if locks == "redis":  # every output's lock went through Redis: 3 runs x (dataset, model, chunks, run directory)
+        assert _lock_commands(lock_url) - locks_taken >= runs * (2 + CHUNKS + 1)
+
+
+def _lock_commands(lock_url: list[str]) -> int:
+    """How many locks the Redis server has been asked for so far (SET NX calls), 0 without one."""
+    if not lock_url:
+        return 0
+    from redis import Redis
+
+    return int(Redis.from_url(lock_url[1]).info("commandstats").get("cmdstat_set", {}).get("calls", 0))
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "renames"])

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # package -> project packages it may import (anywhere in its modules, lazily or not)
 ALLOWED = {
     "eightgen": {"eightgen"},
-    "tasks": {"eightgen", "tasks", "reports"},
+    "tasks": {"eightgen", "tasks", "reports", "runtime"},
     "reports": {"eightgen", "reports"},
     "flows": {"eightgen", "tasks", "flows", "runtime", "prefect_api"},
     "runtime": {"eightgen", "runtime"},
