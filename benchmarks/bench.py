@@ -39,7 +39,6 @@ from eightgen.data.sources import load_mnist
 from eightgen.devices import pick_device
 from eightgen.errors import EightgenError
 from eightgen.models.detector import PixelClassifier, load_classifier, to_model_input
-from eightgen.models.training import train
 
 POOL_PER_DIGIT = 64
 NOT_TARGET = (0, 1, 2, 3, 4, 5, 6, 7, 9)
@@ -101,6 +100,8 @@ def _complete(directory: Path) -> bool:
 
 def prepared_model(arch: str, mnist_dir: Path, cache_dir: Path, epochs: int = 2) -> tuple[Path, Path]:
     """Dataset and trained-model directories for arch under cache_dir, built on first use and reused after."""
+    from eightgen.models.training import train  # fastai: only when a model is trained (benchmarks.gpu runs without it)
+
     dcfg = dataset_config(mnist_dir)
     tcfg = TrainConfig(arch=arch, epochs=epochs, device="cpu", seed=0)
     dataset_dir = cache_dir / f"dataset-{sha256_json(dcfg.model_dump(mode='json', exclude={'mnist_dir'}))[:10]}"
