@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cli.options import Places, apply_shared, data_options, device_option, digits_option, storage_options
+from cli.options import Places, apply_shared, count_or_all, data_options, device_option, digits_option, storage_options
 from eightgen.config import AlignedConfig, referee_eps_for
 from eightgen.errors import EightgenError
 from runtime.environment import process_env
@@ -22,6 +22,7 @@ OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
     "referee_epochs": (("referees",), "epochs"),
     "referee_eps": (("referees",), "robust_eps"),
     "seeds": (("attack",), "seeds"),
+    "starts_per_digit": (("attack",), "starts_per_digit"),
     "steps": (("attack",), "steps"),
     "noise": (("attack",), "include_noise"),
     "chunk_size": (("attack",), "chunk_size"),
@@ -62,7 +63,8 @@ def add_aligned_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--budgets", type=_numbers, help=f"L2 budgets, e.g. 1,2,4,6,8 (default {','.join(f'{b:g}' for b in d.budgets)})")
     g.add_argument("--matched-budget", type=float, help=f"budget at which the targets are checked (default {d.matched_budget:g})")
-    g.add_argument("--seeds", type=int, help=f"starts per digit and of noise (default {d.attack.seeds})")
+    g.add_argument("--seeds", type=int, help=f"noise starts, and starts per start class unless --starts-per-digit is given (default {d.attack.seeds})")
+    g.add_argument("--starts-per-digit", type=count_or_all, help="starts per start class: N or 'all' (every held-out image of the class)")
     g.add_argument("--steps", type=int, help=f"gradient steps per start (default {d.attack.steps})")
     digits_option(g)
     g.add_argument("--noise", action=argparse.BooleanOptionalAction, default=None, help="include uniform-noise starts")

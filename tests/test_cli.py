@@ -105,7 +105,7 @@ def test_a_folder_option_naming_a_file_fails_before_any_work(option: str, mnist_
 
 
 SHARED = ["--dataset", "fashion_mnist", "--target", "3", "--source", "idx", "--data-dir", "/data/fashion", "--runs-root", "/r", "--cache-dir", "/c",
-          "--run-name", "n", "--device", "cpu", "--digits", "all", "--overwrite", "--force"]
+          "--run-name", "n", "--device", "cpu", "--digits", "all", "--starts-per-digit", "2", "--overwrite", "--force", "--lock-url", "redis://h:1/0"]
 
 
 def test_every_command_takes_the_shared_options_and_applies_them_alike(monkeypatch) -> None:
@@ -117,14 +117,14 @@ def test_every_command_takes_the_shared_options_and_applies_them_alike(monkeypat
     built = {}
     for command, build in [("run", build_config), ("serve", build_config), ("aligned", build_aligned_config), ("diffusion", build_diffusion_config)]:
         args = parser().parse_args([command, *SHARED])
-        assert args.overwrite and args.force, command
+        assert args.overwrite and args.force and args.lock_url == "redis://h:1/0", command
         cfg = build(args)
         aligned = getattr(cfg, "aligned", cfg)
         built[command] = cfg
         dataset, attack = aligned.dataset, aligned.attack
         assert (dataset.name, dataset.target, dataset.source, dataset.mnist_dir, dataset.hub_name) == (
             "fashion_mnist", 3, "idx", Path("/data/fashion"), None), command
-        assert (attack.start_digits, attack.device) == (tuple(d for d in range(10) if d != 3), "cpu"), command
+        assert (attack.start_digits, attack.per_digit, attack.device) == (tuple(d for d in range(10) if d != 3), 2, "cpu"), command
         assert (aligned.runs_root, aligned.cache_dir, aligned.run_name) == (Path("/r"), Path("/c"), "n"), command
     aligned, diffusion = built["aligned"], built["diffusion"]
     assert {aligned.standard.device, aligned.robust.device, aligned.referees.device} == {"cpu"}
