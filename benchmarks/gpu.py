@@ -4,8 +4,8 @@ Every part (benchmarks/gpu_parts.py) runs in a process of its own, stopped at it
 is reported with its reason and the rest still run. Without CUDA the same parts run on the CPU at a tiny size.
 Writes one JSON (--out) and prints a table, the goals beside what was measured.
 
-    python -m benchmarks.gpu [--out gpu.json] [--size auto|tiny|full] [--device auto] [--parts a,b]
-                             [--budget SECONDS] [--mnist-dir DIR]
+    python -m benchmarks.gpu [--out gpu-check.json] [--size auto|tiny|full] [--device auto] [--parts a,b]
+                             [--budget SECONDS] [--limit [PART=]SECONDS] [--mnist-dir DIR] [--inject PART=hang|raise]
 """
 
 from __future__ import annotations
@@ -141,6 +141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto: cuda if there is one, else cpu")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}")
     p.add_argument("--budget", type=float, default=None, help="seconds for all parts together (full 470, tiny 240)")
+    p.add_argument("--limit", action="append", default=[], metavar="[PART=]SECONDS",
+                   help="seconds every part (or PART) may take, instead of its own limit")  # fmt: skip
     p.add_argument("--mnist-dir", type=Path, default=None, help="MNIST IDX files (default $EIGHTGEN_MNIST_DIR; else noise)")
     p.add_argument("--inject", action="append", default=[], metavar="PART=hang|raise",
                    help="make a part hang or fail, to see the rest still run")  # fmt: skip
@@ -155,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         sys.stderr.write(f"benchmarks.gpu: error: unknown parts {', '.join(unknown)} (have {', '.join(PARTS)})\n")
         return 2
+    try:
+        limits = {part: float(seconds) for part, _, seconds in (item.rpartition("=") for item in args.limit)}
+    except ValueError:
+        sys.stderr.write(f"benchmarks.gpu: error: --limit takes SECONDS or PART=SECONDS, got {args.limit}\n")
+        return 2
     if args.mnist_dir is None and os.environ.get("EIGHTGEN_MNIST_DIR"):
         args.mnist_dir = Path(os.environ["EIGHTGEN_MNIST_DIR"])
     if args.inject:
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="eightgen-gpu-") as folder:
         for name in parts:
             left = budget - (time.perf_counter() - started)
-            limit = min(LIMITS[name] if size == "full" else TINY_LIMIT, left)
+            limit = min(limits.get(name, limits.get("", LIMITS[name] if size == "full" else TINY_LIMIT)), left)
             if limit < 1.0:
                 report["parts"][name] = {"status": "skipped", "seconds": 0.0, "limit_seconds": 0.0, "reason": "no time left in the budget", "result": None}
                 continue
