@@ -5,6 +5,7 @@ device (host reads counted here, CUDA's own sync check where there is CUDA)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from benchmarks.gpu import GOALS, PARTS, Goal
 from benchmarks.gpu_nets import resnet_net
 from benchmarks.gpu_parts import METHODS
 from benchmarks.gpu_sync import HostReads, strict_steps
-from eightgen.attack.optimize import COMPACT_AT, compaction_steps, optimize
+from eightgen.attack.optimize import compaction_steps, optimize
 from eightgen.config import AttackConfig
 from eightgen.diffusion.sampler import Guide, ddim_sample, make_schedule
 from eightgen.diffusion.unet import UNet
@@ -145,7 +146,10 @@ def x0() -> Tensor:
 def test_the_optimisation_loop_reads_nothing_on_the_host_per_step(net: nn.Module, x0: Tensor, extra: dict) -> None:
     run = lambda steps: optimize(net, x0, AttackConfig(steps=steps, record_every=5, **extra))  # noqa: E731
     short, long = reads(run, 32), reads(run, 128)
-    assert long <= short <= 40  # the chunk's results come to the host once; a compaction step reads one count
+    # the chunk's results come to the host once; early stopping reads one count per compaction step (4 more of
+    # them from 32 to 128 steps), never one per step
+    extra = len(compaction_steps(128)) - len(compaction_steps(32)) if "early_stop" in extra else 0
+    assert short <= 40 and long <= short + extra
 
 
 def test_the_counter_sees_a_read_at_every_step(net: nn.Module, x0: Tensor) -> None:
@@ -154,8 +158,8 @@ def test_the_counter_sees_a_read_at_every_step(net: nn.Module, x0: Tensor) -> No
 
 
 def test_early_stopping_compacts_at_a_fixed_few_steps(net: nn.Module, x0: Tensor) -> None:
-    assert all(len(compaction_steps(s)) <= len(COMPACT_AT) for s in (1, 2, 10, 32, 1000))
-    assert compaction_steps(32) == {1, 2, 4, 8, 16, 24} and compaction_steps(1) == set()
+    assert compaction_steps(32) == {1, 2, 3, 4, 6, 8, 12, 16, 23} and compaction_steps(1) == set()
+    assert all(len(compaction_steps(s)) <= 2 * math.log2(s) + 1 for s in (2, 10, 32, 1000, 10**6))
     traj = optimize(net, x0, AttackConfig(method="gd", steps=40, early_stop=1))
     assert (traj.stopped_step >= 0).any()
 
