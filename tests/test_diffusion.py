@@ -12,9 +12,9 @@ from scipy import linalg
 from torch import nn
 
 from eightgen.config import DenoiserConfig, DiffusionConfig
+from eightgen.diffusion.callbacks import WeightAverage
 from eightgen.diffusion.sampler import (
     Guide,
-    WeightAverage,
     cosine_schedule,
     ddim_sample,
     ddim_timesteps,

@@ -19,7 +19,8 @@ import eightgen
 from eightgen.artifacts import Artifact, read_manifest, read_timings, sha256_file, write_manifest, write_timings
 from eightgen.config import DenoiserConfig
 from eightgen.data.assembly import load_assembled
-from eightgen.diffusion.sampler import NoisePrediction, Schedule, WeightAverage, make_schedule
+from eightgen.diffusion.callbacks import NoisePrediction, WeightAverage
+from eightgen.diffusion.sampler import Schedule, make_schedule
 from eightgen.diffusion.unet import UNet, n_parameters
 from eightgen.errors import EightgenError
 from eightgen.models.training import EpochReport, make_dataloaders
