@@ -8,6 +8,7 @@ from typing import Any
 from cli.options import Places, apply_shared, count_or_all, data_options, device_option, digits_option, storage_options
 from eightgen.config import AlignedConfig, referee_eps_for
 from eightgen.errors import EightgenError
+from reports.files import ALIGNED_JSON
 from runtime.environment import process_env
 
 OVERRIDES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -107,7 +108,8 @@ def apply_radii(data: dict[str, Any], radii: tuple[float, ...], referee_eps_give
 
 def summary_lines(summary: dict) -> list[str]:
     """The aligned summary as plain text lines: one per (budget, detector), then the targets."""
-    from reports.formatting import fmt_bracket as ci, fmt_share
+    from reports.formatting import fmt_bracket as ci
+    from reports.formatting import fmt_share
 
     name = str(summary.get("target_name", "target"))[:10]
     lines = [
@@ -158,6 +160,6 @@ def aligned_command(args: argparse.Namespace) -> int:
     process_env(cfg.cache_dir)
     from cli.lifecycle import finish, run_experiment
 
-    report, summary = run_experiment("aligned experiment", cfg, cfg, "flows.aligned:aligned_flow", "aligned.json", args)
+    report, summary = run_experiment("aligned experiment", cfg, cfg, "flows.aligned:aligned_flow", ALIGNED_JSON, args)
     lines = summary_lines(summary) + (sweep_lines(summary["sweep"]) if summary.get("sweep") else [])
     return finish(report, lines, args.check, summary["targets_met"])

@@ -8,6 +8,7 @@ from typing import Any
 
 from cli.options import Places, apply_shared, data_options, device_option, digits_option, storage_options
 from eightgen.config import DiffusionConfig
+from reports.files import DIFFUSION_JSON
 from runtime.environment import process_env
 
 # option dest -> (config path of each field it sets); the shared options are applied by cli.options.apply_shared
@@ -132,7 +133,8 @@ def build_diffusion_config(args: argparse.Namespace) -> DiffusionConfig:
 
 def summary_lines(summary: dict) -> list[str]:
     """The three-ways summary as plain text: one line per path and start kind, then the targets."""
-    from reports.formatting import fmt_bracket as pct, fmt_share
+    from reports.formatting import fmt_bracket as pct
+    from reports.formatting import fmt_share
 
     num = lambda x, d: "—" if x is None or x != x else f"{x:.{d}f}"  # noqa: E731
     name = summary["target_name"]
@@ -173,5 +175,5 @@ def diffusion_command(args: argparse.Namespace) -> int:
     process_env(aligned.cache_dir)
     from cli.lifecycle import finish, run_experiment
 
-    report, summary = run_experiment("diffusion experiment", cfg, aligned, "flows.diffusion:diffusion_flow", "diffusion.json", args)
+    report, summary = run_experiment("diffusion experiment", cfg, aligned, "flows.diffusion:diffusion_flow", DIFFUSION_JSON, args)
     return finish(report, summary_lines(summary), args.check, summary["targets_met"])

@@ -18,6 +18,7 @@ from eightgen.classes import classes_of
 from eightgen.errors import EightgenError
 from eightgen.rundir import RunRecord, trajectories
 from reports import figures, stats
+from reports.files import ALIGNED_HTML, ALIGNED_JSON
 from reports.formatting import fmt_ci, fmt_num, fmt_pct, plain_json
 from reports.images import array_img, figure_img
 from reports.narrative import warnings_of
@@ -25,8 +26,6 @@ from reports.render import environment
 from reports.runs import Run, load_run
 from reports.sweep import detector_colours, detector_order, is_sweep, sweep_answer, sweep_img, sweep_summary
 
-ALIGNED_HTML = "aligned.html"
-ALIGNED_JSON = "aligned.json"
 DETECTORS = ("standard", "robust")
 # A detector's name: "standard", "robust" (the targets' robust detector) or "robust<radius>" in a sweep of radii.
 DETECTOR_NAME = re.compile(r"standard|robust[0-9.e+-]*")

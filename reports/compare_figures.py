@@ -12,7 +12,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from eightgen.classes import MNIST, ClassSet
-from reports.figures import REFERENCE, _boxes, _finite, _label_outer, _panels, group_title, group_tick, run_colour, styled, survival_step
+from reports.figures import REFERENCE, _boxes, _finite, _label_outer, _panels, group_tick, group_title, run_colour, styled, survival_step
 from reports.stats import ALL, NOISE
 
 

@@ -15,12 +15,11 @@ from matplotlib.figure import Figure
 from eightgen.artifacts import write_text_atomically
 from eightgen.classes import MNIST, ClassSet
 from reports import figures, stats
+from reports.files import DIFFUSION_HTML, DIFFUSION_JSON
 from reports.formatting import fmt_ci, fmt_num, plain_json
 from reports.images import array_img, figure_img
 from reports.render import environment
 
-DIFFUSION_HTML = "diffusion.html"
-DIFFUSION_JSON = "diffusion.json"
 PATHS = ("standard-gradient", "robust-gradient", "diffusion-standard", "diffusion-robust", "diffusion-none")
 PATH_LABELS = {
     "standard-gradient": "standard gradient",

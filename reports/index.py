@@ -21,13 +21,11 @@ from eightgen.classes import CLASS_SETS
 from eightgen.errors import EightgenError
 from eightgen.rundir import CONFIG, REPORT, RESULTS, load_record
 from reports import stats
+from reports.files import ALIGNED_HTML, ALIGNED_JSON, ALIGNED_MANIFEST, DIFFUSION_HTML, DIFFUSION_JSON
 from reports.history import Share, UTCTime, Version
 
 # The experiments' files, as tasks.aligned and tasks.threeways write them (reports.aligned / reports.diffusion name
 # the JSON and HTML; importing those would load matplotlib for a listing).
-ALIGNED_JSON, ALIGNED_HTML, ALIGNED_MANIFEST = "aligned.json", "aligned.html", "aligned.manifest.json"
-DIFFUSION_JSON, DIFFUSION_HTML = "diffusion.json", "diffusion.html"
-INDEX = "index.html"
 Kind = Literal["run", "aligned", "diffusion", "unreadable"]
 
 

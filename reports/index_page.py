@@ -14,9 +14,10 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from eightgen.artifacts import write_text_atomically
 from eightgen.errors import EightgenError
 from eightgen.rundir import is_run_dir
+from reports.files import INDEX
 from reports.formatting import fmt_pct, fmt_share, fmt_step
 from reports.history import HISTORY, Version, append_new, locked, parse, trends
-from reports.index import INDEX, Entry, scan
+from reports.index import Entry, scan
 
 SPARK_W, SPARK_H, SPARK_PAD = 240, 64, 6
 COMPARE_NAME_MAX = 150  # longer joined names fall back to a hash (file names stop at 255 bytes)

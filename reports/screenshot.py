@@ -16,7 +16,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-PAGES = ("report.html", "aligned.html", "diffusion.html")
+from eightgen.rundir import REPORT
+from reports.files import ALIGNED_HTML, DIFFUSION_HTML
+
+PAGES = (REPORT, ALIGNED_HTML, DIFFUSION_HTML)
 FLAGS = [
     "--headless",
     "--no-sandbox",

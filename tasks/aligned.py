@@ -8,10 +8,10 @@ from prefect import task
 
 from eightgen.artifacts import Artifact, artifact_of, check_unchanged, write_manifest
 from eightgen.config import AlignedConfig
-from reports.aligned import ALIGNED_HTML, ALIGNED_JSON, load_aligned_run, render_aligned
+from reports.aligned import load_aligned_run, render_aligned
+from reports.files import ALIGNED_HTML, ALIGNED_JSON, ALIGNED_MANIFEST
 from tasks.caching import STAGE_KEY, CachedStage
 
-ALIGNED_MANIFEST = "aligned.manifest.json"
 ALIGNED_REPORT = CachedStage(None, manifest=ALIGNED_MANIFEST)
 
 

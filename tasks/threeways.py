@@ -16,7 +16,8 @@ from eightgen.artifacts import Artifact, artifact_of, check_unchanged, read_timi
 from eightgen.config import DiffusionConfig
 from eightgen.errors import EightgenError
 from reports.aligned import load_aligned_run
-from reports.diffusion import DIFFUSION_HTML, DIFFUSION_JSON, render_diffusion
+from reports.diffusion import render_diffusion
+from reports.files import DIFFUSION_HTML, DIFFUSION_JSON
 from tasks.caching import STAGE_KEY, CachedStage
 
 THREE_WAYS = CachedStage(None)

@@ -20,8 +20,9 @@ from scipy.stats import binomtest
 from cli.main import main
 from eightgen.artifacts import MANIFEST, write_manifest
 from eightgen.rundir import RESULTS, load_record, trajectories, write_run
+from reports.files import ALIGNED_MANIFEST, INDEX
 from reports.history import HISTORY, read_history
-from reports.index import ALIGNED_MANIFEST, INDEX, scan
+from reports.index import scan
 from reports.index_page import compare_page, refresh_index
 from runtime.httpd import Pages, ReportServer
 
