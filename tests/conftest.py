@@ -22,6 +22,18 @@ os.environ.setdefault("EIGHTGEN_SERVER_IDLE_SECONDS", "0")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked cuda need a CUDA device: without one they are deselected, so no test of the suite is skipped."""
+    cuda = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        config.hook.pytest_deselected(items=cuda)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     """The real MNIST IDX files (read-only): $EIGHTGEN_MNIST_DIR or ../shared/datasets/mnist."""

@@ -173,7 +173,6 @@ def test_the_sampling_loop_reads_nothing_on_the_host_per_step(net: nn.Module) ->
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_the_loops_run_their_steps_with_synchronisation_an_error(net: nn.Module, x0: Tensor) -> None:
     model, x = net.cuda().requires_grad_(False), x0.cuda()
     for extra in (dict(method="pgd_l2", eps=2.0), dict(method="min_l2", early_stop=2)):
