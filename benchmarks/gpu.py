@@ -6,6 +6,7 @@ Writes one JSON (--out) and prints a table, the goals beside what was measured.
 
     python -m benchmarks.gpu [--out gpu-check.json] [--size auto|tiny|full] [--device auto] [--parts a,b]
                              [--budget SECONDS] [--limit [PART=]SECONDS] [--mnist-dir DIR] [--inject PART=hang|raise]
+                             [--jobs N]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +146,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", action="append", default=[], metavar="[PART=]SECONDS",
                    help="seconds every part (or PART) may take, instead of its own limit")  # fmt: skip
     p.add_argument("--mnist-dir", type=Path, default=None, help="MNIST IDX files (default $EIGHTGEN_MNIST_DIR; else noise)")
+    p.add_argument("--jobs", type=int, default=None, help="parts at once (default: 1 on the GPU, one per core at the tiny size)")
     p.add_argument("--inject", action="append", default=[], metavar="PART=hang|raise",
                    help="make a part hang or fail, to see the rest still run")  # fmt: skip
     return p.parse_args(argv)
@@ -172,15 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     env["size"] = size
     budget = args.budget if args.budget is not None else BUDGET[size]
     report: dict = {"environment": env, "budget_seconds": budget, "parts": {}}
-    with tempfile.TemporaryDirectory(prefix="eightgen-gpu-") as folder:
-        for name in parts:
-            left = budget - (time.perf_counter() - started)
-            limit = min(limits.get(name, limits.get("", LIMITS[name] if size == "full" else TINY_LIMIT)), left)
-            if limit < 1.0:
-                report["parts"][name] = {"status": "skipped", "seconds": 0.0, "limit_seconds": 0.0, "reason": "no time left in the budget", "result": None}
-                continue
-            report["parts"][name] = run_part(name, args, size, limit, Path(folder))
-            print(f"benchmarks.gpu: {name} {report['parts'][name]['status']} in {report['parts'][name]['seconds']:.1f} s", file=sys.stderr, flush=True)
+    # One part at a time on the GPU (they would compete for it); tiny CPU parts use one thread each, so as many at
+    # once as there are cores.
+    jobs = args.jobs or (1 if size == "full" else min(len(parts), os.cpu_count() or 1))
+
+    def part(name: str, folder: Path) -> dict:
+        left = budget - (time.perf_counter() - started)
+        limit = min(limits.get(name, limits.get("", LIMITS[name] if size == "full" else TINY_LIMIT)), left)
+        if limit < 1.0:
+            return {"status": "skipped", "seconds": 0.0, "limit_seconds": 0.0, "reason": "no time left in the budget", "result": None}
+        done = run_part(name, args, size, limit, folder)
+        print(f"benchmarks.gpu: {name} {done['status']} in {done['seconds']:.1f} s", file=sys.stderr, flush=True)
+        return done
+
+    with tempfile.TemporaryDirectory(prefix="eightgen-gpu-") as folder, ThreadPoolExecutor(jobs) as pool:
+        running = {name: pool.submit(part, name, Path(folder)) for name in parts}
+        report["parts"] = {name: future.result() for name, future in running.items()}
     judged = size == "full" and env["device"].startswith("cuda")
     report["goals"] = [
         {"goal": g.text, "target": g.target, "measured": g.measured(report["parts"]), "verdict": g.verdict(g.measured(report["parts"]), judged)}
