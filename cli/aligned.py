@@ -109,7 +109,7 @@ def apply_radii(data: dict[str, Any], radii: tuple[float, ...], referee_eps_give
 def summary_lines(summary: dict) -> list[str]:
     """The aligned summary as plain text lines: one per (budget, detector), then the targets."""
     from reports.formatting import fmt_bracket as ci
-    from reports.formatting import fmt_share
+    from reports.formatting import target_line
 
     name = str(summary.get("target_name", "target"))[:10]
     lines = [
@@ -127,12 +127,7 @@ def summary_lines(summary: dict) -> list[str]:
         )
     lines.append("shares with exact 95% intervals; a target is judged on the interval's bound")
     lines.append(f"targets at budget {summary['matched_budget']:g}:")
-    for t in summary["targets"]:
-        op = "≥" if t["op"] == ">=" else "≤"
-        lines.append(
-            f"  {'met   ' if t['met'] else 'MISSED'} {t['what']}: {fmt_share(t | {'share': t['value']})} (needs {'lower' if op == '≥' else 'upper'} bound "
-            f"{op} {100 * t['threshold']:.0f}%, margin {100 * t['margin']:+.1f} points)"
-        )
+    lines += [target_line(t) for t in summary["targets"]]
     return lines
 
 

@@ -134,7 +134,7 @@ def build_diffusion_config(args: argparse.Namespace) -> DiffusionConfig:
 def summary_lines(summary: dict) -> list[str]:
     """The three-ways summary as plain text: one line per path and start kind, then the targets."""
     from reports.formatting import fmt_bracket as pct
-    from reports.formatting import fmt_share
+    from reports.formatting import target_line
 
     num = lambda x, d: "—" if x is None or x != x else f"{x:.{d}f}"  # noqa: E731
     name = summary["target_name"]
@@ -156,15 +156,7 @@ def summary_lines(summary: dict) -> list[str]:
         said = "; ".join(f"{who} {pct(trip[who]['recall'][summary['target']])}" for who in trip)
         lines.append(f"real {name}s after a round trip called {name}: {said}; one-in-ten judged by {j['judge']}")
     lines.append("targets:")
-    for t in summary["targets"]:
-        if t["unit"] == "share":
-            value = fmt_share(t | {"share": t["value"]})
-            need = {">=": "lower bound ≥ ", "<=": "upper bound ≤ ", "in": "interval holds ", "within": "interval inside "}[t["op"]] + f"{100 * t['threshold']:.0f}%"
-            need += f"–{100 * t['threshold_hi']:.0f}%" if t["op"] == "within" else ""
-            margin = f"{100 * t['margin']:+.1f} points"
-        else:
-            value, need, margin = f"{t['value']:.1f}", f"≤ {t['threshold']:.1f}", f"{t['margin']:+.1f}"
-        lines.append(f"  {'met   ' if t['met'] else 'MISSED'} {t['what']}: {value} (needs {need}, margin {margin})")
+    lines += [target_line(t) for t in summary["targets"]]
     return lines
 
 

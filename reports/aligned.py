@@ -183,15 +183,7 @@ def targets(summary: dict) -> list[dict]:
         ("flip_standard", "the standard detector flips its starts", "standard", std["success"], ">=", FLIP_MIN),
         ("agree_robust", "robust referee agrees with k-NN on the robust detector's results", "robust", rob["agree_robust_knn"], ">=", AGREE_MIN),
     ]
-    return [judged(key, what, share, op, threshold) | {"detector": detector} for key, what, detector, share, op, threshold in rows]
-
-
-def judged(key: str, what: str, share: dict, op: str, threshold: float) -> dict:
-    """A share's target judged on its exact interval: "≥ t" is met when the lower bound is ≥ t, "≤ t" when the upper bound is ≤ t."""
-    bound = share["lo"] if op == ">=" else share["hi"]
-    margin = bound - threshold if op == ">=" else threshold - bound
-    return {"key": key, "what": what, "value": share["share"], "lo": share["lo"], "hi": share["hi"], "n": share["n"], "k": share["k"],
-            "bound": bound, "op": op, "threshold": threshold, "met": bool(np.isfinite(margin) and margin >= 0), "margin": margin}
+    return [stats.judged(key, what, share, op, threshold) | {"detector": detector} for key, what, detector, share, op, threshold in rows]
 
 
 def answer(summary: dict) -> str:

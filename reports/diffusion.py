@@ -134,10 +134,7 @@ def targets(cells: Sequence[dict], sanity: dict | None = None, judge: str = "knn
     guided, unguided, gradient = (cell_of(cells, p, "noise") for p in ("diffusion-robust", "diffusion-none", "robust-gradient"))
     out = []
     if guided is not None:
-        k = guided["knn10"]
-        out.append({"key": "knn_guided", "what": "k-NN (ten classes) calls robust-guided diffusion from noise the target",
-                    "value": k["share"], "lo": k["lo"], "hi": k["hi"], "k": k["k"], "n": k["n"], "bound": k["lo"],
-                    "op": ">=", "threshold": KNN_GUIDED_MIN, "margin": k["lo"] - KNN_GUIDED_MIN, "unit": "share"})
+        out.append(stats.judged("knn_guided", "k-NN (ten classes) calls robust-guided diffusion from noise the target", guided["knn10"], ">=", KNN_GUIDED_MIN))
     if guided is not None and gradient is not None:
         v, ref = guided["frechet"], gradient["frechet"]
         out.append({"key": "frechet_guided", "what": "Fréchet distance of robust-guided diffusion ≤ the robust gradient path's (noise starts)",

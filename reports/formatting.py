@@ -36,6 +36,20 @@ def fmt_share(share: dict | None) -> str:
     return f"{fmt_bracket(share, 1)}, {share['k']} of {share['n']}"
 
 
+NEEDS = {">=": "lower bound ≥ ", "<=": "upper bound ≤ ", "in": "interval holds ", "within": "interval inside "}
+
+
+def target_line(t: dict) -> str:
+    """A judged target as one line: met or MISSED, what it asks, the value, what its bound needs, and the margin."""
+    if t.get("unit", "share") == "share":
+        value = fmt_share({**t, "share": t["value"]})
+        need = NEEDS[t["op"]] + f"{100 * t['threshold']:.0f}%" + (f"–{100 * t['threshold_hi']:.0f}%" if t["op"] == "within" else "")
+        margin = f"{100 * t['margin']:+.1f} points"
+    else:
+        value, need, margin = f"{t['value']:.1f}", f"≤ {t['threshold']:.1f}", f"{t['margin']:+.1f}"
+    return f"  {'met   ' if t['met'] else 'MISSED'} {t['what']}: {value} (needs {need}, margin {margin})"
+
+
 def fmt_ci(share: dict | None, digits: int = 1) -> str:
     """A share with its 95% interval in prose, e.g. "98.1% (95% CI 93–100%, 106 of 108)"; "—" for none."""
     if share is None or _nan(share["share"]):

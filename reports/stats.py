@@ -81,6 +81,14 @@ def at_most(share: dict, threshold: float) -> bool:
     return bool(np.isfinite(share["hi"]) and share["hi"] <= threshold)
 
 
+def judged(key: str, what: str, share: dict, op: str, threshold: float) -> dict:
+    """A share's target judged on its exact interval: "≥ t" is met when the lower bound is ≥ t, "≤ t" when the upper bound is ≤ t."""
+    bound = share["lo"] if op == ">=" else share["hi"]
+    margin = bound - threshold if op == ">=" else threshold - bound
+    return {"key": key, "what": what, "value": share["share"], "lo": share["lo"], "hi": share["hi"], "n": share["n"], "k": share["k"],
+            "bound": bound, "op": op, "threshold": threshold, "met": bool(np.isfinite(margin) and margin >= 0), "margin": margin, "unit": "share"}
+
+
 def survival_band(
     event_step: np.ndarray, observed: np.ndarray, horizon: int, *, level: float = LEVEL, band: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -97,6 +97,9 @@ def test_report_section_and_summary(runs, cfg: AlignedConfig) -> None:
         assert t["met"] == ((t["lo"] >= t["threshold"]) if t["op"] == ">=" else (t["hi"] <= t["threshold"]))
     lines = summary_lines(summary)
     assert len(lines) == 1 + 4 + 2 + 5 and lines[-5:] == [l for l in lines if "needs" in l]
+    for target, line in zip(summary["targets"], lines[-5:]):
+        bound = f"lower bound ≥ {100 * target['threshold']:.0f}%" if target["op"] == ">=" else f"upper bound ≤ {100 * target['threshold']:.0f}%"
+        assert line.startswith("  met " if target["met"] else "  MISSED") and f"{target['k']} of {target['n']} (needs {bound}, margin" in line, line
 
 
 def test_runs_share_starts_and_budgets_and_carry_referee_columns(runs, cfg: AlignedConfig) -> None:
