@@ -240,8 +240,11 @@ def resolve_starts(cls: type[BaseModel], data: object) -> object:
     if not isinstance(data, dict):
         return data
     dataset = data.get("dataset", cls.model_fields["dataset"].default)
-    target = dataset.target if isinstance(dataset, DatasetConfig) else dataset.get("target", DatasetConfig.model_fields["target"].default)
+    target = dataset.target if isinstance(dataset, DatasetConfig) else dict(dataset).get("target") if isinstance(dataset, dict) else None
+    target = DatasetConfig.model_fields["target"].default if target is None else target
     attack = data.get("attack", cls.model_fields["attack"].default)
+    if not isinstance(attack, (dict, AttackConfig)):
+        return data  # not a section at all: pydantic says so
     attack = attack.model_dump() if isinstance(attack, AttackConfig) else dict(attack)
     if "target" in attack and attack.pop("target") != target:
         raise ValueError(f"attack.target differs from dataset.target ({target}): the target is the dataset's alone")
