@@ -162,11 +162,13 @@ class RedisLocks:
                 return
 
     def give_back(self, handle: tuple[str, str, threading.Event]) -> None:
+        from redis.exceptions import LockError
+
         key, holder, stop = handle
         stop.set()
         try:
             self.manager.release_lock(key, holder)
-        except ValueError:
+        except (ValueError, LockError):
             pass  # it expired and another holder has it: ours is gone either way
 
     def held(self, lock_file: Path) -> bool:

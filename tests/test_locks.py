@@ -102,3 +102,19 @@ def test_the_run_command_refuses_a_silent_redis_in_one_line(tmp_path: Path, caps
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "Redis does not answer" in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_giving_back_a_lock_that_expired_and_was_taken_again_leaves_the_new_holder_alone(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import runtime.locks
+
+    monkeypatch.setattr(runtime.locks, "HOLD", 0.5)
+    lock, locks = tmp_path / "runs" / ".expired.lock", RedisLocks(redis_url)
+    first = locks.take(lock, None)
+    first[2].set()  # its holder stops renewing, as a stalled process would
+    time.sleep(0.8)
+    second = locks_at(redis_url).take(lock, 1.0)
+    assert second is not None
+    locks.give_back(first)  # late: not an error, and not the new holder's release
+    assert locks_at(redis_url).held(lock)
+    locks_at(redis_url).give_back(second)
+    assert not locks_at(redis_url).held(lock)
