@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import TINY, shared_cache
 
 from eightgen.rundir import find_run, verify_run
-from helpers import TINY, shared_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
