@@ -204,7 +204,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of one call of fn, the device's queued work finished before and after."""
     _sync(device)
     start = time.perf_counter()
     fn()
@@ -220,7 +221,7 @@ def round_seconds(contenders: dict[str, Callable[[], object]], rounds: int, devi
     order = list(contenders)
     for r in range(rounds):
         for name in order if r % 2 == 0 else order[::-1]:
-            seconds[name][r] = _seconds(contenders[name], device)
+            seconds[name][r] = timed(contenders[name], device)
     return seconds
 
 

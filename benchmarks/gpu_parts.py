@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench import _seconds, model_flops_per_image_step, round_seconds, torchattacks_pgd
+from benchmarks.bench import model_flops_per_image_step, round_seconds, timed, torchattacks_pgd
 from benchmarks.gpu_nets import Digits, cycled, detector, load_digits, pool, starts, train_step, trained
 from benchmarks.gpu_sync import HostReads, strict_steps
 from benchmarks.tolerance import compare
@@ -333,7 +333,7 @@ def scale(ctx: Ctx) -> None:
             for lo in range(0, n, size.scale_chunk):
                 flipped += int((optimize(model, cycled(base, lo, min(n, lo + size.scale_chunk)), cfg).flip_step >= 0).sum())
 
-        seconds = _seconds(run, dev)
+        seconds = timed(run, dev)
         rate = n * steps / seconds
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         runs.append({"starts": n, "steps": steps, "seconds": seconds, "rate": rate, "flipped": flipped / n, "peak_memory_bytes": peak})
@@ -357,7 +357,7 @@ def denoiser(ctx: Ctx) -> None:
             opt.step()
 
     train(2)
-    seconds = _seconds(lambda: train(size.unet_steps), dev)
+    seconds = timed(lambda: train(size.unet_steps), dev)
     images = size.unet_batch * size.unet_steps / seconds
     ctx.line(f"training: {_g(images)} images/s (batch {size.unet_batch}, widths {tuple(cfg.widths)})")
     guide = Guide(trained("small_cnn", ctx.digits, size.train_steps, size.train_batch, dev), GUIDANCE)
@@ -365,7 +365,7 @@ def denoiser(ctx: Ctx) -> None:
     noise = torch.randn(size.sample_batch, 1, 28, 28, device=dev)
     sample = lambda k: ddim_sample(unet, noise, cfg.timesteps - 1, schedule, k, guide=guide)  # noqa: E731
     sample(1)
-    seconds = _seconds(lambda: sample(size.sample_steps), dev)
+    seconds = timed(lambda: sample(size.sample_steps), dev)
     samples = size.sample_batch / seconds
     ctx.line(f"guided DDIM, {size.sample_steps} steps: {_g(samples)} samples/s (batch {size.sample_batch})")
     ctx.save(train_images_per_s=images, samples_per_s=samples, sample_steps=size.sample_steps)
