@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 import zlib
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -89,37 +90,39 @@ def judged(key: str, what: str, share: dict, op: str, threshold: float) -> dict:
             "bound": bound, "op": op, "threshold": threshold, "met": bool(np.isfinite(margin) and margin >= 0), "margin": margin, "unit": "share"}
 
 
-def survival_band(
-    event_step: np.ndarray, observed: np.ndarray, horizon: int, *, level: float = LEVEL, band: bool = True
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Kaplan-Meier share not yet flipped at steps 0..horizon and its pointwise band (scipy.stats.ecdf, log-log Greenwood).
-
-    A start not flipped is right-censored at its last step: it was watched through that step.
-    Where the band is undefined (the curve at 0 or 1) it is the curve itself; with band=False it is not computed
-    (the curve returned three times)."""
+def _km_fit(event_step: np.ndarray, observed: np.ndarray, horizon: int) -> tuple[np.ndarray, Any]:
+    """Steps 0..horizon and scipy's Kaplan-Meier fit (unflipped starts right-censored at their last step: watched through
+    it); instead of a fit, the curve's constant value where there is nothing to fit (NaN: no starts; 1: none flipped)."""
     t = np.asarray(event_step, dtype=float)
     observed = np.asarray(observed, dtype=bool)
     steps = np.arange(horizon + 1, dtype=float)
     if t.size == 0:
-        empty = np.full(horizon + 1, np.nan)
-        return empty, empty.copy(), empty.copy()
-    if not observed.any():  # nothing flipped: the curve stays at 1
-        ones = np.ones(horizon + 1)
-        return ones, ones.copy(), ones.copy()
-    fit = sps.ecdf(sps.CensoredData(uncensored=t[observed], right=t[~observed]))
+        return steps, np.nan
+    if not observed.any():
+        return steps, 1.0
+    return steps, sps.ecdf(sps.CensoredData(uncensored=t[observed], right=t[~observed]))
+
+
+def kaplan_meier(event_step: np.ndarray, observed: np.ndarray, horizon: int) -> np.ndarray:
+    """Share of starts not yet flipped at steps 0..horizon (Kaplan-Meier; unflipped starts censored at their last step)."""
+    steps, fit = _km_fit(event_step, observed, horizon)
+    return np.full(len(steps), fit) if isinstance(fit, float) else fit.sf.evaluate(steps)
+
+
+def survival_band(event_step: np.ndarray, observed: np.ndarray, horizon: int, *, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Kaplan-Meier curve of kaplan_meier and its pointwise band (scipy.stats.ecdf, log-log Greenwood).
+
+    Where the band is undefined (the curve at 0 or 1) it is the curve itself."""
+    steps, fit = _km_fit(event_step, observed, horizon)
+    if isinstance(fit, float):
+        curve = np.full(len(steps), fit)
+        return curve, curve.copy(), curve.copy()
     curve = fit.sf.evaluate(steps)
-    if not band:
-        return curve, curve, curve
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # undefined at 0 and 1, filled below
         ci = fit.sf.confidence_interval(confidence_level=level, method="log-log")
         lo, hi = ci.low.evaluate(steps), ci.high.evaluate(steps)
     return curve, np.where(np.isfinite(lo), lo, curve), np.where(np.isfinite(hi), hi, curve)
-
-
-def kaplan_meier(event_step: np.ndarray, observed: np.ndarray, horizon: int) -> np.ndarray:
-    """Share of starts not yet flipped at steps 0..horizon (Kaplan-Meier; unflipped starts censored at their last step)."""
-    return survival_band(event_step, observed, horizon, band=False)[0]
 
 
 def _event_times(results: pd.DataFrame, horizon: int) -> tuple[np.ndarray, np.ndarray]:
