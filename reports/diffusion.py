@@ -140,8 +140,9 @@ def targets(cells: Sequence[dict], sanity: dict | None = None, judge: str = "knn
         out.append({"key": "frechet_guided", "what": "Fréchet distance of robust-guided diffusion ≤ the robust gradient path's (noise starts)",
                     "value": v, "op": "<=", "threshold": ref, "margin": ref - v, "unit": "distance"})
     if sanity is not None or unguided is not None:
-        k, n = (sanity["targets"][judge] if sanity and judge in sanity.get("targets", {}) else (sanity or unguided)["knn10"]), (sanity or unguided)["n"]
-        judge = judge if sanity and judge in sanity.get("targets", {}) else "knn"
+        judged_by_it = bool(sanity) and judge in sanity.get("targets", {})  # else the k-NN vote of the cells
+        k, n = sanity["targets"][judge] if judged_by_it else (sanity or unguided)["knn10"], (sanity or unguided)["n"]
+        judge = judge if judged_by_it else "knn"
         out.append({"key": "unguided_tenth", "what": f"unguided diffusion from {n} noise starts: the 95% interval of its {JUDGE_LABELS[judge]} target share holds 1 in 10",
                     "value": k["share"], "op": "in", "threshold": UNGUIDED_SHARE, "lo": k["lo"], "hi": k["hi"], "k": k["k"], "n": k["n"],
                     "margin": min(UNGUIDED_SHARE - k["lo"], k["hi"] - UNGUIDED_SHARE), "unit": "share", "judge": judge})
