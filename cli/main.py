@@ -19,7 +19,8 @@ from cli.runs import add_runs_options, runs_command
 from cli.serve import add_serve_options, serve_command
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
-from runtime.environment import process_env
+from eightgen.store import is_url, local, location
+from runtime.environment import process_env, save_records_block
 from runtime.errorlog import ErrorLog, describe
 from runtime.locks import use_lock_url
 from runtime.phases import mark
@@ -39,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     add_serve_options(srv)
 
     rep = sub.add_parser("report", help="re-render report.html from run directories (several: a comparison)")
-    rep.add_argument("run_dirs", nargs="+", type=Path)
+    rep.add_argument("run_dirs", nargs="+", type=location, help="run directories: paths, or store URLs (s3://bucket/runs/NAME)")
     rep.add_argument("-o", "--out", type=Path, help="output file (default: RUN_DIR/report.html, or compare.html)")
 
     aligned = sub.add_parser("aligned", help="standard vs robust detector over L2 budgets, judged by referees: aligned.html")
@@ -88,13 +89,14 @@ def run_command(args: argparse.Namespace) -> int:
         from flows.pipeline import pipeline
 
         mark("server up")
+        save_records_block(cfg.cache_dir)
         state = pipeline(cfg, force=args.force, task_runner=kind, dask_address=args.dask_address, overwrite=args.overwrite, return_state=True)
         mark("flow done")
         return state
 
     report = run_flow("pipeline", prepare, start)  # a failure's traceback goes to the error log
     mark("recorded")
-    print(f"report: {Path(report).resolve()}")
+    print(f"report: {report if is_url(report) else Path(report).resolve()}")
     return 0
 
 
@@ -108,7 +110,8 @@ def report_command(args: argparse.Namespace) -> int:
             raise EightgenError(f"-o {args.out} is a directory: give a file name for the report")
         writable_dir(args.out.parent, "-o")
     path = render_report(list(args.run_dirs), out=args.out)
-    print(f"report: {path.resolve()}")
+    shown = args.run_dirs[0] / path.name if args.out is None and len(args.run_dirs) == 1 and is_url(args.run_dirs[0]) else path.resolve()
+    print(f"report: {shown}")
     return 0
 
 
@@ -121,7 +124,7 @@ def error_log(args: argparse.Namespace, argv: Sequence[str]) -> ErrorLog:
         cwd = os.getcwd()
     except OSError:  # a deleted working directory
         cwd = "?"
-    return ErrorLog(cache_dir, header=f"eightgen {' '.join(argv)}\ncwd: {cwd}")
+    return ErrorLog(local(cache_dir) if cache_dir is not None else None, header=f"eightgen {' '.join(argv)}\ncwd: {cwd}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 from eightgen.classes import CLASS_SETS
 from eightgen.config import PRESETS, ExperimentConfig
 from eightgen.errors import EightgenError
+from eightgen.store import is_url, location
 
 OVERRIDES: dict[str, tuple[str, str]] = {
     # option dest -> (config section, field); the shared options are applied by apply_shared
@@ -125,8 +126,8 @@ def device_option(g: argparse._ActionsContainer) -> None:
 
 def storage_options(g: argparse._ActionsContainer, what: str, default_name: str) -> None:
     """Where results and the cache live, and whether finished work is recomputed or replaced (every command)."""
-    g.add_argument("--runs-root", type=Path, help=f"folder that holds the {what} (default runs/)")
-    g.add_argument("--cache-dir", type=Path, help="content-addressed store of datasets, models, chunks (default .eightgen-cache/)")
+    g.add_argument("--runs-root", type=location, help=f"folder that holds the {what}: a path, or a store URL such as s3://bucket/runs (default runs/)")
+    g.add_argument("--cache-dir", type=location, help="content-addressed store of datasets, models, chunks: a path, or a store URL such as s3://bucket/cache (default .eightgen-cache/)")
     g.add_argument("--run-name", help=f"{what} name (default: {default_name})")
     g.add_argument("--force", action="store_true", help="recompute what follows the data and training even if cached")
     g.add_argument("--overwrite", action="store_true", help=f"replace a {what} that holds results of other settings")
@@ -188,6 +189,12 @@ def apply_shared(data: dict[str, Any], args: argparse.Namespace, places: Places)
 
 
 RUN_PLACES = Places(dataset=("dataset",), attacks=(("attack",),), storage=(), devices=(("attack",),))
+
+
+def local_storage(command: str, *where: Path) -> None:
+    """EightgenError unless every storage location is a local path: `command` keeps its results on local disk."""
+    if any(is_url(w) for w in where):
+        raise EightgenError(f"eightgen {command}: --cache-dir and --runs-root take local paths (store URLs work with run, report and runs)")
 
 
 def build_config(args: argparse.Namespace) -> ExperimentConfig:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from eightgen.store import location
 from reports.formatting import fmt_share, fmt_step
 
 if TYPE_CHECKING:
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 
 def add_runs_options(p: argparse.ArgumentParser) -> None:
     """The options of `eightgen runs`."""
-    p.add_argument("--runs-root", type=Path, default=Path("runs"), help="the runs folder (default: runs)")
+    p.add_argument("--runs-root", type=location, default=Path("runs"), help="the runs folder: a path, or a store URL such as s3://bucket/runs (default: runs)")
     p.add_argument("--json", action="store_true", help="print the entries as a JSON list")
 
 
@@ -33,9 +34,10 @@ def line(e: "Entry", root: Path) -> list[str]:
 
 def runs_command(args: argparse.Namespace) -> int:
     """Print the runs index of a runs folder."""
+    from eightgen.rundir import local_runs
     from reports.index import as_json, scan  # with pandas and scipy: only for this command, not every command's start-up
 
-    entries = scan(args.runs_root)
+    entries = scan(local_runs(args.runs_root))
     if args.json:
         print(as_json(entries))
         return 0

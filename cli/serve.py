@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from cli.options import build_config
+from cli.options import build_config, local_storage
 from eightgen.config import DiffusionConfig, ExperimentConfig
 from eightgen.errors import EightgenError
 from prefect_api.server import check_api
@@ -139,6 +139,7 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise EightgenError(f"--limit {args.limit}: at least 1 flow run must be allowed at a time")
     cfg = absolute_paths(build_config(args))
+    local_storage("serve", cfg.cache_dir, cfg.runs_root)
     process_env(cfg.cache_dir)
     schedule = cron_schedule(args.cron, args.timezone)
     kind = args.task_runner or ("dask" if args.dask_address else "threads")

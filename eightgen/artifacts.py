@@ -18,6 +18,7 @@ from typing import Any, Iterator
 from pydantic import BaseModel, ConfigDict
 
 from eightgen.errors import EightgenError
+from eightgen.store import Location, fetch, is_url, local, publish
 
 MANIFEST = "manifest.json"
 # How long things took, beside an artifact's files but outside its manifest: the same inputs give the same hash.
@@ -27,10 +28,10 @@ _LIVE_STAGING: set[Path] = set()  # the staging folders this process made and ha
 
 
 class Artifact(BaseModel):
-    """A stage output handed between tasks: a directory and the sha256 of its manifest."""
+    """A stage output handed between tasks: a directory (local, or a store URL) and the sha256 of its manifest."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    path: Path
+    path: Location
     sha256: str
 
 
@@ -75,7 +76,9 @@ def stamp_manifest(directory: Path, fields: dict, name: str = MANIFEST) -> Artif
 
 
 def read_manifest(directory: Path, verify: bool = True, name: str = MANIFEST) -> dict:
-    """Read a directory's manifest, checking every listed file's sha256."""
+    """Read a directory's manifest, checking every listed file's sha256 (a store folder: in this host's copy)."""
+    if is_url(directory):
+        directory = fetch(directory, name)
     target = directory / name
     if not target.is_file():
         raise EightgenError(f"{directory}: no {name} (not an eightgen artifact, or unfinished)")
@@ -101,7 +104,7 @@ def write_timings(directory: Path, timings: dict[str, Any]) -> None:
 def read_timings(directory: Path) -> dict[str, Any]:
     """An artifact's timings, or {} when it has none (or they are unreadable: they are informative only)."""
     try:
-        timings = json.loads((Path(directory) / TIMINGS).read_text())
+        timings = json.loads((local(directory) / TIMINGS).read_text())
     except (OSError, ValueError):
         return {}
     return timings if isinstance(timings, dict) else {}
@@ -110,7 +113,7 @@ def read_timings(directory: Path) -> dict[str, Any]:
 def artifact_of(directory: Path, name: str = MANIFEST) -> Artifact:
     """The Artifact of an existing, verified artifact directory."""
     read_manifest(directory, name=name)
-    return Artifact(path=directory, sha256=sha256_file(directory / name))
+    return Artifact(path=directory, sha256=sha256_file(local(directory) / name))
 
 
 def check_unchanged(artifact: Artifact, current_sha256: str) -> None:
@@ -120,9 +123,10 @@ def check_unchanged(artifact: Artifact, current_sha256: str) -> None:
 
 
 def verified(artifact: Artifact) -> Path:
-    """The artifact's directory, after checking its files still match what was handed over."""
+    """The artifact's local directory (a store folder: this host's copy), after checking its files still match what
+    was handed over."""
     check_unchanged(artifact, artifact_of(artifact.path).sha256)
-    return artifact.path
+    return local(artifact.path)
 
 
 def fresh_sibling(final: Path, why: str) -> Path:
@@ -155,6 +159,7 @@ def abandon_staging() -> list[Path]:
 
 def clear_leftovers(final: Path) -> list[Path]:
     """Delete the staging folders a killed writer left beside `final`; only for a caller that holds final's lock."""
+    final = local(final)
     pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:{'|'.join(STAGING)})-[0-9a-f]{{12}}")
     found = [p for p in final.parent.glob(f".{final.name}.*") if pattern.fullmatch(p.name)] if final.parent.is_dir() else []
     for p in found:
@@ -217,12 +222,19 @@ def swap_in(new: Path, final: Path, tries: int = 100) -> None:
             remove_staging(old)
 
 
+def put_in_place(new: Path, final: Path) -> None:
+    """swap_in a finished directory at `final`; at a store URL, into this host's copy, then published from there."""
+    swap_in(new, local(final))
+    if is_url(final):
+        publish(local(final), final)
+
+
 @contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
-    """A fresh sibling directory to write into, renamed to `final` only when the block succeeds."""
-    tmp = fresh_sibling(final, "partial")
+    """A fresh sibling directory to write into, put in place at `final` only when the block succeeds."""
+    tmp = fresh_sibling(local(final), "partial")
     try:
         yield tmp
-        swap_in(tmp, final)
+        put_in_place(tmp, final)
     finally:
         remove_staging(tmp)

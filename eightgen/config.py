@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from eightgen.classes import CLASS_SETS, ClassSet, DatasetName, classes_of
+from eightgen.store import Location
 
 DIGITS = tuple(range(10))
 NOT_TARGET_DIGITS = (0, 1, 2, 3, 4, 5, 6, 7, 9)  # the default starts of target 8
@@ -206,8 +207,8 @@ class ExperimentConfig(_Frozen):
     train: TrainConfig = TrainConfig()
     attack: AttackConfig = AttackConfig()
     report: ReportConfig = ReportConfig()
-    runs_root: Path = Path("runs")
-    cache_dir: Path = Path(".eightgen-cache")
+    runs_root: Location = Path("runs")
+    cache_dir: Location = Path(".eightgen-cache")
     run_name: str | None = None
 
     @property
@@ -328,8 +329,8 @@ class AlignedConfig(_Frozen):
     step_factor: float = Field(2.5, gt=0)
     grid_seeds: int = Field(2, ge=1)  # starts per digit in the report's image grid
     report: ReportConfig = ReportConfig()  # default title: "eightgen: does it become an 8?" (the target's name)
-    runs_root: Path = Path("runs")
-    cache_dir: Path = Path(".eightgen-cache")
+    runs_root: Location = Path("runs")
+    cache_dir: Location = Path(".eightgen-cache")
     run_name: str | None = None
 
     @model_validator(mode="before")

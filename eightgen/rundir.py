@@ -15,14 +15,15 @@ from eightgen.artifacts import (
     Artifact,
     artifact_of,
     fresh_sibling,
+    put_in_place,
     read_manifest,
     remove_staging,
-    swap_in,
     write_manifest,
     write_text_atomically,
 )
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
+from eightgen.store import Location, children, fetch, is_url, local, location, mirror, publish
 from eightgen.trajectory import Shards
 
 CONFIG = "config.json"
@@ -44,7 +45,7 @@ class _Record(BaseModel):
 class DatasetRecord(_Record):
     """The assembled dataset a run used: where it was, its content hash, and its manifest (counts, source)."""
 
-    path: Path
+    path: Location
     sha256: str
     manifest: dict[str, Any]
 
@@ -56,7 +57,7 @@ class DatasetRecord(_Record):
 class ModelRecord(_Record):
     """The trained detector a run used: where it was, its content hash, its spec and validation metrics."""
 
-    path: Path
+    path: Location
     sha256: str
     spec: dict[str, Any]
     metrics: dict[str, Any]
@@ -69,7 +70,7 @@ class ModelRecord(_Record):
 class RefereeRecord(_Record):
     """The referees that judged a run's images (aligned experiment)."""
 
-    path: Path
+    path: Location
     sha256: str
     info: dict[str, Any]
 
@@ -131,7 +132,7 @@ def settings_diff(held: ExperimentConfig, asked: ExperimentConfig) -> list[str]:
 
 def load_record(run_dir: Path) -> RunRecord:
     """The typed record of a run directory, or EightgenError naming what is wrong with its config.json."""
-    path = Path(run_dir) / CONFIG
+    path = location(run_dir) / CONFIG
     try:
         return RunRecord.model_validate_json(path.read_bytes())
     except FileNotFoundError:
@@ -175,12 +176,41 @@ def trajectories(run_dir: Path) -> Shards:
 
 def is_run_dir(path: Path) -> bool:
     """Whether a folder holds a run (a config.json and a manifest)."""
-    return (Path(path) / CONFIG).is_file() and (Path(path) / MANIFEST).is_file()
+    return (location(path) / CONFIG).is_file() and (location(path) / MANIFEST).is_file()
+
+
+def local_runs(runs_root: Path) -> Path:
+    """A runs folder to read here: itself, or this host's copy of the runs published in a store (each run with its
+    report when it has one; copies of runs no longer there are dropped)."""
+    if not is_url(runs_root):
+        return Path(runs_root)
+    here = mirror(runs_root)
+    kept = set()
+    for run in children(runs_root):
+        try:
+            fetch(run, MANIFEST)
+        except EightgenError:
+            continue  # not a run, or not finished
+        kept.add(run.name)
+        try:
+            fetch(run, REPORT_MANIFEST)
+        except EightgenError:
+            pass
+    for old in here.iterdir() if here.is_dir() else []:
+        if old.is_dir() and old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
+    here.mkdir(parents=True, exist_ok=True)
+    return here
+
+
+def local_run(run_dir: Path) -> Path:
+    """A run directory to read here: itself, or this host's copy of a run in a store, brought up to date."""
+    return fetch(run_dir, MANIFEST) if is_url(run_dir) else Path(run_dir)
 
 
 def check_target(run_dir: Path, cfg: ExperimentConfig, overwrite: bool = False) -> None:
     """Refuse a run directory that holds results of other settings, or files that are not a run, unless overwriting."""
-    run_dir = Path(run_dir)
+    run_dir = location(run_dir)
     if overwrite or not run_dir.exists():
         return
     if not run_dir.is_dir():
@@ -202,10 +232,8 @@ def write_run(
     run_dir: Path, record: RunRecord, results: pd.DataFrame, shards: Sequence[Path], stamp: dict[str, Any] | None = None
 ) -> Artifact:
     """Write a whole run directory (results, trajectory shards copied from `shards`, record, manifest) and swap it in
-    for any old one at once."""
-    run_dir = Path(run_dir)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_sibling(run_dir, "new")
+    for any old one at once (at a store URL: written here, then published)."""
+    tmp = fresh_sibling(local(run_dir), "new")
     try:
         results.to_parquet(tmp / RESULTS, index=False)
         results.to_csv(tmp / RESULTS_CSV, index=False)
@@ -217,17 +245,22 @@ def write_run(
             raise EightgenError(f"{run_dir}: the trajectory shards do not hold one row per result ({len(results)})")
         (tmp / CONFIG).write_text(record.model_dump_json(indent=2))
         write_manifest(tmp, {"run_name": record.run_name, **(stamp or {})}, [*RUN_FILES, *names])
-        swap_in(tmp, run_dir)
+        put_in_place(tmp, run_dir)
     finally:
         remove_staging(tmp)
     return artifact_of(run_dir)
 
 
 def write_report(run_dir: Path, html: str, stamp: dict[str, Any]) -> Artifact:
-    """Write report.html into a run directory (atomically) with its own manifest; return that manifest's Artifact."""
-    write_text_atomically(Path(run_dir) / REPORT, html)
-    write_manifest(Path(run_dir), stamp, [REPORT], name=REPORT_MANIFEST)
-    return artifact_of(Path(run_dir), name=REPORT_MANIFEST)
+    """Write report.html into a run directory (atomically) with its own manifest; return that manifest's Artifact.
+
+    A run in a store gets them written into this host's copy, then published (the report's manifest last)."""
+    here = local(run_dir)
+    write_text_atomically(here / REPORT, html)
+    write_manifest(here, stamp, [REPORT], name=REPORT_MANIFEST)
+    if is_url(run_dir):
+        publish(here, run_dir, [REPORT, REPORT_MANIFEST])
+    return artifact_of(run_dir, name=REPORT_MANIFEST)
 
 
 def find_run(runs_root: Path, name: str = "") -> Path:

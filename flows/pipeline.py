@@ -9,6 +9,7 @@ from prefect import flow
 from eightgen.artifacts import Artifact, verified
 from eightgen.config import PRESETS, AttackConfig, ExperimentConfig, ReportConfig, TrainConfig
 from eightgen.rundir import REPORT, find_run, load_record
+from eightgen.store import Location
 from flows.stages import DEFAULT_CACHE, assemble_flow, cancellable, attack_flow_on, report_flow, train_flow
 from prefect_api.subflows import nested_stages
 from runtime.httpd import report_link
@@ -73,7 +74,7 @@ def _from_run(run: str, runs_root: Path, cache_dir: Path, **changes: object) -> 
 @flow(name="rerun-train")
 @cancellable
 def rerun_train(
-    run: str = "", train: TrainConfig | None = None, runs_root: Path = RUNS_ROOT, cache_dir: Path = DEFAULT_CACHE, force: bool = False
+    run: str = "", train: TrainConfig | None = None, runs_root: Location = RUNS_ROOT, cache_dir: Location = DEFAULT_CACHE, force: bool = False
 ) -> Path:
     """Retrain the detector of an existing run (default: the newest) with these settings, then attack and report."""
     cfg, _, dataset = _from_run(run, runs_root, cache_dir, train=train)
@@ -85,7 +86,7 @@ def rerun_train(
 @flow(name="rerun-attack")
 @cancellable
 def rerun_attack(
-    run: str = "", attack: AttackConfig | None = None, runs_root: Path = RUNS_ROOT, cache_dir: Path = DEFAULT_CACHE, force: bool = False
+    run: str = "", attack: AttackConfig | None = None, runs_root: Location = RUNS_ROOT, cache_dir: Location = DEFAULT_CACHE, force: bool = False
 ) -> Path:
     """Optimise again from an existing run's dataset and detector (default: the newest run) with these attack settings."""
     return attack_and_report(*_from_run(run, runs_root, cache_dir, attack=attack), force=force)
@@ -94,7 +95,7 @@ def rerun_attack(
 @flow(name="rerun-report")
 @cancellable
 def rerun_report(
-    run: str = "", report: ReportConfig | None = None, runs_root: Path = RUNS_ROOT, cache_dir: Path = DEFAULT_CACHE, force: bool = False
+    run: str = "", report: ReportConfig | None = None, runs_root: Location = RUNS_ROOT, cache_dir: Location = DEFAULT_CACHE, force: bool = False
 ) -> Path:
     """Render an existing run's report (default: the newest run) with these report settings."""
     return attack_and_report(*_from_run(run, runs_root, cache_dir, report=report), force=force)

@@ -15,6 +15,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from eightgen.artifacts import Artifact
 from eightgen.config import DatasetConfig, ExperimentConfig, ReportConfig, TrainConfig
 from eightgen.errors import EightgenError
+from eightgen.store import Location, is_url
 from runtime.runners import TASK_RUNNERS, TaskRunnerKind, probe_dask
 from runtime.stopping import stopper_for_cancellation, track_chunks
 from tasks.assemble import assemble_dataset, fingerprint_source
@@ -44,13 +45,13 @@ def cancellable(fn: F) -> F:
 
 
 @flow(name="assemble", log_prints=False)
-def assemble_flow(cfg: DatasetConfig = DatasetConfig(), cache_dir: Path = DEFAULT_CACHE, force: bool = False) -> Artifact:
+def assemble_flow(cfg: DatasetConfig = DatasetConfig(), cache_dir: Location = DEFAULT_CACHE, force: bool = False) -> Artifact:
     """Data source -> target-vs-rest dataset artifact (train / valid / attack-start pool)."""
     return assemble_dataset(cfg, fingerprint_source(cfg), cache_dir, force)
 
 
 @flow(name="train")
-def train_flow(cfg: TrainConfig, dataset: Artifact, cache_dir: Path = DEFAULT_CACHE, force: bool = False) -> Artifact:
+def train_flow(cfg: TrainConfig, dataset: Artifact, cache_dir: Location = DEFAULT_CACHE, force: bool = False) -> Artifact:
     """Dataset artifact -> fastai-trained target-detector artifact."""
     return train_classifier(cfg, dataset, cache_dir, force)
 
@@ -72,7 +73,7 @@ def report_flow(cfg: ReportConfig, run: Artifact, force: bool = False) -> Artifa
     return render_run_report(cfg, run, run.path, force)
 
 
-def attack_flow_on(kind: TaskRunnerKind = "threads", dask_address: str | None = None, cache_dir: Path | None = None) -> Flow:
+def attack_flow_on(kind: TaskRunnerKind = "threads", dask_address: str | None = None, cache_dir: Location | None = None) -> Flow:
     """The attack stage flow with its chunks on threads (in process) or on Dask workers."""
     if kind == "threads":
         if dask_address:
@@ -80,7 +81,7 @@ def attack_flow_on(kind: TaskRunnerKind = "threads", dask_address: str | None = 
         return attack_flow
     if kind != "dask":
         raise EightgenError(f"unknown task runner {kind!r}: choose one of {', '.join(TASK_RUNNERS)}")
-    if dask_address and cache_dir is not None and not Path(cache_dir).is_absolute():
+    if dask_address and cache_dir is not None and not is_url(cache_dir) and not Path(cache_dir).is_absolute():
         raise EightgenError(f"with a Dask cluster the cache dir must be an absolute path every worker reads, got {cache_dir}")
     if dask_address:
         probe_dask(dask_address)

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from upath import UPath
 
 from eightgen.artifacts import write_text_atomically
 from eightgen.config import ReportConfig
 from eightgen.errors import EightgenError
+from eightgen.store import local, location
 from eightgen.rundir import REPORT, is_run_dir, trajectories, write_report
 from reports import compare_figures, figures, stats
 from reports.formatting import fmt_int, fmt_num, fmt_pct, fmt_prob, fmt_raw, fmt_scale, fmt_step, table_rows
@@ -265,23 +267,30 @@ def run_html(run: Run, report: ReportConfig | None = None, progress: Callable[[i
     return html
 
 
+def _dirs(run_dirs: Sequence[Path] | Path) -> list[Path | UPath]:
+    return [location(run_dirs)] if isinstance(run_dirs, (str, os.PathLike, UPath)) else [location(d) for d in run_dirs]
+
+
 def report_html(run_dirs: Sequence[Path] | Path, out: Path | None = None, *, report: ReportConfig | None = None) -> tuple[Path, str]:
-    """The report of one run directory, or the comparison of several, and the file it belongs in."""
-    dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(d) for d in run_dirs]
+    """The report of one run directory, or the comparison of several, and the file it belongs in (here, for a run in
+    a store: in this host's copy of it)."""
+    dirs = _dirs(run_dirs)
     if not dirs:
         raise EightgenError("no run directories given")
     if len(dirs) == 1:
-        target = Path(out) if out is not None else dirs[0] / REPORT
+        target = Path(out) if out is not None else local(dirs[0]) / REPORT
         return target, run_html(load_run(dirs[0]), report)
-    target = Path(out) if out is not None else dirs[0].resolve().parent / "compare.html"
+    target = Path(out) if out is not None else local(dirs[0]).resolve().parent / "compare.html"
     return target, environment().get_template("compare.html.j2").render(**compare_context([load_run(d) for d in dirs], target))
 
 
 def render_report(run_dirs: Sequence[Path] | Path, out: Path | None = None, *, report: ReportConfig | None = None) -> Path:
-    """Render and write the report: into the run directory (with its manifest) by default, else to `out`."""
+    """Render and write the report: into the run directory (with its manifest; a run in a store: published there) by
+    default, else to `out`."""
     target, html = report_html(run_dirs, out, report=report)
-    if out is None and target.name == REPORT and is_run_dir(target.parent):
-        write_report(target.parent, html, {"rendered_by": "eightgen report"})
+    dirs = _dirs(run_dirs)
+    if out is None and len(dirs) == 1 and is_run_dir(dirs[0]):
+        write_report(dirs[0], html, {"rendered_by": "eightgen report"})
         return target
     if target.is_dir():
         raise EightgenError(f"{target} is a directory: give a file name for the report")

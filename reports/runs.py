@@ -12,7 +12,7 @@ import pandas as pd
 
 from eightgen.config import AttackConfig, ReportConfig
 from eightgen.errors import EightgenError
-from eightgen.rundir import RESULTS, TRAJECTORIES, RunRecord, load_record, trajectories, verify_run
+from eightgen.rundir import RESULTS, TRAJECTORIES, RunRecord, load_record, local_run, trajectories, verify_run
 from eightgen.trajectory import Shards
 from reports import stats
 
@@ -62,8 +62,9 @@ class Run:
 
 
 def load_run(run_dir: Path) -> Run:
-    """Read a verified run directory: its record, results.parquet and the per-step p(target) of its trajectory shards."""
-    run_dir = Path(run_dir)
+    """Read a verified run directory (a run in a store: this host's copy of it): its record, results.parquet and the
+    per-step p(target) of its trajectory shards."""
+    run_dir = local_run(run_dir)
     if not run_dir.is_dir():
         raise EightgenError(f"{run_dir}: {'a file, not a run directory' if run_dir.exists() else 'run directory not found'}")
     record = load_record(run_dir)

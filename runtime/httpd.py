@@ -16,10 +16,12 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from eightgen.errors import EightgenError
 from eightgen.rundir import REPORT
+from eightgen.store import is_url
 
 # Set by `eightgen serve` for the flow runs it starts; read where a report link is published.
 REPORTS_URL = "EIGHTGEN_REPORTS_URL"
 REPORTS_ROOT = "EIGHTGEN_REPORTS_ROOT"
+LINK_DAYS = 7  # how long a presigned report link of a run in a store stays valid (S3's longest)
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,14 @@ class ReportServer:
 
 
 def report_link(run_dir: Path, page: str = REPORT) -> str | None:
-    """The http:// URL of run_dir/page (report.html) when a report server publishes the folder holding it, else None."""
+    """The http:// URL of run_dir/page (report.html) when a report server publishes the folder holding it, else None.
+
+    A run in a store gets a presigned URL of the page, valid for LINK_DAYS days, where the store can sign one."""
+    if is_url(run_dir):
+        try:
+            return run_dir.fs.sign(f"{run_dir.path.rstrip('/')}/{page}", expiration=LINK_DAYS * 86400)
+        except NotImplementedError:
+            return None
     base, root = os.environ.get(REPORTS_URL), os.environ.get(REPORTS_ROOT)
     if not base or not root:
         return None

@@ -16,6 +16,7 @@ from eightgen.data.grid import digit_counts
 from eightgen.data.sources import load_mnist
 from eightgen.errors import EightgenError
 from eightgen.rundir import check_target
+from eightgen.store import check_writable, is_url, local
 
 PIXELS = 28 * 28
 FLOAT_BYTES = 4
@@ -27,7 +28,10 @@ SPACE_MARGIN = 2.0  # warn when the free space is less than this many times the 
 
 
 def writable_dir(path: Path, option: str) -> None:
-    """EightgenError unless `path` is a folder, or can be made one, that this user may write into."""
+    """EightgenError unless `path` is a folder (or a store URL), or can be made one, that this user may write into."""
+    if is_url(path):
+        check_writable(path, option)
+        return
     existing = _existing(path)
     if not existing.is_dir():
         raise EightgenError(f"{option} {path}: {existing} is a file, not a folder; name a folder")
@@ -95,7 +99,7 @@ def check_space(needs: Sequence[tuple[str, Path, int]], usage: Callable[[Path], 
     """EightgenError if a filesystem has less free space than the folders on it need; warnings where it has less than twice."""
     by_fs: dict[int, tuple[list[str], Path, int]] = {}
     for option, folder, need in needs:
-        existing = _existing(folder)
+        existing = _existing(local(folder))  # a store folder: this host's copy of it fills the local disk
         device = existing.stat().st_dev
         options, first, total = by_fs.get(device, ([], existing, 0))
         by_fs[device] = ([*options, f"{option} {folder}"], first, total + need)

@@ -6,6 +6,7 @@ from typing import Literal, get_args
 
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
+from eightgen.store import is_url
 
 TaskRunnerKind = Literal["threads", "dask"]
 TASK_RUNNERS: tuple[str, ...] = get_args(TaskRunnerKind)
@@ -35,4 +36,5 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
             "local_path": data.local_path.resolve() if data.local_path else None,
         }
     )
-    return cfg.model_copy(update={"runs_root": cfg.runs_root.resolve(), "cache_dir": cfg.cache_dir.resolve(), "dataset": dataset})
+    where = {k: v if is_url(v) else v.resolve() for k, v in (("runs_root", cfg.runs_root), ("cache_dir", cfg.cache_dir))}
+    return cfg.model_copy(update={**where, "dataset": dataset})

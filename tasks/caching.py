@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from eightgen.artifacts import MANIFEST, Artifact, clear_leftovers, read_manifest, sha256_file
 from eightgen.codekey import code_digest
 from eightgen.errors import EightgenError
+from eightgen.store import local, location, same
 from runtime.locks import lock_url, locks_at
 
 # Parameters that never change what a stage computes: how hard to try, and where the cache lives.
@@ -80,18 +81,17 @@ def _recorded(record_file: Path) -> Artifact | None:
 
 
 def _record_file(context: TaskRunContext, key: str) -> Path:
-    """Where Prefect will look for this key's record: the running task's own result store when it is a local folder.
+    """Where Prefect will look for this key's record: in the running task's own result store (a folder, or a store URL).
 
     The settings can name another folder than the store a flow run resolved when it started (a process whose
     environment changed since): judging the record in the wrong folder would let a stale one through.
     """
     storage = getattr(getattr(context, "result_store", None), "result_storage", None)
     base = getattr(storage, "basepath", None)
-    return Path(base).expanduser() / key if base else Path(PREFECT_LOCAL_STORAGE_PATH.value()) / key
-
-
-def _same_place(a: Path, b: Path) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
+    if base:
+        where = location(base)
+        return where / key if not isinstance(where, Path) else where.expanduser() / key
+    return Path(PREFECT_LOCAL_STORAGE_PATH.value()) / key
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,13 @@ class CachedStage:
     def output_dir(self, parameters: dict[str, Any], key: str) -> Path:
         """Where the output of this call belongs."""
         if self.kind is None:
-            return Path(parameters["run_dir"])
-        return Path(parameters["cache_dir"]) / self.kind / key.rsplit("-", 1)[-1][:20]
+            return location(parameters["run_dir"])
+        return location(parameters["cache_dir"]) / self.kind / key.rsplit("-", 1)[-1][:20]
 
     def lock_file(self, out: Path) -> Path:
-        """The lock file of an output directory: <cache_dir>/locks/<kind>-<entry>.lock, or .<name>.lock beside a run."""
+        """The lock file of an output directory: <cache_dir>/locks/<kind>-<entry>.lock, or .<name>.lock beside a run
+        (an output in a store: beside this host's copy of it; a Redis lock takes only the name)."""
+        out = local(out)
         if self.kind is None:
             return out.parent / f".{out.name}.lock"
         return out.parent.parent / LOCKS / f"{self.kind}-{out.name}.lock"
@@ -124,9 +126,9 @@ class CachedStage:
     def reusable(self, record: Artifact | None, out: Path, key: str) -> bool:
         """Whether a persisted record may be reused: it names `out`, whose manifest is intact, from this key,
         and hashes to what the record says."""
-        if record is None or not _same_place(record.path, out) or not produced_by(out, key, self.manifest):
+        if record is None or not same(record.path, out) or not produced_by(out, key, self.manifest):
             return False
-        return sha256_file(out / self.manifest) == record.sha256
+        return sha256_file(local(out) / self.manifest) == record.sha256
 
     def key_fn(self, context: TaskRunContext, parameters: dict[str, Any]) -> str:
         """Prefect cache_key_fn: the key; drops a record whose output on disk is not the one it produced.

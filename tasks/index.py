@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from eightgen.store import is_url
+
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
     from prefect import get_run_logger
@@ -20,7 +22,11 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 def refresh_runs_index(runs_root: Path) -> Path | None:
-    """Record the runs folder's new versions and rewrite its index.html; a failure only warns (the run itself is done)."""
+    """Record the runs folder's new versions and rewrite its index.html; a failure only warns (the run itself is done).
+
+    A runs folder in a store has no index.html (its history needs a lock the store cannot give): `eightgen runs` lists it."""
+    if is_url(runs_root):
+        return None
     try:
         from reports.index_page import refresh_index
 

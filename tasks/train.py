@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from eightgen.artifacts import Artifact, artifact_of, stamp_manifest, verified
+from eightgen.artifacts import Artifact, artifact_of, verified
 from eightgen.config import TrainConfig
 from tasks.caching import STAGE_KEY, CachedStage, produced_by
 from tasks.progress import meter
@@ -29,5 +29,4 @@ def train_classifier(cfg: TrainConfig, dataset: Artifact, cache_dir: Path, force
         def batches(done: int, total: int) -> None:
             shown.update(done, total, detail=f"epoch {min(epochs, (done - 1) * epochs // total + 1)}/{epochs}")
 
-        train(cfg, verified(dataset), out, progress=log, batches=batches)
-    return stamp_manifest(out, {STAGE_KEY: key})
+        return train(cfg, verified(dataset), out, progress=log, batches=batches, stamp={STAGE_KEY: key})

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import cloudpickle
 import fastai.callback.progress  # noqa: F401  (adds Learner.no_bar)
@@ -25,7 +26,8 @@ from fastcore.foundation import L
 from torch import Tensor
 
 import eightgen
-from eightgen.artifacts import MANIFEST, Artifact, fresh_sibling, remove_staging, sha256_file, swap_in, write_manifest, write_timings
+from eightgen.artifacts import MANIFEST, Artifact, fresh_sibling, put_in_place, remove_staging, sha256_file, write_manifest, write_timings
+from eightgen.store import local
 from eightgen.config import TrainConfig
 from eightgen.data.assembly import binary_labels, load_assembled
 from eightgen.devices import pick_device
@@ -203,12 +205,14 @@ def train(
     out_dir: Path,
     progress: Callable[[str], None] | None = None,
     batches: Callable[[int, int], None] | None = None,
+    stamp: dict[str, Any] | None = None,
 ) -> Artifact:
     """Train the detector on an assembled dataset; write learner.pkl, model.pt, spec.json, metrics.json, manifest.
 
-    `progress` gets one line per epoch; `batches(done, total)` hears of every training batch of all epochs.
+    `progress` gets one line per epoch; `batches(done, total)` hears of every training batch of all epochs; `stamp`'s
+    fields go into the manifest. `out_dir` may be a store URL.
     """
-    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    dataset_dir = Path(dataset_dir)
     data = load_assembled(dataset_dir)
     target = int(data.target)
     y_train = np.asarray(binary_labels(data.y_train, target), dtype=np.int64)
@@ -239,7 +243,7 @@ def train(
     metrics.update(n_train=int(len(y_train)), n_valid=int(len(y_valid)), epochs=len(history), history=history)
     metrics.update(robust_metrics(cfg, model, x_valid, y_valid))
 
-    tmp = fresh_sibling(out_dir, "partial")
+    tmp = fresh_sibling(local(out_dir), "partial")
     try:
         save_classifier(model, spec, tmp)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -253,9 +257,10 @@ def train(
             "dataset": {"path": str(dataset_dir), "sha256": sha256_file(dataset_dir / MANIFEST)},
             "valid_error": metrics["valid_error"],
             "device": str(device),
+            **(stamp or {}),
         }
         written = write_manifest(tmp, meta, [LEARNER_FILE, MODEL_FILE, SPEC_FILE, METRICS_FILE])
-        swap_in(tmp, out_dir)
+        put_in_place(tmp, out_dir)
     except BaseException:
         remove_staging(tmp)
         raise

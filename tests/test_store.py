@@ -1,0 +1,113 @@
+"""Storage by URL on a real S3-compatible server: publishing with the manifest last, fetching into this host's copy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from upath import UPath
+
+from eightgen.artifacts import MANIFEST, Artifact, artifact_of, read_manifest, staged_dir, verified, write_manifest
+from eightgen.config import ExperimentConfig
+from eightgen.errors import EightgenError
+from eightgen.store import SCRATCH_ENV, check_writable, fetch, is_url, local, location, mirror, publish
+
+
+@pytest.fixture(autouse=True)
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own copy folder: nothing is shared with another test's."""
+    folder = tmp_path / "scratch"
+    monkeypatch.setenv(SCRATCH_ENV, str(folder))
+    return folder
+
+
+def _output(folder: Path, files: dict[str, bytes]) -> Path:
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    write_manifest(folder, {"kind": "test"}, list(files))
+    return folder
+
+
+def test_locations_keep_local_paths_as_they_were_and_name_urls_whole() -> None:
+    assert location("runs") == Path("runs") and type(location("runs")) is type(Path("runs"))
+    assert not is_url("runs") and not is_url(Path("/x")) and is_url("s3://b/p") and is_url(UPath("s3://b/p"))
+    url = ExperimentConfig(cache_dir="s3://bucket/cache", runs_root="s3://bucket/runs")
+    dumped = json.loads(url.model_dump_json())
+    assert dumped["cache_dir"] == "s3://bucket/cache" and dumped["runs_root"] == "s3://bucket/runs"
+    assert str(ExperimentConfig.model_validate(dumped).run_dir) == f"s3://bucket/runs/{url.run_label}"
+    plain = ExperimentConfig()
+    assert json.loads(plain.model_dump_json())["cache_dir"] == ".eightgen-cache"
+    assert ExperimentConfig.model_validate_json(plain.model_dump_json()) == plain
+    # an Artifact in a store travels as its URL, whatever host reads it
+    artifact = Artifact(path="s3://bucket/cache/attacks/abc", sha256="0" * 64)
+    assert Artifact.model_validate_json(artifact.model_dump_json()) == artifact
+
+
+def test_publish_then_fetch_round_trip(bucket: str, tmp_path: Path, scratch: Path) -> None:
+    made = _output(tmp_path / "made", {"a.bin": b"alpha", "sub/b.bin": b"beta" * 1000})
+    url = UPath(f"{bucket}/cache/models/x1")
+    publish(made, url)
+    here = fetch(url, MANIFEST)
+    assert here == mirror(url) == local(url) and here.is_relative_to(scratch)
+    assert (here / "sub/b.bin").read_bytes() == b"beta" * 1000
+    assert artifact_of(url) == Artifact(path=url, sha256=artifact_of(made).sha256)
+    assert verified(artifact_of(url)) == here
+
+
+def test_a_copy_that_matches_is_not_downloaded_again(bucket: str, tmp_path: Path) -> None:
+    made = _output(tmp_path / "made", {"a.bin": b"alpha"})
+    url = UPath(f"{bucket}/c/d")
+    publish(made, url)
+    here = fetch(url, MANIFEST)
+    before = (here / "a.bin").stat().st_mtime_ns
+    fetch(url, MANIFEST)
+    assert (here / "a.bin").stat().st_mtime_ns == before
+    (here / "a.bin").write_bytes(b"edited here")  # a damaged copy is fetched again from the store
+    assert (fetch(url, MANIFEST) / "a.bin").read_bytes() == b"alpha"
+
+
+def test_files_without_their_manifest_are_not_an_output(bucket: str, tmp_path: Path) -> None:
+    """A writer stopped halfway published files but no manifest: nobody takes it for a finished output."""
+    made = _output(tmp_path / "made", {"a.bin": b"alpha"})
+    url = UPath(f"{bucket}/half/x")
+    url.fs.put_file(str(made / "a.bin"), f"{url.path}/a.bin")
+    with pytest.raises(EightgenError, match="no manifest.json"):
+        fetch(url, MANIFEST)
+    # a republish takes the old manifest away first: a reader sees an unfinished output, never old and new mixed
+    publish(made, url)
+    (made / "a.bin").write_bytes(b"other")
+    write_manifest(made, {"kind": "test"}, ["a.bin"])
+    url.fs.rm_file(f"{url.path}/{MANIFEST}")
+    url.fs.put_file(str(made / "a.bin"), f"{url.path}/a.bin")
+    with pytest.raises(EightgenError, match="unfinished"):
+        read_manifest(url)
+
+
+def test_a_corrupt_object_in_the_store_is_caught(bucket: str, tmp_path: Path) -> None:
+    made = _output(tmp_path / "made", {"a.bin": b"alpha"})
+    url = UPath(f"{bucket}/bad/x")
+    publish(made, url)
+    url.fs.pipe_file(f"{url.path}/a.bin", b"flipped")
+    with pytest.raises(EightgenError, match="sha256 differs"):
+        read_manifest(url)
+
+
+def test_staged_dir_at_a_url_replaces_the_old_output_whole(bucket: str) -> None:
+    url = UPath(f"{bucket}/cache/attacks/y")
+    with staged_dir(url) as tmp:
+        (tmp / "old.bin").write_bytes(b"1")
+        write_manifest(tmp, {}, ["old.bin"])
+    with staged_dir(url) as tmp:
+        (tmp / "new.bin").write_bytes(b"2")
+        write_manifest(tmp, {}, ["new.bin"])
+    names = sorted(Path(p).name for p in url.fs.find(url.path))
+    assert names == [MANIFEST, "new.bin"]
+    assert read_manifest(url)["files"].keys() == {"new.bin"}
+
+
+def test_a_store_that_refuses_writes_is_named_in_one_line(s3_server: str) -> None:
+    with pytest.raises(EightgenError, match=r"--cache-dir s3://no-such-bucket-here/c: the store refuses a write"):
+        check_writable(UPath("s3://no-such-bucket-here/c"), "--cache-dir")
