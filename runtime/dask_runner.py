@@ -7,6 +7,7 @@ import importlib
 import os
 import pickle
 import sys
+from typing import Any
 
 from distributed import Worker
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -48,8 +49,29 @@ class TorchThreads(WorkerPlugin):
         torch.set_num_threads(max(1, int(worker.state.nthreads)))
 
 
+def _send_records() -> None:
+    """On a worker: send the Prefect events (task-run states) and logs it still buffers to the API now."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for buffered in (EventsWorker, APILogWorker):
+        try:
+            buffered.drain_all(timeout=30)
+        except RuntimeError:
+            pass
+
+
 class TorchDaskTaskRunner(DaskTaskRunner):
-    """DaskTaskRunner that registers TorchThreads on the cluster it connects to."""
+    """DaskTaskRunner that registers TorchThreads on the cluster it connects to, and has every worker send its records
+    before the flow run moves on (a worker on another host would otherwise report them after the API has stopped)."""
+
+    def __exit__(self, *args: Any) -> None:
+        if self._client is not None:
+            try:
+                self._client.run(_send_records)
+            except Exception:  # noqa: BLE001 (a worker lost at the end: what it buffered is lost with it)
+                pass
+        super().__exit__(*args)
 
     @property
     def client(self) -> PrefectDaskClient:
