@@ -32,7 +32,7 @@ from eightgen.config import PRESETS
 from benchmarks.startup import prefect_env, stop_kept_server
 
 BUCKET = "eightgen-bench"
-REQUEST = re.compile(r'"(GET|PUT|HEAD|DELETE|POST) /([^ ?]*)[^"]*" (\d{3})')
+REQUEST = re.compile(r'"(GET|PUT|HEAD|DELETE|POST) /([^ ]*) HTTP[^"]*" (\d{3})')
 PLACES = ("attacks", "datasets", "models", "prefect-results", "runs")
 
 
@@ -62,7 +62,7 @@ def requests(log: Path, since: int) -> tuple[Counter, Counter, int]:
     methods, places = Counter(), Counter()
     for method, path, _ in REQUEST.findall(text):
         methods[method] += 1
-        places[next((p for p in PLACES if f"/{p}/" in f"/{path}/"), "other")] += 1
+        places[next((p for p in PLACES if re.search(rf"(^|[/=]|%2F){p}(/|%2F|&|$)", path)), "other")] += 1
     return methods, places, since + len(text.encode())
 
 
