@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cli.options import Places, apply_shared, count_or_all, data_options, device_option, digits_option, local_storage, storage_options
+from cli.options import Places, apply_shared, count_or_all, data_options, device_option, digits_option, storage_options
 from eightgen.config import AlignedConfig, referee_eps_for
 from eightgen.errors import EightgenError
 from reports.files import ALIGNED_JSON
@@ -150,7 +150,6 @@ def sweep_lines(sweep: dict) -> list[str]:
 def aligned_command(args: argparse.Namespace) -> int:
     """Validate, run the aligned flow, wait for its records, print the summary and the targets."""
     cfg = build_aligned_config(args)
-    local_storage("aligned", cfg.cache_dir, cfg.runs_root)
     if args.check and (cfg.reference_radius is None or 0 not in cfg.radii_in_force):
         raise EightgenError("--check needs the standard and a robust detector: give 0 and a radius above 0 in --adv-eps")
     process_env(cfg.cache_dir)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cli.options import Places, apply_shared, data_options, device_option, digits_option, local_storage, storage_options
+from cli.options import Places, apply_shared, data_options, device_option, digits_option, storage_options
 from eightgen.config import DiffusionConfig
 from reports.files import DIFFUSION_JSON
 from runtime.environment import process_env
@@ -164,7 +164,6 @@ def diffusion_command(args: argparse.Namespace) -> int:
     """Validate, run the diffusion flow, wait for its records, print the summary and the targets."""
     cfg = build_diffusion_config(args)
     aligned = cfg.aligned
-    local_storage("diffusion", aligned.cache_dir, aligned.runs_root)
     process_env(aligned.cache_dir)
     from cli.lifecycle import finish, run_experiment
 

@@ -17,9 +17,11 @@ from typing import Any
 from runtime.stopping import KEPT, Stopper
 
 
-def run_flow(what: str, prepare: Callable[[], None], start: Callable[[], Any]) -> Any:
+def run_flow(what: str, prepare: Callable[[], None], start: Callable[[], Any], cache_dir: Path | None = None) -> Any:
     """Start or reuse the local server, run `prepare` (the checks) while it boots, then `start` (the flow, called with
-    return_state=True) under a stopper; settle the flow run's records and return its result (EightgenError if it failed)."""
+    return_state=True) under a stopper; settle the flow run's records and return its result (EightgenError if it failed).
+
+    With a cache in a store, its result records' block is saved to the API first (runtime/environment.py)."""
     from prefect_api.server import check_api
     from runtime.embedded import EmbeddedServer
 
@@ -34,6 +36,10 @@ def run_flow(what: str, prepare: Callable[[], None], start: Callable[[], Any]) -
         # Every flow and task run of this command carries the tag, so a stopped command can find and mark them.
         tag = f"command-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         with server.wait():
+            if cache_dir is not None:
+                from runtime.environment import save_records_block
+
+                save_records_block(cache_dir)
             stopper = Stopper(
                 mark=lambda reason: mark_stopped(tag, reason),
                 release=lambda: server.stop(wait=False),
@@ -72,12 +78,16 @@ def run_experiment(what: str, cfg: Any, aligned: Any, flow: str, summary_file: s
     def start() -> Any:
         return getattr(importlib.import_module(module), name)(cfg, force=args.force, overwrite=args.overwrite, return_state=True)
 
-    report = Path(run_flow(what, prepare, start))
-    return report, json.loads((report.parent / summary_file).read_text())
+    from eightgen.store import local, location
+
+    report = location(run_flow(what, prepare, start, aligned.cache_dir))
+    return report, json.loads((local(report.parent) / summary_file).read_text())  # a store's: this host wrote its copy
 
 
 def finish(report: Path, lines: list[str], check: bool, targets_met: bool) -> int:
     """Print an experiment's summary lines and report path; exit status 1 under --check when a target is missed."""
     print("\n".join(lines))
-    print(f"report: {report.resolve()}")
+    from eightgen.store import shown
+
+    print(f"report: {shown(report)}")
     return 1 if check and not targets_met else 0

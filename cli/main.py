@@ -19,8 +19,8 @@ from cli.runs import add_runs_options, runs_command
 from cli.serve import add_serve_options, serve_command
 from eightgen.config import ExperimentConfig
 from eightgen.errors import EightgenError
-from eightgen.store import is_url, local, location
-from runtime.environment import process_env, save_records_block
+from eightgen.store import is_url, local, location, shown
+from runtime.environment import process_env
 from runtime.errorlog import ErrorLog, describe
 from runtime.locks import use_lock_url
 from runtime.phases import mark
@@ -89,14 +89,13 @@ def run_command(args: argparse.Namespace) -> int:
         from flows.pipeline import pipeline
 
         mark("server up")
-        save_records_block(cfg.cache_dir)
         state = pipeline(cfg, force=args.force, task_runner=kind, dask_address=args.dask_address, overwrite=args.overwrite, return_state=True)
         mark("flow done")
         return state
 
-    report = run_flow("pipeline", prepare, start)  # a failure's traceback goes to the error log
+    report = run_flow("pipeline", prepare, start, cfg.cache_dir)  # a failure's traceback goes to the error log
     mark("recorded")
-    print(f"report: {report if is_url(report) else Path(report).resolve()}")
+    print(f"report: {shown(location(report))}")
     return 0
 
 
@@ -110,8 +109,8 @@ def report_command(args: argparse.Namespace) -> int:
             raise EightgenError(f"-o {args.out} is a directory: give a file name for the report")
         writable_dir(args.out.parent, "-o")
     path = render_report(list(args.run_dirs), out=args.out)
-    shown = args.run_dirs[0] / path.name if args.out is None and len(args.run_dirs) == 1 and is_url(args.run_dirs[0]) else path.resolve()
-    print(f"report: {shown}")
+    published = args.out is None and len(args.run_dirs) == 1 and is_url(args.run_dirs[0])
+    print(f"report: {shown(args.run_dirs[0] / path.name if published else path)}")
     return 0
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from eightgen.classes import CLASS_SETS
 from eightgen.config import PRESETS, ExperimentConfig
 from eightgen.errors import EightgenError
-from eightgen.store import is_url, location
+from eightgen.store import location
 
 OVERRIDES: dict[str, tuple[str, str]] = {
     # option dest -> (config section, field); the shared options are applied by apply_shared
@@ -189,12 +189,6 @@ def apply_shared(data: dict[str, Any], args: argparse.Namespace, places: Places)
 
 
 RUN_PLACES = Places(dataset=("dataset",), attacks=(("attack",),), storage=(), devices=(("attack",),))
-
-
-def local_storage(command: str, *where: Path) -> None:
-    """EightgenError unless every storage location is a local path: `command` keeps its results on local disk."""
-    if any(is_url(w) for w in where):
-        raise EightgenError(f"eightgen {command}: --cache-dir and --runs-root take local paths (store URLs work with run, report and runs)")
 
 
 def build_config(args: argparse.Namespace) -> ExperimentConfig:

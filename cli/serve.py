@@ -7,11 +7,12 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from cli.options import build_config, local_storage
+from cli.options import build_config
 from eightgen.config import DiffusionConfig, ExperimentConfig
 from eightgen.errors import EightgenError
+from eightgen.store import is_url
 from prefect_api.server import check_api
-from runtime.environment import process_env
+from runtime.environment import process_env, save_records_block
 from runtime.httpd import Pages, ReportServer
 from runtime.runners import TaskRunnerKind, absolute_paths, probe_dask
 
@@ -139,25 +140,29 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise EightgenError(f"--limit {args.limit}: at least 1 flow run must be allowed at a time")
     cfg = absolute_paths(build_config(args))
-    local_storage("serve", cfg.cache_dir, cfg.runs_root)
     process_env(cfg.cache_dir)
     schedule = cron_schedule(args.cron, args.timezone)
     kind = args.task_runner or ("dask" if args.dask_address else "threads")
     if args.dask_address:
         probe_dask(args.dask_address)
     url = check_api()
+    save_records_block(cfg.cache_dir)
     from reports.index_page import compare_page, refresh_index
 
     pages = Pages(index=refresh_index, compare=compare_page)
-    reports = ReportServer(cfg.runs_root, args.reports_port, pages=pages)  # binds the port now: a busy one fails before any work
+    # binds the port now: a busy one fails before any work; a runs folder in a store is read there (presigned links)
+    reports = None if is_url(cfg.runs_root) else ReportServer(cfg.runs_root, args.reports_port, pages=pages)
     try:
         from runtime.preflight import preflight
 
         for line in preflight(cfg, args.overwrite):
             print(f"eightgen: warning: {line}", file=sys.stderr, flush=True)
         served = deployments(cfg, schedule, kind, args.dask_address, force=args.force, overwrite=args.overwrite)
-        reports.start()
-        print(f"eightgen: API {url}; reports of {reports.root} at {reports.url}", flush=True)
+        if reports is None:
+            print(f"eightgen: API {url}; reports in {cfg.runs_root} (each run's report link is presigned)", flush=True)
+        else:
+            reports.start()
+            print(f"eightgen: API {url}; reports of {reports.root} at {reports.url}", flush=True)
         import threading
 
         from prefect import serve
@@ -165,5 +170,6 @@ def serve_command(args: argparse.Namespace) -> int:
         threading.Thread(target=_announce, name="eightgen-links", daemon=True).start()
         serve(*served, limit=args.limit)  # until Ctrl-C or SIGTERM; schedules are paused on the way out
     finally:
-        reports.stop()
+        if reports is not None:
+            reports.stop()
     return 0

@@ -145,13 +145,13 @@ def load_record(run_dir: Path) -> RunRecord:
 
 def verify_run(run_dir: Path) -> Artifact:
     """The run directory's Artifact after checking every file against its manifest (EightgenError naming a damaged one)."""
-    manifest = read_manifest(Path(run_dir))
+    manifest = read_manifest(location(run_dir))
     missing = [f for f in RUN_FILES if f not in manifest.get("files", {})]
     if not _shard_names(manifest):
         missing.append(f"{TRAJECTORIES}/")
     if missing:
         raise EightgenError(f"{run_dir}/{MANIFEST}: does not list {', '.join(missing)}")
-    return artifact_of(Path(run_dir))
+    return artifact_of(location(run_dir))
 
 
 def shard_name(i: int) -> str:
@@ -265,9 +265,9 @@ def write_report(run_dir: Path, html: str, stamp: dict[str, Any]) -> Artifact:
 
 def find_run(runs_root: Path, name: str = "") -> Path:
     """A run directory by name (or path) under runs_root; the newest run there when name is empty."""
-    runs_root = Path(runs_root)
+    runs_root = location(runs_root)
     if name:
-        path = Path(name) if Path(name).is_absolute() else runs_root / name
+        path = location(name) if is_url(name) or Path(name).is_absolute() else runs_root / name
         if not is_run_dir(path):
             raise EightgenError(f"no run named {name!r} in {runs_root} (no {path / CONFIG})")
         return path

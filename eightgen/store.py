@@ -72,6 +72,11 @@ def local(path: Path | UPath) -> Path:
     return mirror(path) if is_url(path) else Path(path)
 
 
+def shown(path: Path | UPath) -> str:
+    """A location as a user reads it: a URL whole, a local path absolute."""
+    return str(path) if is_url(path) else str(Path(path).resolve())
+
+
 def same(a: Path | UPath, b: Path | UPath) -> bool:
     """Whether two locations name the same folder."""
     if is_url(a) or is_url(b):

@@ -10,6 +10,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from eightgen.config import AlignedConfig
 from eightgen.rundir import AlignedRecord
+from eightgen.store import shown
 from flows.stages import assemble_flow, cancellable, train_flow
 from prefect_api.subflows import nested_stages
 from runtime.httpd import report_link
@@ -47,7 +48,7 @@ def aligned_flow(cfg: AlignedConfig = AlignedConfig(), force: bool = False, over
     html = report.path / ALIGNED_HTML
     key = f"aligned-{artifact_key(report.path)}"
     create_markdown_artifact(
-        f"## {cfg.run_label}\n\naligned report: `{html.resolve()}`\n", key=key, description="eightgen aligned experiment: where its report is"
+        f"## {cfg.run_label}\n\naligned report: `{shown(html)}`\n", key=key, description="eightgen aligned experiment: where its report is"
     )
     link = report_link(report.path, ALIGNED_HTML)
     if link:

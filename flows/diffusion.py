@@ -10,6 +10,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from eightgen.config import DiffusionConfig
+from eightgen.store import shown
 from flows.aligned import aligned_flow
 from flows.stages import assemble_flow, cancellable
 from prefect_api.subflows import nested_stages
@@ -60,7 +61,7 @@ def diffusion_flow(cfg: DiffusionConfig = DiffusionConfig(), force: bool = False
     report = judge_three_ways(cfg, runs, samples, denoiser, sanity, cfg.run_dir, force)
     html = report.path / DIFFUSION_HTML
     create_markdown_artifact(
-        f"## {cfg.run_label}\n\nthree ways report: `{html.resolve()}`\n",
+        f"## {cfg.run_label}\n\nthree ways report: `{shown(html)}`\n",
         key=f"diffusion-{artifact_key(report.path)}",
         description="eightgen diffusion experiment: where its report is",
     )

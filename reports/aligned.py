@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from eightgen.classes import classes_of
 from eightgen.errors import EightgenError
-from eightgen.rundir import RunRecord, trajectories
+from eightgen.rundir import RunRecord, local_run, trajectories
 from reports import figures, stats
 from reports.files import ALIGNED_HTML, ALIGNED_JSON
 from reports.formatting import fmt_ci, fmt_num, fmt_pct, plain_json
@@ -74,8 +74,9 @@ class AlignedRun:
 
 
 def load_aligned_run(run_dir: Path) -> AlignedRun:
-    """A judged run directory written by the aligned flow (config.json with an "aligned" section, referee columns)."""
-    run_dir = Path(run_dir)
+    """A judged run directory written by the aligned flow (config.json with an "aligned" section, referee columns); a
+    run in a store is read from this host's copy."""
+    run_dir = local_run(run_dir)
     run = load_run(run_dir)  # checks config.json, results.parquet and the trajectory shards
     aligned = run.record.aligned
     if aligned is None or not DETECTOR_NAME.fullmatch(aligned.detector):

@@ -8,6 +8,7 @@ from prefect import task
 
 from eightgen.artifacts import Artifact, artifact_of, check_unchanged, write_manifest
 from eightgen.config import AlignedConfig
+from eightgen.store import is_url, local, publish
 from reports.aligned import load_aligned_run, render_aligned
 from reports.files import ALIGNED_HTML, ALIGNED_JSON, ALIGNED_MANIFEST
 from tasks.caching import STAGE_KEY, CachedStage
@@ -22,6 +23,9 @@ def render_aligned_report(cfg: AlignedConfig, runs: list[Artifact], run_dir: Pat
     loaded = [load_aligned_run(r.path) for r in runs]
     for artifact, run in zip(runs, loaded):
         check_unchanged(artifact, run.run.sha256)
-    render_aligned(loaded, run_dir, matched_budget=cfg.matched_budget, title=cfg.report.title, grid_seeds=cfg.grid_seeds)
-    write_manifest(run_dir, {"kind": "aligned-report", STAGE_KEY: key}, [ALIGNED_HTML, ALIGNED_JSON], name=ALIGNED_MANIFEST)
+    here = local(run_dir)  # a store's: written in this host's copy, then published (the manifest last)
+    render_aligned(loaded, here, matched_budget=cfg.matched_budget, title=cfg.report.title, grid_seeds=cfg.grid_seeds)
+    write_manifest(here, {"kind": "aligned-report", STAGE_KEY: key}, [ALIGNED_HTML, ALIGNED_JSON], name=ALIGNED_MANIFEST)
+    if is_url(run_dir):
+        publish(here, run_dir, [ALIGNED_HTML, ALIGNED_JSON, ALIGNED_MANIFEST])
     return artifact_of(run_dir, name=ALIGNED_MANIFEST)

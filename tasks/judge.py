@@ -42,7 +42,8 @@ def collect_judged_results(
 
     check_target(run_dir, experiment, overwrite)
     _, key = JUDGE.here()
-    refs = load_referees(verified(referees), pick_device(experiment.attack.device))
+    referees_dir = verified(referees)
+    refs = load_referees(referees_dir, pick_device(experiment.attack.device))
 
     def judge(chunk: Chunk, frame: pd.DataFrame) -> pd.DataFrame:
         start = frame["start_digit"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
@@ -52,7 +53,7 @@ def collect_judged_results(
     run = collected(experiment, chunks, model, dataset, run_name, judge)
     record = run.record.model_copy(
         update={
-            "referees": RefereeRecord(path=referees.path, sha256=referees.sha256, info=read_info(referees.path)),
+            "referees": RefereeRecord(path=referees.path, sha256=referees.sha256, info=read_info(referees_dir)),
             "aligned": aligned,
         }
     )

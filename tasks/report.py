@@ -14,7 +14,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from eightgen.artifacts import Artifact, check_unchanged
 from eightgen.config import ReportConfig
 from eightgen.rundir import REPORT, REPORT_MANIFEST, write_report
-from eightgen.store import is_url, location
+from eightgen.store import location, shown
 from reports.runs import Run, load_run
 from reports.summary import digit_table, summary_markdown
 from tasks.caching import STAGE_KEY, CachedStage
@@ -57,7 +57,7 @@ def publish_summary(run: Artifact, report_url: str | None = None) -> None:
     summary, run_dir = loaded(run), run.path
     key = artifact_key(run_dir)
     create_markdown_artifact(
-        summary_markdown(summary) + f"\nreport: `{run_dir / REPORT if is_url(run_dir) else (run_dir / REPORT).resolve()}`\n",
+        summary_markdown(summary) + f"\nreport: `{shown(run_dir / REPORT)}`\n",
         key=f"summary-{key}",
         description=f"eightgen run {run_dir.name}: the key numbers",
     )

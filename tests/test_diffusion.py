@@ -251,29 +251,39 @@ TINY_OPTIONS = [
 ]
 
 
-def test_the_diffusion_flow_judges_three_ways_and_comes_back_cached(prefect_harness, mnist_dir: Path, tmp_path: Path) -> None:
+def test_the_diffusion_flow_judges_three_ways_and_comes_back_cached(prefect_harness, mnist_dir: Path, bucket: str, tmp_path: Path, monkeypatch) -> None:
+    """The whole experiment (detectors, referees, denoiser, samples, judged runs, reports) with its cache, runs and result
+    records in an S3-compatible store (moto's server): written there, read back from there, and Cached the second time."""
     import json
 
     import pandas as pd
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK, temporary_settings
 
     from cli.diffusion import build_diffusion_config, summary_lines
     from cli.main import parser
+    from eightgen.store import SCRATCH_ENV
     from flows.diffusion import diffusion_flow
     from prefect_api.records import task_run_states, wait_for_records
+    from runtime.environment import STORAGE_BLOCK, records_block, save_records_block
 
-    args = parser().parse_args(["diffusion", *TINY_OPTIONS, "--mnist-dir", str(mnist_dir), "--runs-root", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")])
+    args = parser().parse_args(["diffusion", *TINY_OPTIONS, "--mnist-dir", str(mnist_dir), "--runs-root", f"{bucket}/runs", "--cache-dir", f"{bucket}/cache"])
     cfg = build_diffusion_config(args)
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "scratch"))
+    monkeypatch.setenv(STORAGE_BLOCK, records_block(cfg.aligned.cache_dir))
+    save_records_block(cfg.aligned.cache_dir)
     states = []
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "cache" / "prefect-results"}):
+    with temporary_settings({PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: records_block(cfg.aligned.cache_dir)}):
         for _ in range(2):
             state = diffusion_flow(cfg, return_state=True)
             assert state.is_completed(), state
             wait_for_records(state.state_details.flow_run_id)
             states.append(task_run_states(state.state_details.flow_run_id))
     html = cfg.run_dir / "diffusion.html"
-    assert Path(state.result()) == html
-    page = html.read_text()
+    assert str(state.result()) == str(html) and str(html).startswith(f"{bucket}/runs/")
+    records = (cfg.aligned.cache_dir / "prefect-results").fs.ls(f"{bucket[5:]}/cache/prefect-results")
+    assert any("judge-three-ways-" in r for r in records) and any("train-denoiser-" in r for r in records)
+    assert not (tmp_path / "cache").exists() and not Path("runs", cfg.run_dir.name).exists()
+    page = html.read_text()  # read from the store
     for anchor in ("three-answer", "targets-table", "paths-table", "three-grid", "grid-noise", "grid-1", "grid-3", "fig-diffusion-p", "three-method"):
         assert f'id="{anchor}"' in page, anchor
     assert "http://" not in page and "https://" not in page
@@ -288,7 +298,7 @@ def test_the_diffusion_flow_judges_three_ways_and_comes_back_cached(prefect_harn
     assert all(r["recall"][c]["n"] == 4 for v in j["variants"].values() for r in v.values() for c in range(10))
     for anchor in ("judges-table", "frechet-reading"):
         assert f'id="{anchor}"' in page, anchor
-    results = pd.read_parquet(cfg.run_dir / "results.parquet")
+    results = pd.read_parquet(str(cfg.run_dir / "results.parquet"))
     # 3 noise + 2 digits x 3 seeds = 9 starts, on each of five paths, every one judged
     assert results.groupby("path").size().to_dict() == {p: 9 for p in ("standard-gradient", "robust-gradient", "diffusion-none", "diffusion-standard", "diffusion-robust")}
     assert results["knn10_is_target"].notna().all() and results.loc[results.start_kind == "digit", "knn2_is_target"].notna().all()

@@ -111,3 +111,40 @@ def test_staged_dir_at_a_url_replaces_the_old_output_whole(bucket: str) -> None:
 def test_a_store_that_refuses_writes_is_named_in_one_line(s3_server: str) -> None:
     with pytest.raises(EightgenError, match=r"--cache-dir s3://no-such-bucket-here/c: the store refuses a write"):
         check_writable(UPath("s3://no-such-bucket-here/c"), "--cache-dir")
+
+
+def test_a_report_link_of_a_run_in_the_store_is_a_presigned_url_a_browser_can_open(bucket: str, tmp_path: Path) -> None:
+    import urllib.request
+
+    from runtime.httpd import report_link
+
+    run = _output(tmp_path / "run", {"report.html": b"<!doctype html><title>r</title>"})
+    url = UPath(f"{bucket}/runs/some-run")
+    publish(run, url)
+    link = report_link(url)
+    assert link is not None and link.startswith("http") and "Signature" in link
+    with urllib.request.urlopen(link, timeout=10) as answer:  # a plain GET, without the credentials of the writer
+        assert answer.read() == b"<!doctype html><title>r</title>"
+        assert answer.headers["Content-Type"] == "text/html"
+
+
+def test_runs_in_the_store_are_found_listed_and_read_back(bucket: str, tmp_path: Path) -> None:
+    import time
+
+    from eightgen.rundir import find_run, local_runs, verify_run
+    from fixtures_report import make_run_dir
+    from reports.runs import load_run
+
+    for name in ("older", "newer"):
+        publish(make_run_dir(tmp_path / "made", name, seeds=2, digits=(1, 3), steps=10), UPath(f"{bucket}/runs/{name}"))
+        time.sleep(1.1)  # the store's modification times have whole seconds
+    root = UPath(f"{bucket}/runs")
+    assert str(find_run(root)) == f"{bucket}/runs/newer" and str(find_run(root, "older")) == f"{bucket}/runs/older"
+    with pytest.raises(EightgenError, match="no run named 'gone'"):
+        find_run(root, "gone")
+    here = local_runs(root)
+    assert sorted(p.name for p in here.iterdir()) == ["newer", "older"]
+    assert verify_run(here / "older").sha256 == verify_run(tmp_path / "made" / "older").sha256
+    assert load_run(root / "older").results.equals(load_run(tmp_path / "made" / "older").results)
+    UPath(f"{bucket}/runs/older").fs.rm(f"{bucket[5:]}/runs/older", recursive=True)
+    assert sorted(p.name for p in local_runs(root).iterdir()) == ["newer"]  # a copy of a run gone from the store goes too
