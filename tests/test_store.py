@@ -148,3 +148,22 @@ def test_runs_in_the_store_are_found_listed_and_read_back(bucket: str, tmp_path:
     assert load_run(root / "older").results.equals(load_run(tmp_path / "made" / "older").results)
     UPath(f"{bucket}/runs/older").fs.rm(f"{bucket[5:]}/runs/older", recursive=True)
     assert sorted(p.name for p in local_runs(root).iterdir()) == ["newer"]  # a copy of a run gone from the store goes too
+
+
+@pytest.mark.parametrize("option", ["--cache-dir", "--runs-root"])
+def test_a_bucket_that_is_not_there_stops_the_run_in_one_line_before_any_work(
+    option: str, s3_server: str, mnist_dir: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    from cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    other = "--runs-root" if option == "--cache-dir" else "--cache-dir"
+    argv = ["run", "--mnist-dir", str(mnist_dir), option, "s3://no-such-bucket-here/x", other, str(tmp_path / "local")]
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_ENABLED: False}):
+        code = main(argv)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"eightgen: error: {option} s3://no-such-bucket-here/x: the store refuses a write"), err
+    assert not (tmp_path / "local").exists() or not any((tmp_path / "local").rglob("manifest.json"))
