@@ -15,6 +15,8 @@ from prefect import Task
 from prefect_dask import DaskTaskRunner
 from prefect_dask.client import PrefectDaskClient
 
+from prefect_api.records import flush_workers
+
 
 def _import_task(module: str, name: str) -> Task:
     """The task object `name` of an importable module."""
@@ -49,18 +51,6 @@ class TorchThreads(WorkerPlugin):
         torch.set_num_threads(max(1, int(worker.state.nthreads)))
 
 
-def _send_records() -> None:
-    """On a worker: send the Prefect events (task-run states) and logs it still buffers to the API now."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for buffered in (EventsWorker, APILogWorker):
-        try:
-            buffered.drain_all(timeout=30)
-        except RuntimeError:
-            pass
-
-
 class TorchDaskTaskRunner(DaskTaskRunner):
     """DaskTaskRunner that registers TorchThreads on the cluster it connects to, and has every worker send its records
     before the flow run moves on (a worker on another host would otherwise report them after the API has stopped)."""
@@ -68,7 +58,7 @@ class TorchDaskTaskRunner(DaskTaskRunner):
     def __exit__(self, *args: Any) -> None:
         if self._client is not None:
             try:
-                self._client.run(_send_records)
+                self._client.run(flush_workers)  # on every worker: what it still buffers goes to the API now
             except Exception:  # noqa: BLE001 (a worker lost at the end: what it buffered is lost with it)
                 pass
         super().__exit__(*args)

@@ -17,7 +17,7 @@ ALLOWED = {
     "tasks": {"eightgen", "tasks", "reports", "runtime"},
     "reports": {"eightgen", "reports"},
     "flows": {"eightgen", "tasks", "flows", "runtime", "prefect_api"},
-    "runtime": {"eightgen", "runtime"},
+    "runtime": {"eightgen", "runtime", "prefect_api"},
     "prefect_api": {"eightgen", "prefect_api"},
     "cli": {"eightgen", "cli", "flows", "reports", "runtime", "prefect_api"},
     "benchmarks": {"eightgen", "benchmarks", "cli", "flows", "runtime", "prefect_api", "tasks"},
