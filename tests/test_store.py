@@ -158,7 +158,12 @@ def test_a_bucket_that_is_not_there_stops_the_run_in_one_line_before_any_work(
 
     from cli.main import main
 
+    from runtime.environment import STORAGE_BLOCK
+
     monkeypatch.chdir(tmp_path)
+    for name in (STORAGE_BLOCK, "PREFECT_LOCAL_STORAGE_PATH"):  # what the command sets for itself is undone after
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     other = "--runs-root" if option == "--cache-dir" else "--cache-dir"
     argv = ["run", "--mnist-dir", str(mnist_dir), option, "s3://no-such-bucket-here/x", other, str(tmp_path / "local")]
     with temporary_settings({PREFECT_SERVER_EPHEMERAL_ENABLED: False}):

@@ -3,12 +3,16 @@ Dask cluster whose workers are processes of their own, each with its own empty w
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import sqlite3
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,6 +130,13 @@ def test_a_cluster_without_a_shared_disk_runs_from_the_store(
     pd.testing.assert_frame_equal(a[EXACT], b[EXACT])
     for col in FLOATS:  # the workers' torch has one thread, the client's two: float sums may differ in the last bits
         np.testing.assert_allclose(b[col].to_numpy(float), a[col].to_numpy(float), rtol=1e-4, atol=1e-5, err_msg=col)
+
+    # the run's report link, published to Prefect, is a presigned URL that a reader without credentials opens
+    with sqlite3.connect(client / "dask" / "prefect" / "prefect.db") as db:
+        (link,) = [row[0] for row in db.execute("SELECT data FROM artifact WHERE key LIKE 'report-%'")]
+    link = re.search(r"\((http[^)]+)\)", json.loads(link) if link.startswith('"') else link).group(1)
+    with urllib.request.urlopen(link, timeout=10) as answer:
+        assert answer.read() == UPath(f"{bucket}/runs/on-dask/report.html").read_bytes()
 
     # every chunk in the store is whole and was made in a worker's copy folder; the killed worker's half-written chunk
     # is still there, in its copy folder only
