@@ -85,11 +85,8 @@ def same(a: Path | UPath, b: Path | UPath) -> bool:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _place(fs: Any, remote: str, target: Path) -> None:
