@@ -2,8 +2,8 @@
 
 A lock is named by its lock file (<cache_dir>/locks/<kind>-<entry>.lock, or .<run>.lock beside a run directory). With
 a Redis URL (--lock-url, or $EIGHTGEN_LOCK_URL) the same names become Redis locks through Prefect's Redis lock manager
-(prefect-redis), and no lock file is made. A flock goes when its process dies; a Redis lock is held for HOLD seconds and
-renewed while its holder lives, so a killed holder blocks the others for at most that long.
+(prefect-redis), and no lock file is made. A flock goes when its process dies; a Redis lock is held for HOLD seconds
+($EIGHTGEN_LOCK_HOLD) and renewed while its holder lives, so a killed holder blocks the others for at most that long.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from eightgen.errors import EightgenError
 LOCK_URL_ENV = "EIGHTGEN_LOCK_URL"
 POLL = 0.1  # seconds between tries for a lock wanted within a time limit
 HOLD = 15.0  # seconds a Redis lock outlives its last renewal (a killed holder's lock frees itself after this)
+HOLD_ENV = "EIGHTGEN_LOCK_HOLD"  # another number of seconds for HOLD, read by every process that takes a lock
 PREFIX = "eightgen"  # the Redis key prefix of every lock
 
 
@@ -32,10 +33,25 @@ def lock_url() -> str | None:
     return os.environ.get(LOCK_URL_ENV) or None
 
 
+def hold_seconds() -> float:
+    """How long a Redis lock outlives its last renewal: $EIGHTGEN_LOCK_HOLD, else HOLD."""
+    text = os.environ.get(HOLD_ENV)
+    if not text:
+        return HOLD
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < 86400:
+        raise EightgenError(f"{HOLD_ENV}={text}: not a number of seconds between 0 and a day")
+    return seconds
+
+
 def use_lock_url(url: str | None) -> None:
     """Send this command's stage locks (and its Dask workers') through the Redis at url, after checking it answers."""
     if url is None:
         return
+    hold_seconds()  # a bad hold time is named before any work
     if not url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")):
         raise EightgenError(f"--lock-url {url}: not a Redis URL (redis://host:port/db)")
     _check(url)
@@ -144,7 +160,7 @@ class RedisLocks:
 
     def take(self, lock_file: Path, timeout: float | None) -> tuple[str, str, threading.Event] | None:
         key, holder = self.key(lock_file), uuid.uuid4().hex
-        if not self.manager.acquire_lock(key, holder, acquire_timeout=timeout, hold_timeout=HOLD):
+        if not self.manager.acquire_lock(key, holder, acquire_timeout=timeout, hold_timeout=hold_seconds()):
             return None
         stop = threading.Event()
         threading.Thread(target=self._renew, args=(key, holder, stop), name="eightgen-lock-renewal", daemon=True).start()
@@ -153,9 +169,10 @@ class RedisLocks:
     def _renew(self, key: str, holder: str, stop: threading.Event) -> None:
         from redis.lock import Lock
 
-        lock = Lock(self.manager.client, self.manager._lock_name_for_key(key), timeout=HOLD, thread_local=False)
+        hold = hold_seconds()
+        lock = Lock(self.manager.client, self.manager._lock_name_for_key(key), timeout=hold, thread_local=False)
         lock.local.token = holder.encode()
-        while not stop.wait(HOLD / 3):
+        while not stop.wait(hold / 3):
             try:
                 lock.reacquire()
             except Exception:  # noqa: BLE001 (lost or released: nothing left to renew)
