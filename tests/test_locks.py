@@ -118,3 +118,14 @@ def test_giving_back_a_lock_that_expired_and_was_taken_again_leaves_the_new_hold
     assert locks_at(redis_url).held(lock)
     locks_at(redis_url).give_back(second)
     assert not locks_at(redis_url).held(lock)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "1e9"])
+def test_a_bad_hold_time_is_named_in_one_line_before_redis_is_asked(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.locks import HOLD_ENV, hold_seconds, use_lock_url
+
+    monkeypatch.setenv(HOLD_ENV, value)
+    with pytest.raises(EightgenError, match=rf"^{HOLD_ENV}={value}: not a number of seconds"):
+        use_lock_url("redis://127.0.0.1:1/0")  # no Redis answers there: the hold time is checked first
+    monkeypatch.setenv(HOLD_ENV, "2.5")
+    assert hold_seconds() == 2.5
