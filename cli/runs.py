@@ -34,10 +34,11 @@ def line(e: "Entry", root: Path) -> list[str]:
 
 def runs_command(args: argparse.Namespace) -> int:
     """Print the runs index of a runs folder."""
-    from eightgen.rundir import local_runs
+    from eightgen.rundir import MANIFEST, REPORT_MANIFEST, local_runs
+    from reports.files import ALIGNED_MANIFEST
     from reports.index import as_json, scan  # with pandas and scipy: only for this command, not every command's start-up
 
-    entries = scan(local_runs(args.runs_root))
+    entries = scan(local_runs(args.runs_root, (MANIFEST, REPORT_MANIFEST, ALIGNED_MANIFEST)))
     if args.json:
         print(as_json(entries))
         return 0

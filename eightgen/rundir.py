@@ -179,23 +179,20 @@ def is_run_dir(path: Path) -> bool:
     return (location(path) / CONFIG).is_file() and (location(path) / MANIFEST).is_file()
 
 
-def local_runs(runs_root: Path) -> Path:
-    """A runs folder to read here: itself, or this host's copy of the runs published in a store (each run with its
-    report when it has one; copies of runs no longer there are dropped)."""
+def local_runs(runs_root: Path, manifests: Sequence[str] = (MANIFEST, REPORT_MANIFEST)) -> Path:
+    """A runs folder to read here: itself, or this host's copy of what a store's runs folder publishes (each folder
+    with every one of `manifests` it has; copies of folders no longer there are dropped)."""
     if not is_url(runs_root):
         return Path(runs_root)
     here = mirror(runs_root)
     kept = set()
     for run in children(runs_root):
-        try:
-            fetch(run, MANIFEST)
-        except EightgenError:
-            continue  # not a run, or not finished
-        kept.add(run.name)
-        try:
-            fetch(run, REPORT_MANIFEST)
-        except EightgenError:
-            pass
+        for name in manifests:
+            try:
+                fetch(run, name)
+                kept.add(run.name)
+            except EightgenError:
+                pass  # not this kind of output, or not finished
     for old in here.iterdir() if here.is_dir() else []:
         if old.is_dir() and old.name not in kept:
             shutil.rmtree(old, ignore_errors=True)

@@ -251,7 +251,7 @@ TINY_OPTIONS = [
 ]
 
 
-def test_the_diffusion_flow_judges_three_ways_and_comes_back_cached(prefect_harness, mnist_dir: Path, bucket: str, tmp_path: Path, monkeypatch) -> None:
+def test_the_diffusion_flow_judges_three_ways_and_comes_back_cached(prefect_harness, mnist_dir: Path, bucket: str, tmp_path: Path, monkeypatch, capsys) -> None:
     """The whole experiment (detectors, referees, denoiser, samples, judged runs, reports) with its cache, runs and result
     records in an S3-compatible store (moto's server): written there, read back from there, and Cached the second time."""
     import json
@@ -304,6 +304,12 @@ def test_the_diffusion_flow_judges_three_ways_and_comes_back_cached(prefect_harn
     assert results["knn10_is_target"].notna().all() and results.loc[results.start_kind == "digit", "knn2_is_target"].notna().all()
     assert summary["sanity"]["n"] == 30  # ten unguided samples per noise start
     assert len(summary_lines(summary)) == 1 + 10 + 1 + 1 + 1 + 1 + 4
+    # `eightgen runs` lists the bucket's experiments from this host's copy
+    from cli.main import main
+
+    assert main(["runs", "--runs-root", f"{bucket}/runs"]) == 0
+    listed = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert listed == {cfg.run_dir.name: "diffusion", cfg.aligned.root_dir.name: "aligned"}, listed
     first, second = states
     assert len(first["sample-chunk"]) == 6  # 9 starts in chunks of 5, for each of three paths
     assert len(first["sample-noise-chunk"]) == 6  # 30 sanity samples in chunks of 5
