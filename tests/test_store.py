@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -129,8 +130,6 @@ def test_a_report_link_of_a_run_in_the_store_is_a_presigned_url_a_browser_can_op
 
 
 def test_runs_in_the_store_are_found_listed_and_read_back(bucket: str, tmp_path: Path) -> None:
-    import time
-
     from eightgen.rundir import find_run, local_runs, verify_run
     from fixtures_report import make_run_dir
     from reports.runs import load_run
@@ -172,3 +171,26 @@ def test_a_bucket_that_is_not_there_stops_the_run_in_one_line_before_any_work(
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"eightgen: error: {option} s3://no-such-bucket-here/x: the store refuses a write"), err
     assert not (tmp_path / "local").exists() or not any((tmp_path / "local").rglob("manifest.json"))
+
+
+def test_the_store_benchmark_counts_the_requests_of_its_own_server_by_what_they_touch(tmp_path: Path) -> None:
+    import s3fs
+
+    from benchmarks.store import requests, start_s3
+
+    server, endpoint, log = start_s3(tmp_path)
+    try:
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="k", secret="s", skip_instance_cache=True)
+        fs.mkdir("bench")
+        start = log.stat().st_size
+        fs.pipe_file("bench/cache/attacks/abc/manifest.json", b"{}")
+        fs.pipe_file("bench/runs/r/report.html", b"<html>")
+        fs.cat_file("bench/cache/attacks/abc/manifest.json")
+        fs.ls("bench/cache/attacks")
+        time.sleep(0.5)  # the server's log line of the last request
+        methods, places, end = requests(log, start)
+    finally:
+        server.kill()
+        server.wait()
+    assert methods["PUT"] == 2 and methods["GET"] >= 2 and end == log.stat().st_size
+    assert places["runs"] == 1 and places["attacks"] >= 3 and "prefect-results" not in places
