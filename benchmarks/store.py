@@ -28,8 +28,8 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.scale import STAGES, grid, measured_run
-from eightgen.config import PRESETS
 from benchmarks.startup import prefect_env, stop_kept_server
+from eightgen.config import PRESETS
 
 BUCKET = "eightgen-bench"
 REQUEST = re.compile(r'"(GET|PUT|HEAD|DELETE|POST) /([^ ]*) HTTP[^"]*" (\d{3})')

@@ -34,11 +34,13 @@ def line(e: "Entry", root: Path) -> list[str]:
 
 def runs_command(args: argparse.Namespace) -> int:
     """Print the runs index of a runs folder."""
-    from eightgen.rundir import MANIFEST, REPORT_MANIFEST, local_runs
-    from reports.files import ALIGNED_MANIFEST
+    from eightgen.rundir import CONFIG, MANIFEST, REPORT, REPORT_MANIFEST, RESULTS, local_runs
+    from reports.files import ALIGNED_HTML, ALIGNED_JSON, ALIGNED_MANIFEST, DIFFUSION_HTML, DIFFUSION_JSON
     from reports.index import as_json, scan  # with pandas and scipy: only for this command, not every command's start-up
 
-    entries = scan(local_runs(args.runs_root, (MANIFEST, REPORT_MANIFEST, ALIGNED_MANIFEST)))
+    # what the index reads of each run and experiment; never their trajectories
+    read = (CONFIG, RESULTS, REPORT, ALIGNED_JSON, ALIGNED_HTML, DIFFUSION_JSON, DIFFUSION_HTML)
+    entries = scan(local_runs(args.runs_root, (MANIFEST, REPORT_MANIFEST, ALIGNED_MANIFEST), read))
     if args.json:
         print(as_json(entries))
         return 0

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from pydantic import BaseModel, ConfigDict
 
 from eightgen.errors import EightgenError
-from eightgen.store import Location, fetch, is_url, local, publish
+from eightgen.store import Location, fetch, is_url, local, publish, stored_manifest
 
 MANIFEST = "manifest.json"
 # How long things took, beside an artifact's files but outside its manifest: the same inputs give the same hash.
@@ -76,9 +76,12 @@ def stamp_manifest(directory: Path, fields: dict, name: str = MANIFEST) -> Artif
 
 
 def read_manifest(directory: Path, verify: bool = True, name: str = MANIFEST) -> dict:
-    """Read a directory's manifest, checking every listed file's sha256 (a store folder: in this host's copy)."""
+    """Read a directory's manifest, checking every listed file's sha256 (a store folder: fetched into this host's copy,
+    which checks them; unverified, only the manifest is read from the store)."""
     if is_url(directory):
-        directory = fetch(directory, name)
+        if not verify:
+            return stored_manifest(directory, name)[1]
+        directory, verify = fetch(directory, name), False  # fetch checked every file against the manifest
     target = directory / name
     if not target.is_file():
         raise EightgenError(f"{directory}: no {name} (not an eightgen artifact, or unfinished)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, Sequence
 
 import pandas as pd
@@ -179,9 +180,10 @@ def is_run_dir(path: Path) -> bool:
     return (location(path) / CONFIG).is_file() and (location(path) / MANIFEST).is_file()
 
 
-def local_runs(runs_root: Path, manifests: Sequence[str] = (MANIFEST, REPORT_MANIFEST)) -> Path:
+def local_runs(runs_root: Path, manifests: Sequence[str] = (MANIFEST, REPORT_MANIFEST), only: Collection[str] | None = None) -> Path:
     """A runs folder to read here: itself, or this host's copy of what a store's runs folder publishes (each folder
-    with every one of `manifests` it has; copies of folders no longer there are dropped)."""
+    with every one of `manifests` it has, or only the files named in `only`; copies of folders no longer there are
+    dropped)."""
     if not is_url(runs_root):
         return Path(runs_root)
     here = mirror(runs_root)
@@ -189,7 +191,7 @@ def local_runs(runs_root: Path, manifests: Sequence[str] = (MANIFEST, REPORT_MAN
     for run in children(runs_root):
         for name in manifests:
             try:
-                fetch(run, name)
+                fetch(run, name, only)
                 kept.add(run.name)
             except EightgenError:
                 pass  # not this kind of output, or not finished

@@ -15,6 +15,7 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
+from collections.abc import Callable, Collection
 from typing import Annotated, Any, Union
 
 from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
@@ -89,57 +90,68 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _place(fs: Any, remote: str, target: Path) -> None:
-    """Download one file into place through a hidden sibling, so a reader of the mirror never sees half of it."""
+def _atomically(target: Path, write: Callable[[Path], object]) -> None:
+    """Write one file of the copy through a hidden sibling renamed over it, so a reader never sees half of it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
-        fs.get_file(remote, str(tmp))
+        write(tmp)
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def fetch(url: UPath, manifest: str) -> Path:
-    """This host's copy of a published store folder, brought up to date with its manifest `manifest`; its local path.
+def _download(fs: Any, remote: str, tmp: Path, digest: str) -> None:
+    """Download one object to tmp; ValueError when its sha256 is not `digest` (it is then never put in place)."""
+    fs.get_file(remote, str(tmp))
+    if _sha256(tmp) != digest:
+        raise ValueError(remote)
 
-    Only files the copy lacks, or holds with other content than the manifest lists, are downloaded. A folder with no
-    manifest in the store is not there (or not finished): EightgenError, and the copy's manifest is removed.
-    """
-    fs, root, here = url.fs, url.path.rstrip("/"), mirror(url)
+
+def stored_manifest(url: UPath, manifest: str) -> tuple[bytes, dict]:
+    """A store folder's manifest, read from the store itself: its bytes and its JSON (EightgenError if absent or corrupt)."""
     try:
-        text = fs.cat_file(f"{root}/{manifest}")
+        text = url.fs.cat_file(f"{url.path.rstrip('/')}/{manifest}")
     except FileNotFoundError:
-        (here / manifest).unlink(missing_ok=True)
+        (mirror(url) / manifest).unlink(missing_ok=True)  # the copy must not outlive what it copies
         raise EightgenError(f"{url}: no {manifest} (not an eightgen artifact, or unfinished)") from None
     try:
-        listed = json.loads(text).get("files", {})
-    except (json.JSONDecodeError, AttributeError) as exc:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise EightgenError(f"{url}/{manifest}: corrupt JSON ({exc})") from None
-    for name, digest in listed.items():
+    if not isinstance(parsed, dict):
+        raise EightgenError(f"{url}/{manifest}: not a manifest")
+    return text, parsed
+
+
+def fetch(url: UPath, manifest: str, only: Collection[str] | None = None) -> Path:
+    """This host's copy of a published store folder, every file checked against its manifest `manifest`; its path.
+
+    Only files the copy lacks, or holds with other content than the manifest lists, are downloaded, and each download
+    is checked too; with `only`, just those of its files (the rest is fetched by the next full fetch). A folder with no manifest in the store is not there (or not finished): EightgenError, and the
+    copy's manifest is removed.
+    """
+    fs, root, here = url.fs, url.path.rstrip("/"), mirror(url)
+    text, parsed = stored_manifest(url, manifest)
+    for name, digest in parsed.get("files", {}).items():
+        if only is not None and name not in only:
+            continue
         target = here / name
-        if not (target.is_file() and _sha256(target) == digest):
-            try:
-                _place(fs, f"{root}/{name}", target)
-            except FileNotFoundError:
-                raise EightgenError(f"{url}: {name} is missing") from None
+        if target.is_file() and _sha256(target) == digest:
+            continue
+        try:
+            _atomically(target, lambda tmp, name=name, digest=digest: _download(fs, f"{root}/{name}", tmp, digest))
+        except FileNotFoundError:
+            raise EightgenError(f"{url}: {name} is missing") from None
+        except ValueError:
+            raise EightgenError(f"{url}/{name}: sha256 differs from {manifest} (file changed or corrupt)") from None
     for name in OPTIONAL:
         try:
-            _place(fs, f"{root}/{name}", here / name)
+            _atomically(here / name, lambda tmp, name=name: fs.get_file(f"{root}/{name}", str(tmp)))
         except FileNotFoundError:
             pass
-    _place_bytes(here / manifest, text)  # last: the copy counts as fetched only once it has its files
+    _atomically(here / manifest, lambda tmp: tmp.write_bytes(text))  # last: the copy counts once it has its files
     return here
-
-
-def _place_bytes(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def publish(folder: Path, url: UPath, names: list[str] | None = None) -> None:

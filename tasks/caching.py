@@ -88,10 +88,8 @@ def _record_file(context: TaskRunContext, key: str) -> Path:
     """
     storage = getattr(getattr(context, "result_store", None), "result_storage", None)
     base = getattr(storage, "basepath", None)
-    if base:
-        where = location(base)
-        return where / key if not isinstance(where, Path) else where.expanduser() / key
-    return Path(PREFECT_LOCAL_STORAGE_PATH.value()) / key
+    where = location(base) if base else Path(PREFECT_LOCAL_STORAGE_PATH.value())
+    return (where.expanduser() if isinstance(where, Path) else where) / key
 
 
 @dataclass(frozen=True)

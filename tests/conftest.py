@@ -135,29 +135,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real S3-compatible server of this test session (moto's standalone server, standing in for S3) on a free local
     port, with the environment that points fsspec's S3 at it; its endpoint URL."""
-    import shutil
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from benchmarks.store import start_s3
 
-    binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    assert binary, "moto_server is not installed: pip install 'moto[server]' (the store tests run a real one)"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("moto") / "requests.log"
-    server = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
-            time.sleep(0.1)
+    server, endpoint, _ = start_s3(tmp_path_factory.mktemp("moto"))
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
